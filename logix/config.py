@@ -1,0 +1,91 @@
+"""The settings that define what a log's rows mean, validated and round-tripped through JSON.
+
+Only settings that change the meaning of a row live here (rank, storage dtype, projection and its
+seed): two sessions writing to one log must agree on them. Runtime knobs (queue size, what to do
+with duplicate ids) are arguments of `logix.init` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+Rank = int | str | tuple
+
+DTYPES = ("float32", "float16")
+PROJECTIONS = ("gaussian",)
+
+
+def _check_side(value: Any, what: str) -> int | str:
+    if value == "full":
+        return "full"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive int or 'full', got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a log's rows mean.
+
+    rank: projection size per side of each module. An int k gives k_in = k_out = k; a pair
+        (k_in, k_out) sets the sides separately; "full" keeps the exact gradient. A side whose
+        rank is at least its dimension is left unprojected (identity).
+    dtype: how rows are stored, "float32" or "float16" (half the disk; rows that overflow its
+        range are flagged, not silently clipped).
+    projection: "gaussian": entries N(0, 1/k) from a private generator seeded per module.
+    seed: base seed of the projections.
+    """
+
+    rank: Rank = 64
+    dtype: str = "float32"
+    projection: str = "gaussian"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rank = self.rank
+        if isinstance(rank, list):
+            rank = tuple(rank)
+        if isinstance(rank, tuple):
+            if len(rank) != 2:
+                raise ConfigError(f"rank as a pair must be (k_in, k_out), got {self.rank!r}")
+            rank = (_check_side(rank[0], "rank k_in"), _check_side(rank[1], "rank k_out"))
+        else:
+            rank = _check_side(rank, "rank")
+        object.__setattr__(self, "rank", rank)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    @property
+    def rank_in(self) -> int | str:
+        return self.rank[0] if isinstance(self.rank, tuple) else self.rank
+
+    @property
+    def rank_out(self) -> int | str:
+        return self.rank[1] if isinstance(self.rank, tuple) else self.rank
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        if isinstance(self.rank, tuple):
+            out["rank"] = list(self.rank)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}; written by a newer logix?")
+        return cls(**data)
+
+    def differences(self, other: Config) -> list[str]:
+        """Human-readable list of fields where two configs disagree."""
+        mine, theirs = self.to_json(), other.to_json()
+        return [f"{k}: {theirs[k]!r} in the log, {mine[k]!r} asked" for k in mine if mine[k] != theirs[k]]

@@ -1,0 +1,29 @@
+"""Exceptions raised by logix. Every one names what went wrong and what to do about it."""
+
+
+class LogixError(Exception):
+    """Base class for all logix errors."""
+
+
+class ConfigError(LogixError, ValueError):
+    """A setting is invalid, or differs from the one an existing log was written with."""
+
+
+class CaptureError(LogixError, RuntimeError):
+    """A capture context was used in a way that cannot give correct per-example gradients."""
+
+
+class DuplicateIdError(CaptureError):
+    """An id was logged twice within one pass."""
+
+
+class ModelMismatchError(LogixError, ValueError):
+    """The watched model does not match the modules an existing log was written for."""
+
+
+class WriterError(LogixError, RuntimeError):
+    """The background writer failed; rows committed before the failure are kept."""
+
+
+class LogFormatError(LogixError, OSError):
+    """A log on disk is missing, damaged, or from an unsupported schema version."""

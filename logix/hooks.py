@@ -1,0 +1,210 @@
+"""Choosing modules, and the hooks that turn one forward/backward into projected per-example rows.
+
+This is the only module that touches nn.Module hooks. A forward hook projects each watched
+layer's input (P_in a) and registers a tensor hook on that call's output; when the output's
+gradient arrives, the hook projects it (P_out delta) and adds sum_t (P_out delta_t)(P_in a_t)^T
+to that module's (B, k_out, k_in) buffer. Pairing through the closure makes a module called several
+times per forward, and gradient checkpointing (which re-runs forwards during backward), come out
+right. A tensor hook instead of a full backward hook survives `ReLU(inplace=True)`.
+Hooks live only while a `Collector` is entered; nothing is left on the model afterwards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CaptureError, ConfigError
+from .kinds import Kind, kind_of
+
+WRAPPER_PREFIXES = ("module", "_orig_mod")
+
+
+def normalize_name(name: str) -> str:
+    """Drop the prefixes that DDP, DeepSpeed and torch.compile add, so every setup names alike."""
+    parts = name.split(".")
+    while parts and parts[0] in WRAPPER_PREFIXES:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+
+
+def select_modules(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    include_frozen: bool = False,
+) -> list[tuple[str, nn.Module, Kind]]:
+    """Watched modules in model order: supported kinds, filtered by glob patterns on their names.
+
+    A pattern matches a name exactly, as a glob (`*attn*`), or as a prefix of a subtree (`encoder`
+    matches `encoder.layer.0.fc`). Frozen modules (weight.requires_grad False, as in LoRA
+    fine-tuning) are skipped unless include_frozen: their gradient is not part of training.
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude)
+    chosen, seen = [], set()
+    for raw_name, module in model.named_modules():
+        kind = kind_of(module)
+        if kind is None or id(module) in seen:
+            continue
+        name = normalize_name(raw_name)
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        weight = getattr(module, "weight", None)
+        if not include_frozen and (weight is None or not weight.requires_grad):
+            continue
+        kind.check(module)
+        seen.add(id(module))
+        chosen.append((name, module, kind))
+    if not chosen:
+        raise ConfigError(
+            "no module to watch: the model has no trainable nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding "
+            f"or transformers Conv1D matching include={include} exclude={exclude} "
+            f"(include_frozen={include_frozen})"
+        )
+    return chosen
+
+
+@dataclass
+class Watched:
+    """One watched module: its dimensions, projections and place in a row."""
+
+    name: str
+    module: nn.Module
+    kind: Kind
+    d_in: int
+    d_out: int
+    k_in: int
+    k_out: int
+    offset: int
+    proj_in: Tensor | None
+    proj_out: Tensor | None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def width(self) -> int:
+        return self.k_in * self.k_out
+
+    def projections(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """The projections on the device where the module runs (copied once per device)."""
+        if device not in self._cache:
+            self._cache[device] = tuple(p if p is None else p.to(device) for p in (self.proj_in, self.proj_out))
+        return self._cache[device]
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class Collector:
+    """Hooks installed for one capture; `rows()` gives the (B, D) float32 sum of per-module blocks.
+
+    Rows are the raw gradients the backward pass delivered, that is c * grad(loss_i) where c comes
+    from the user's loss reduction; the caller divides c out. `observer`, if given, is called as
+    observer(watched, projected_activations, projected_output_grads, mask) for each module call
+    (curvature statistics hook in there).
+    """
+
+    def __init__(self, watched: list[Watched], mask: Tensor | None = None, observer: Callable | None = None):
+        self.watched = watched
+        self.mask = mask
+        self.observer = observer
+        self.blocks: dict[str, Tensor] = {}
+        self.forwards = 0
+        self._handles: list = []
+        self._active = False
+
+    def __enter__(self) -> Collector:
+        self._active = True
+        for w in self.watched:
+            hook = self._make_forward_hook(w)
+            self._handles.append(w.module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_forward_hook(self, w: Watched):
+        def forward_hook(module, args, kwargs, output):
+            if not (self._active and torch.is_grad_enabled()):
+                return None
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            proj_in, proj_out = w.projections(output.device)
+            with torch.no_grad(), _no_autocast(output.device):
+                acts = w.kind.project_inputs(module, x.detach(), proj_in)
+                mask = self._mask_for(acts)
+                if mask is not None:
+                    acts = acts * mask
+                    mask = mask.reshape(acts.shape[0], -1)
+                acts = acts.reshape(acts.shape[0], -1, acts.shape[-1])  # (B, T, k_in)
+            self.forwards += 1
+
+            def grad_hook(grad: Tensor) -> None:
+                if not self._active:  # a backward after the capture ended: not ours to record
+                    return
+                with torch.no_grad(), _no_autocast(grad.device):
+                    delta = w.kind.output_grads(module, grad).float()
+                    delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
+                    if proj_out is not None:
+                        delta = delta @ proj_out.T
+                    if self.observer is not None:
+                        self.observer(w, acts, delta, mask)
+                    block = torch.bmm(delta.transpose(1, 2), acts)
+                    if w.name in self.blocks:
+                        if self.blocks[w.name].shape != block.shape:
+                            raise CaptureError(
+                                f"module {w.name!r} was called on batches of different sizes "
+                                f"({self.blocks[w.name].shape[0]} and {block.shape[0]}) in one capture"
+                            )
+                        self.blocks[w.name].add_(block)
+                    else:
+                        self.blocks[w.name] = block
+
+            output.register_hook(grad_hook)
+            return None
+
+        return forward_hook
+
+    def _mask_for(self, acts: Tensor) -> Tensor | None:
+        """The (B, T, 1) mask when this call's positions are the mask's (B, T); else None."""
+        if self.mask is None or acts.shape[:-1] != self.mask.shape:
+            return None
+        return self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
+
+    def rows(self) -> Tensor:
+        """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""
+        if not self.blocks:
+            if self.forwards == 0:
+                raise CaptureError(
+                    "no watched module ran a forward with gradients inside the capture block; "
+                    "run the forward pass inside `with run.capture(ids):` (and not under torch.no_grad())"
+                )
+            raise CaptureError(
+                "no gradient reached the watched modules inside the capture block; "
+                "call loss.backward() inside `with run.capture(ids):`"
+            )
+        sizes = {name: block.shape[0] for name, block in self.blocks.items()}
+        batch = next(iter(sizes.values()))
+        if any(b != batch for b in sizes.values()):
+            raise CaptureError(f"watched modules saw different batch sizes in one capture: {sizes}")
+        some = next(iter(self.blocks.values()))
+        parts = []
+        for w in self.watched:
+            block = self.blocks.get(w.name)
+            parts.append(block.reshape(batch, -1) if block is not None else some.new_zeros(batch, w.width))
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,213 @@
+"""Reading a log: `logix.open(path)` gives a read-only snapshot of every committed row.
+
+The reader never needs the model's code and never executes anything from the files (JSON and
+HDF5 datasets only). It reads segment files in SWMR mode, so it also works while training is still
+writing; it sees exactly the rows below each segment's `committed` counter at open (or at
+`refresh()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .config import Config
+from .errors import LogFormatError
+from .storage import FLAG_NONFINITE, PROJECTIONS, read_manifest, read_projections
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A logged module: its gradient is (d_out, d_in) and each row holds a (k_out, k_in) block."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    k_in: int
+    k_out: int
+    offset: int
+    bias: bool
+
+    @property
+    def width(self) -> int:
+        return self.k_in * self.k_out
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.width)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment file; `rows` is what its writer recorded at close (None if it never closed)."""
+
+    file: str
+    rank: int
+    session: int
+    rows: int | None = None
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """One pass of logging: an epoch, a segment of training, or a pass at a fixed checkpoint."""
+
+    name: str
+    index: int
+    meta: dict
+    segments: tuple[SegmentInfo, ...]
+    finalized: bool
+    rows: int = 0  # committed rows at the time the log was opened
+    nonfinite: int = 0  # committed rows flagged non-finite
+
+
+class Log:
+    """Read-only view of a log directory, defaulting to its latest pass.
+
+    log.ids, len(log), log.steps, log.flags: the chosen pass's committed rows, in log order.
+    log.gradients(name): float32 tensor (N, k_out, k_in) for one module, flagged rows excluded.
+    log.passes / log.modules: what was logged.
+    """
+
+    def __init__(self, path: str | Path, pass_name: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LogFormatError(f"{self.path} is not a logix log directory")
+        self._pass_name = pass_name
+        self.refresh()
+
+    def refresh(self) -> Log:
+        """Re-read the manifest and the committed counters (to see rows written since)."""
+        manifest = read_manifest(self.path)
+        self.config = Config.from_json(manifest["config"])
+        self.id_kind = manifest.get("id_kind")
+        self.width = int(manifest["width"])
+        self.modules = {m["name"]: ModuleInfo(**m) for m in manifest["modules"]}
+        self._ids, self._flags, self._steps, self._committed = {}, {}, {}, {}
+        passes = []
+        for p in manifest["passes"]:
+            segments = tuple(SegmentInfo(**s) for s in p["segments"])
+            ids, flags, steps, counts = self._read_index(segments)
+            self._committed[p["name"]] = counts
+            self._ids[p["name"]], self._flags[p["name"]], self._steps[p["name"]] = ids, flags, steps
+            passes.append(
+                PassInfo(
+                    name=p["name"],
+                    index=p["index"],
+                    meta=p.get("meta", {}),
+                    segments=segments,
+                    finalized=bool(p.get("finalized", False)),
+                    rows=len(ids),
+                    nonfinite=int((flags & FLAG_NONFINITE).astype(bool).sum()),
+                )
+            )
+        self.passes = passes
+        if not passes:
+            self.current = None
+        elif self._pass_name is None:
+            self.current = passes[-1]
+        else:
+            self.current = self.pass_info(self._pass_name)
+        return self
+
+    def pass_info(self, name: str) -> PassInfo:
+        for p in self.passes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
+
+    def select(self, pass_name: str) -> Log:
+        """The same log, reading another pass."""
+        return Log(self.path, pass_name=pass_name)
+
+    # -- the chosen pass -------------------------------------------------------------------------
+
+    def _require_pass(self) -> PassInfo:
+        if self.current is None:
+            raise LogFormatError(f"{self.path} holds no pass yet: nothing was captured")
+        return self.current
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids of every committed row of the pass (flagged rows included; see `flags`)."""
+        return self._ids[self._require_pass().name] if self.current else np.zeros(0, dtype="i8")
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self._flags[self._require_pass().name] if self.current else np.zeros(0, dtype="u1")
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._steps[self._require_pass().name] if self.current else np.zeros(0, dtype="i8")
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Boolean mask of rows holding a usable (finite) gradient."""
+        return (self.flags & FLAG_NONFINITE) == 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def gradients(self, module: str, include_flagged: bool = False) -> torch.Tensor:
+        """float32 (N, k_out, k_in) rows of one module, in `ids` order (valid rows only by default)."""
+        info = self._module(module)
+        block = self._read_columns(info.columns)
+        if not include_flagged:
+            block = block[self.valid]
+        return torch.from_numpy(block).reshape(-1, info.k_out, info.k_in)
+
+    def rows(self, include_flagged: bool = False) -> torch.Tensor:
+        """float32 (N, D): whole rows, modules side by side at their offsets."""
+        block = self._read_columns(slice(0, self.width))
+        return torch.from_numpy(block[self.valid] if not include_flagged else block)
+
+    def projections(self) -> dict[str, tuple]:
+        """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""
+        return read_projections(self.path / PROJECTIONS)
+
+    def __repr__(self) -> str:
+        name = self.current.name if self.current else None
+        return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)})"
+
+    # -- reading segments ------------------------------------------------------------------------
+
+    def _module(self, name: str) -> ModuleInfo:
+        if name not in self.modules:
+            raise KeyError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
+        return self.modules[name]
+
+    def _open(self, segment: SegmentInfo) -> h5py.File:
+        path = self.path / segment.file
+        if not path.is_file():
+            raise LogFormatError(f"segment {path} listed in the manifest is missing; the log is incomplete")
+        try:
+            return h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError as e:
+            raise LogFormatError(f"segment {path} cannot be opened: {e}") from e
+
+    def _read_index(self, segments) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        ids, flags, steps, counts = [], [], [], []
+        for segment in segments:
+            with self._open(segment) as f:
+                n = int(f["committed"][0])
+                dataset = f["ids"]
+                ids.append(dataset[:n].astype("i8") if dataset.dtype.kind in "iu" else dataset.asstr()[:n])
+                flags.append(f["flags"][:n])
+                steps.append(f["step"][:n])
+                counts.append(n)
+        if not ids:
+            return np.zeros(0, dtype="i8"), np.zeros(0, dtype="u1"), np.zeros(0, dtype="i8"), counts
+        return np.concatenate(ids), np.concatenate(flags), np.concatenate(steps), counts
+
+    def _read_columns(self, columns: slice) -> np.ndarray:
+        p = self._require_pass()
+        parts = []
+        for segment, n in zip(p.segments, self._committed[p.name]):
+            with self._open(segment) as f:
+                parts.append(f["grads"][:n, columns].astype(np.float32, copy=False))
+        width = columns.stop - columns.start
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)

@@ -1,0 +1,486 @@
+"""The writer-side face of logix: `init` a log, `watch` a model, `capture` batches, `finalize`.
+
+    run = logix.init("runs/digits", rank=16)
+    run.watch(model)
+    for ids, x, y in loader:
+        with run.capture(ids):
+            F.cross_entropy(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+    run.finalize()
+
+Each capture turns the batch's backward pass into one row per example: the LoGra-projected
+gradient of that example's own loss, with the user's loss reduction divided out. Rows go through
+a bounded queue to a background writer; training waits only when the writer falls behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .config import Config
+from .errors import CaptureError, ConfigError, DuplicateIdError, ModelMismatchError
+from .hooks import Collector, Watched, select_modules
+from .projection import gaussian, module_seed, side_rank
+from .storage import (
+    FORMAT,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    BackgroundWriter,
+    Batch,
+    SegmentWriter,
+    read_manifest,
+    read_projections,
+    segment_name,
+    write_json_atomic,
+    write_projections,
+)
+
+logger = logging.getLogger("logix")
+
+REDUCTIONS = ("mean", "sum")
+_open_runs: weakref.WeakSet = weakref.WeakSet()
+
+
+def init(
+    path: str | Path,
+    rank: int | str | tuple = 64,
+    dtype: str = "float32",
+    projection: str = "gaussian",
+    seed: int = 0,
+    *,
+    on_duplicate: str = "error",
+    queue_size: int = 16,
+    commit_interval: float = 1.0,
+) -> Run:
+    """Create a log at `path` (a directory), or add a session to the log already there.
+
+    An existing log must have been written with the same rank, dtype, projection and seed.
+    on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
+        row silently (for samplers that pad the last batch with repeats).
+    queue_size: batches the writer may lag behind before training waits for it.
+    commit_interval: seconds between commits while the writer is busy (it commits whenever idle).
+    """
+    config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed)
+    return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
+
+
+def _normalize_ids(ids: Any) -> list:
+    """ids as a list of Python ints or of strs, one kind only."""
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise CaptureError(f"ids as a tensor must be 1-D integers, got {ids.dtype} of shape {tuple(ids.shape)}")
+        return ids.tolist()
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise CaptureError(f"ids must be 1-D, got shape {ids.shape}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise CaptureError(f"ids must be a sequence of ints or strings, one per example, got {type(ids).__name__}")
+    ids = list(ids)
+    if all(isinstance(i, str) for i in ids):
+        return ids
+    out = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise CaptureError(f"ids must be all ints or all strings; got {type(i).__name__} {i!r}")
+        out.append(int(i))
+    return out
+
+
+class Run:
+    """An open log being written by this process. Create it with `logix.init`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: Config,
+        *,
+        on_duplicate: str = "error",
+        queue_size: int = 16,
+        commit_interval: float = 1.0,
+    ):
+        if on_duplicate not in ("error", "skip"):
+            raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        if queue_size < 1:
+            raise ConfigError(f"queue_size must be at least 1, got {queue_size}")
+        self.path = Path(path)
+        self.config = config
+        self.on_duplicate = on_duplicate
+        self.queue_size = queue_size
+        self.commit_interval = commit_interval
+        self.rank = 0  # the process rank; set by the distributed integrations
+        self.step = 0
+        self.watched: list[Watched] = []
+        self._optimizer_hook = None
+        self._writer: BackgroundWriter | None = None
+        self._pass: dict | None = None
+        self._seen: set = set()
+        self._session_passes: set[str] = set()
+        self._closed = False
+        self._manifest = self._open_or_create()
+        self.session = self._manifest["sessions"]
+        self._manifest["sessions"] += 1
+        self._save_manifest()
+        _open_runs.add(self)
+
+    # -- the log directory -----------------------------------------------------------------------
+
+    def _open_or_create(self) -> dict:
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file; a log is a directory: choose another path")
+        if (self.path / MANIFEST).exists():
+            manifest = read_manifest(self.path)
+            logged = Config.from_json(manifest["config"])
+            if logged != self.config:
+                raise ConfigError(
+                    f"{self.path} was written with another config ({'; '.join(self.config.differences(logged))}); "
+                    "open it with the same settings or write to a new path"
+                )
+            return manifest
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise ConfigError(f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "logix_version": __version__,
+            "created": _now(),
+            "config": self.config.to_json(),
+            "id_kind": None,
+            "width": 0,
+            "modules": [],
+            "sessions": 0,
+            "passes": [],
+        }
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.path / MANIFEST, self._manifest)
+
+    # -- choosing what to log ----------------------------------------------------------------------
+
+    def watch(
+        self,
+        model: nn.Module,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        include_frozen: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> list[str]:
+        """Choose the modules to log; returns their (normalised) names.
+
+        Hooks are not installed here: they exist only inside `capture`. `include`/`exclude` are
+        glob patterns on module names (`exclude=["lm_head"]`). Frozen modules are skipped unless
+        `include_frozen`. With `optimizer`, each row records the optimizer step it belongs to;
+        otherwise the step counts captures.
+        """
+        self._check_open()
+        if self.watched:
+            raise ConfigError("this run already watches a model; one model per run")
+        chosen = select_modules(model, include, exclude, include_frozen)
+        stored = read_projections(self.path / PROJECTIONS) if self._manifest["modules"] else {}
+        watched, offset, projections = [], 0, {}
+        for name, module, kind in chosen:
+            d_in, d_out = kind.dims(module)
+            k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
+            if name in stored:
+                p_in, p_out = stored[name]
+            else:
+                p_in = gaussian(k_in, d_in, module_seed(self.config.seed, name, "in"))
+                p_out = gaussian(k_out, d_out, module_seed(self.config.seed, name, "out"))
+            projections[name] = (p_in, p_out)
+            watched.append(Watched(name, module, kind, d_in, d_out, k_in, k_out, offset, p_in, p_out))
+            offset += k_in * k_out
+        modules = [
+            {
+                "name": w.name,
+                "kind": w.kind.name,
+                "d_in": w.d_in,
+                "d_out": w.d_out,
+                "k_in": w.k_in,
+                "k_out": w.k_out,
+                "offset": w.offset,
+                "bias": w.kind.has_bias(w.module),
+            }
+            for w in watched
+        ]
+        if self._manifest["modules"]:
+            if modules != self._manifest["modules"]:
+                logged = {m["name"]: (m["d_out"], m["d_in"]) for m in self._manifest["modules"]}
+                asked = {m["name"]: (m["d_out"], m["d_in"]) for m in modules}
+                raise ModelMismatchError(
+                    f"the model does not match the modules logged in {self.path}: "
+                    f"missing {sorted(set(logged) - set(asked))}, new {sorted(set(asked) - set(logged))}, "
+                    f"different shapes {sorted(n for n in set(logged) & set(asked) if logged[n] != asked[n])}"
+                    " (or a different include/exclude selection)"
+                )
+        else:
+            write_projections(self.path / PROJECTIONS, projections)
+            self._manifest["modules"] = modules
+            self._manifest["width"] = offset
+            self._save_manifest()
+        self.watched = watched
+        if optimizer is not None:
+            self._optimizer_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
+        logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
+        return [w.name for w in watched]
+
+    def _on_optimizer_step(self, *args) -> None:
+        self.step += 1
+
+    # -- passes ----------------------------------------------------------------------------------
+
+    def start_pass(
+        self,
+        name: str | None = None,
+        *,
+        step: int | None = None,
+        lr: float | None = None,
+        checkpoint: str | None = None,
+        **meta: Any,
+    ) -> str:
+        """End the current pass (its rows are written out) and start a new one.
+
+        A pass is an epoch, a segment of training, or a logging pass at a fixed checkpoint; ids
+        are unique within it and may repeat across passes. Its metadata (training step, learning
+        rate, checkpoint path, anything JSON-serialisable) is kept in the manifest.
+        """
+        self._check_open()
+        self._end_pass()
+        names = {p["name"] for p in self._manifest["passes"]}
+        index = len(self._manifest["passes"])
+        name = name if name is not None else f"pass{index}"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
+        if name in names:
+            raise ConfigError(f"pass {name!r} already exists in {self.path}; pick a new name")
+        if step is not None:
+            self.step = int(step)
+        meta = {"step": self.step, "lr": lr, "checkpoint": checkpoint, **meta, "started": _now()}
+        self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
+        self._manifest["passes"].append(self._pass)
+        self._session_passes.add(name)
+        self._seen = set()
+        self._save_manifest()
+        return name
+
+    def _end_pass(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            segment = writer.close()
+            entry = next(s for s in self._pass["segments"] if self.path / s["file"] == segment.path)
+            entry["rows"] = segment.rows
+            self._save_manifest()
+            logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+
+    def _writer_for_pass(self, id_kind: str) -> BackgroundWriter:
+        if self._pass is None:
+            self.start_pass()
+        if self._manifest["id_kind"] is None:
+            self._manifest["id_kind"] = id_kind
+        elif self._manifest["id_kind"] != id_kind:
+            raise CaptureError(f"this log's ids are {self._manifest['id_kind']}s; got {id_kind} ids")
+        if self._writer is None:
+            file = segment_name(self._pass["index"], self.rank, self.session)
+            attrs = {
+                "pass": self._pass["name"],
+                "rank": self.rank,
+                "session": self.session,
+                "schema_version": SCHEMA_VERSION,
+            }
+            segment = SegmentWriter(self.path / file, self._manifest["width"], self.config.dtype, id_kind, attrs)
+            self._pass["segments"].append({"file": file, "rank": self.rank, "session": self.session})
+            self._save_manifest()
+            self._writer = BackgroundWriter(segment, self.queue_size, self.commit_interval)
+        return self._writer
+
+    # -- capture ---------------------------------------------------------------------------------
+
+    def capture(
+        self,
+        ids: Sequence | Tensor,
+        *,
+        mask: Tensor | None = None,
+        reduction: str = "mean",
+        scale: float | Tensor | None = None,
+        scaler: Any = None,
+        step: int | None = None,
+    ) -> Capture:
+        """Log one batch: run its forward and `loss.backward()` inside this context.
+
+        ids: one per example (ints, strings or a 1-D int tensor), unique within the pass.
+        mask: (B, T) attention mask; positions where it is 0 are left out.
+        reduction / scale / scaler: how the backpropagated loss relates to the examples' own
+            losses: loss = scale * mean_i(loss_i) for "mean", scale * sum_i(loss_i) for "sum",
+            further multiplied by scaler.get_scale() when a GradScaler is passed. For sequences,
+            an example's own loss is the sum over its label tokens: a loss averaged over all
+            tokens of the batch is reduction="sum", scale=1/num_tokens.
+        step: the training step recorded with the rows (default: the run's step counter).
+        """
+        self._check_open()
+        if not self.watched:
+            raise CaptureError("call run.watch(model) before run.capture(...)")
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        return Capture(self, _normalize_ids(ids), mask, reduction, scale, scaler, step)
+
+    def _write(self, ids: list, rows: Tensor, step: int) -> None:
+        writer = self._writer_for_pass("str" if ids and isinstance(ids[0], str) else "int")
+        dtype = torch.float16 if self.config.dtype == "float16" else torch.float32
+        rows = rows.to(dtype)
+        ready = None
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = rows.cpu()
+        writer.put(Batch(ids=ids, grads=host, step=step, ready=ready))
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every captured row is written and committed (the pass stays open)."""
+        self._check_open()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self) -> None:
+        """Write out every row and mark this session's passes complete. Idempotent."""
+        if self._closed:
+            return
+        self.close(finalized=True)
+
+    def close(self, finalized: bool = False) -> None:
+        """Write out and commit every row without marking passes complete (as after a crash)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
+        try:
+            self._end_pass()
+        finally:
+            if finalized:
+                for p in self._manifest["passes"]:
+                    if p["name"] in self._session_passes:
+                        p["finalized"] = True
+            self._save_manifest()
+            _open_runs.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CaptureError(f"the run on {self.path} is finalized or closed; open a new one with logix.init")
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finalized=exc_type is None)
+
+    def __repr__(self) -> str:
+        name = self._pass["name"] if self._pass else None
+        return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
+
+
+class Capture:
+    """Context manager for one batch; see `Run.capture`."""
+
+    def __init__(self, run: Run, ids: list, mask, reduction, scale, scaler, step):
+        self.run = run
+        self.ids = ids
+        self.mask = mask
+        self.reduction = reduction
+        self.scale = scale
+        self.scaler = scaler
+        self.step = step
+        self.collector: Collector | None = None
+
+    def __enter__(self) -> Capture:
+        if len(set(self.ids)) != len(self.ids) and self.run.on_duplicate == "error":
+            dupes = sorted({i for i in self.ids if self.ids.count(i) > 1}, key=str)[:5]
+            raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
+        if self.run.on_duplicate == "error":
+            seen = [i for i in self.ids if i in self.run._seen]
+            if seen:
+                raise DuplicateIdError(
+                    f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
+                    "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
+                )
+        if self.mask is not None:
+            if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
+                shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
+                raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
+        self.collector = Collector(self.run.watched, mask=self.mask)
+        self.collector.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.collector.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return  # the user's error propagates; nothing from this batch is written
+        run = self.run
+        rows = self.collector.rows()
+        if rows.shape[0] != len(self.ids):
+            raise CaptureError(
+                f"{len(self.ids)} ids were given but the watched modules saw a batch of {rows.shape[0]} examples"
+            )
+        rows = rows * (1.0 / self._loss_factor(rows.shape[0]))
+        keep = self._new_ids()
+        ids = [i for i, k in zip(self.ids, keep) if k]
+        if not all(keep):
+            rows = rows[torch.tensor(keep, device=rows.device)]
+        step = run.step if self.step is None else int(self.step)
+        if ids:
+            run._write(ids, rows, step)
+            run._seen.update(ids)
+        if run._optimizer_hook is None and self.step is None:
+            run.step += 1
+
+    def _loss_factor(self, batch: int) -> float:
+        """c such that the backpropagated loss is c * sum_i loss_i."""
+        factor = 1.0 / batch if self.reduction == "mean" else 1.0
+        if self.scale is not None:
+            factor *= float(self.scale)
+        if self.scaler is not None:
+            factor *= float(self.scaler.get_scale())
+        if factor == 0.0:
+            raise CaptureError("the loss scale is zero: the rows would divide by zero")
+        return factor
+
+    def _new_ids(self) -> list[bool]:
+        """Which rows to keep: all, or with on_duplicate='skip' the first sight of each id."""
+        if self.run.on_duplicate == "error":
+            return [True] * len(self.ids)
+        seen, keep = set(self.run._seen), []
+        for i in self.ids:
+            keep.append(i not in seen)
+            seen.add(i)
+        return keep
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@atexit.register
+def _close_open_runs() -> None:
+    """Commit what is queued if the user never called finalize (passes stay unfinalized)."""
+    for run in list(_open_runs):
+        try:
+            run.close()
+        except Exception as e:  # noqa: BLE001 - nothing to raise to at interpreter exit
+            logger.error("logix: closing %s at exit failed: %s", run.path, e)

@@ -1,0 +1,250 @@
+"""The on-disk log: manifest, projection file, segment files, and the background writer.
+
+A log is a directory:
+
+    manifest.json        passes, segments, modules, config, schema version (written atomically)
+    projections.h5       P_in / P_out per module, so any later process rebuilds them exactly
+    segments/pNNN-rR-sSSS.h5   one per (pass, rank, session), written in SWMR mode
+
+Each segment holds `ids` (int64 or UTF-8), `grads` (N, D), `flags` (uint8), `step` (int64) and a
+one-element `committed` dataset. The writer moves `committed` only after the rows below it are
+written and flushed, so readers trust exactly the rows below it, even after a SIGKILL. A segment
+opens only with `h5py.File(path, "r", swmr=True)`. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import LogFormatError, WriterError
+
+logger = logging.getLogger("logix")
+
+SCHEMA_VERSION = 1
+FORMAT = "logix-log"
+MANIFEST = "manifest.json"
+PROJECTIONS = "projections.h5"
+SEGMENTS = "segments"
+
+FLAG_NONFINITE = 1  # the row holds NaN or Inf (or overflowed float16): never a valid gradient
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise LogFormatError(f"{root} is not a logix log: {MANIFEST} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LogFormatError(f"{path} is damaged: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise LogFormatError(f"{path} is not a logix manifest")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise LogFormatError(
+            f"{root} has schema version {version!r}; this logix reads up to {SCHEMA_VERSION}: upgrade logix"
+        )
+    for key in ("config", "modules", "passes", "width"):
+        if key not in data:
+            raise LogFormatError(f"{path} lacks {key!r}: the manifest is damaged")
+    return data
+
+
+def segment_name(pass_index: int, rank: int, session: int) -> str:
+    return f"{SEGMENTS}/p{pass_index:03d}-r{rank}-s{session:03d}.h5"
+
+
+def write_projections(path: Path, projections: dict[str, tuple]) -> None:
+    """Store each module's (P_in, P_out); a missing side means identity."""
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for name, (p_in, p_out) in projections.items():
+            group = f.create_group(name)
+            for side, matrix in (("in", p_in), ("out", p_out)):
+                if matrix is not None:
+                    group.create_dataset(side, data=matrix.numpy())
+    os.replace(tmp, path)
+
+
+def read_projections(path: Path) -> dict[str, tuple]:
+    out = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for name, group in f.items():
+                out[name] = tuple(torch.from_numpy(group[s][()]) if s in group else None for s in ("in", "out"))
+    except OSError as e:
+        raise LogFormatError(f"cannot read projections {path}: {e}") from e
+    return out
+
+
+class SegmentWriter:
+    """Appends rows to one segment file; owned by exactly one thread at a time."""
+
+    def __init__(self, path: Path, width: int, dtype: str, id_kind: str, attrs: dict):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(path, "x", libver="latest")
+        self.file.attrs.update(attrs)
+        itemsize = np.dtype(dtype).itemsize
+        chunk_rows = int(max(1, min(4096, (1 << 20) // (width * itemsize))))
+
+        def column(name, dt, shape=()):
+            return self.file.create_dataset(
+                name, (0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk_rows, *shape)
+            )
+
+        self.grads = column("grads", dtype, (width,))
+        self.ids = column("ids", "i8" if id_kind == "int" else h5py.string_dtype("utf-8"))
+        self.flags = column("flags", "u1")
+        self.step = column("step", "i8")
+        self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
+        self.file.swmr_mode = True
+        self.rows = 0
+        self.nonfinite = 0
+
+    def append(self, ids, grads: np.ndarray, steps: np.ndarray) -> None:
+        n = grads.shape[0]
+        if n == 0:
+            return
+        flags = np.where(np.isfinite(grads).all(axis=1), 0, FLAG_NONFINITE).astype("u1")
+        end = self.rows + n
+        for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
+            ds.resize(end, axis=0)
+            ds[self.rows : end] = values
+        self.rows = end
+        bad = int(flags.astype(bool).sum())
+        if bad:
+            self.nonfinite += bad
+            logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
+
+    def commit(self) -> None:
+        """Make every appended row durable for readers: data first, then the counter."""
+        self.file.flush()
+        self.committed[0] = self.rows
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.commit()
+            self.file.close()
+
+
+@dataclass
+class Batch:
+    ids: list | np.ndarray
+    grads: torch.Tensor  # on the host, possibly pinned and still being filled by a CUDA copy
+    step: int
+    ready: object | None = None  # a torch.cuda.Event recorded after the copy, or None
+
+
+_COMMIT = object()  # a queue item asking the writer to commit now
+
+
+class BackgroundWriter:
+    """A thread that owns a SegmentWriter and drains a bounded queue of batches into it.
+
+    `put` blocks while the queue is full, so a slow disk slows training instead of growing memory
+    or dropping rows. A failure in the thread is kept and re-raised in the training thread at the
+    next `put` or at `close`; rows committed before it stay readable.
+    """
+
+    def __init__(self, segment: SegmentWriter, queue_size: int = 16, commit_interval: float = 1.0):
+        self.segment = segment
+        self.commit_interval = commit_interval
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"logix-writer-{segment.path.name}", daemon=True)
+        self.thread.start()
+
+    def put(self, batch: Batch) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def flush(self) -> None:
+        """Block until every queued batch is written and committed."""
+        self.put(_COMMIT)
+        self.queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> SegmentWriter:
+        """Write everything queued, commit, close the file; re-raise a writer failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._raise_if_failed()
+        return self.segment
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise WriterError(
+                f"writing {self.segment.path} failed: {self.error!r}. The "
+                f"{self._committed()} rows committed before the failure are kept."
+            ) from self.error
+
+    def _committed(self) -> int:
+        try:
+            return int(self.segment.committed[0])
+        except Exception:  # the file itself may be what failed
+            return 0
+
+    def _loop(self) -> None:
+        last_commit = time.monotonic()
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                self.queue.task_done()
+                break
+            try:
+                if self.error is not None:
+                    continue  # keep draining so put() never blocks on a dead writer
+                if batch is _COMMIT:
+                    self.segment.commit()
+                    last_commit = time.monotonic()
+                    continue
+                if batch.ready is not None:
+                    batch.ready.synchronize()
+                grads = batch.grads.numpy()
+                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"))
+                if self.queue.empty() or time.monotonic() - last_commit >= self.commit_interval:
+                    self.segment.commit()
+                    last_commit = time.monotonic()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+        try:
+            self.segment.close()
+        except BaseException as e:  # noqa: BLE001
+            if self.error is None:
+                self.error = e
