@@ -121,6 +121,7 @@ class Collector:
         self.observer = observer
         self.blocks: dict[str, Tensor] = {}
         self.forwards = 0
+        self.masked_calls = 0
         self._handles: list = []
         self._active = False
 
@@ -184,6 +185,7 @@ class Collector:
         """The (B, T, 1) mask when this call's positions are the mask's (B, T); else None."""
         if self.mask is None or acts.shape[:-1] != self.mask.shape:
             return None
+        self.masked_calls += 1
         return self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
 
     def rows(self) -> Tensor:
@@ -197,6 +199,11 @@ class Collector:
             raise CaptureError(
                 "no gradient reached the watched modules inside the capture block; "
                 "call loss.backward() inside `with run.capture(ids):`"
+            )
+        if self.mask is not None and self.masked_calls == 0:
+            raise CaptureError(
+                f"the mask of shape {tuple(self.mask.shape)} matches no watched module's (batch, positions); "
+                "pass the attention mask of the batch the model ran on"
             )
         sizes = {name: block.shape[0] for name, block in self.blocks.items()}
         batch = next(iter(sizes.values()))

@@ -131,39 +131,50 @@ class Log:
             raise LogFormatError(f"{self.path} holds no pass yet: nothing was captured")
         return self.current
 
-    @property
-    def ids(self) -> np.ndarray:
-        """Ids of every committed row of the pass (flagged rows included; see `flags`)."""
-        return self._ids[self._require_pass().name] if self.current else np.zeros(0, dtype="i8")
+    def _index(self, what: dict, empty_dtype: str, valid_only: bool = True) -> np.ndarray:
+        if self.current is None:
+            return np.zeros(0, dtype=empty_dtype)
+        values = what[self.current.name]
+        return values[self._valid()] if valid_only else values
+
+    def _valid(self) -> np.ndarray:
+        return (self._flags[self.current.name] & FLAG_NONFINITE) == 0
 
     @property
-    def flags(self) -> np.ndarray:
-        return self._flags[self._require_pass().name] if self.current else np.zeros(0, dtype="u1")
+    def ids(self) -> np.ndarray:
+        """Ids of the pass's valid rows, in row order (int64, or str objects for string ids)."""
+        return self._index(self._ids, "i8")
 
     @property
     def steps(self) -> np.ndarray:
-        return self._steps[self._require_pass().name] if self.current else np.zeros(0, dtype="i8")
+        """Training step of each valid row, aligned with `ids`."""
+        return self._index(self._steps, "i8")
 
     @property
-    def valid(self) -> np.ndarray:
-        """Boolean mask of rows holding a usable (finite) gradient."""
-        return (self.flags & FLAG_NONFINITE) == 0
+    def flagged_ids(self) -> np.ndarray:
+        """Ids whose rows were flagged (non-finite gradient): kept on disk, left out of `ids`."""
+        return self._index(self._ids, "i8", valid_only=False)[~self._valid()] if self.current else self.ids
+
+    @property
+    def committed_ids(self) -> np.ndarray:
+        """Ids of every committed row, flagged ones included: the order of `include_flagged=True`."""
+        return self._index(self._ids, "i8", valid_only=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def gradients(self, module: str, include_flagged: bool = False) -> torch.Tensor:
-        """float32 (N, k_out, k_in) rows of one module, in `ids` order (valid rows only by default)."""
+        """float32 (N, k_out, k_in) rows of one module, aligned with `ids` (or `committed_ids`)."""
         info = self._module(module)
-        block = self._read_columns(info.columns)
-        if not include_flagged:
-            block = block[self.valid]
-        return torch.from_numpy(block).reshape(-1, info.k_out, info.k_in)
+        return self._read(info.columns, include_flagged).reshape(-1, info.k_out, info.k_in)
 
     def rows(self, include_flagged: bool = False) -> torch.Tensor:
-        """float32 (N, D): whole rows, modules side by side at their offsets."""
-        block = self._read_columns(slice(0, self.width))
-        return torch.from_numpy(block[self.valid] if not include_flagged else block)
+        """float32 (N, D): whole rows, each module's block flattened at its offset, aligned with `ids`."""
+        return self._read(slice(0, self.width), include_flagged)
+
+    def _read(self, columns: slice, include_flagged: bool) -> torch.Tensor:
+        block = self._read_columns(columns)
+        return torch.from_numpy(block if include_flagged else block[self._valid()])
 
     def projections(self) -> dict[str, tuple]:
         """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""

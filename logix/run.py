@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -76,8 +77,11 @@ def init(
     return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
 
 
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def _normalize_ids(ids: Any) -> list:
-    """ids as a list of Python ints or of strs, one kind only."""
+    """ids as a list of Python ints or of strs, one kind only, each storable as it is."""
     if isinstance(ids, Tensor):
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise CaptureError(f"ids as a tensor must be 1-D integers, got {ids.dtype} of shape {tuple(ids.shape)}")
@@ -89,12 +93,21 @@ def _normalize_ids(ids: Any) -> list:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise CaptureError(f"ids must be a sequence of ints or strings, one per example, got {type(ids).__name__}")
     ids = list(ids)
-    if all(isinstance(i, str) for i in ids):
+    if ids and all(isinstance(i, str) for i in ids):
+        for i in ids:
+            if "\x00" in i:
+                raise CaptureError(f"string ids cannot contain NUL characters: {i!r}")
+            try:
+                i.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CaptureError(f"string id {i!r} is not valid Unicode text: {e}") from None
         return ids
     out = []
     for i in ids:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
             raise CaptureError(f"ids must be all ints or all strings; got {type(i).__name__} {i!r}")
+        if not INT64[0] <= int(i) <= INT64[1]:
+            raise CaptureError(f"integer id {i} does not fit in int64")
         out.append(int(i))
     return out
 
@@ -113,8 +126,10 @@ class Run:
     ):
         if on_duplicate not in ("error", "skip"):
             raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
-        if queue_size < 1:
-            raise ConfigError(f"queue_size must be at least 1, got {queue_size}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ConfigError(f"queue_size must be an int of at least 1, got {queue_size!r}")
+        if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or commit_interval < 0:
+            raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {commit_interval!r}")
         self.path = Path(path)
         self.config = config
         self.on_duplicate = on_duplicate
@@ -231,6 +246,7 @@ class Run:
             self._manifest["width"] = offset
             self._save_manifest()
         self.watched = watched
+        _warn_if_compiled(model)
         if optimizer is not None:
             self._optimizer_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
@@ -284,13 +300,17 @@ class Run:
             self._save_manifest()
             logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
 
+    def _check_id_kind(self, ids: list) -> str:
+        kind = "str" if ids and isinstance(ids[0], str) else "int"
+        logged = self._manifest["id_kind"]
+        if logged is not None and logged != kind:
+            raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
+        return kind
+
     def _writer_for_pass(self, id_kind: str) -> BackgroundWriter:
         if self._pass is None:
             self.start_pass()
-        if self._manifest["id_kind"] is None:
-            self._manifest["id_kind"] = id_kind
-        elif self._manifest["id_kind"] != id_kind:
-            raise CaptureError(f"this log's ids are {self._manifest['id_kind']}s; got {id_kind} ids")
+        self._manifest["id_kind"] = id_kind
         if self._writer is None:
             file = segment_name(self._pass["index"], self.rank, self.session)
             attrs = {
@@ -336,7 +356,7 @@ class Run:
         return Capture(self, _normalize_ids(ids), mask, reduction, scale, scaler, step)
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
-        writer = self._writer_for_pass("str" if ids and isinstance(ids[0], str) else "int")
+        writer = self._writer_for_pass(self._check_id_kind(ids))
         dtype = torch.float16 if self.config.dtype == "float16" else torch.float32
         rows = rows.to(dtype)
         ready = None
@@ -410,6 +430,7 @@ class Capture:
         self.collector: Collector | None = None
 
     def __enter__(self) -> Capture:
+        self.run._check_id_kind(self.ids)
         if len(set(self.ids)) != len(self.ids) and self.run.on_duplicate == "error":
             dupes = sorted({i for i in self.ids if self.ids.count(i) > 1}, key=str)[:5]
             raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
@@ -470,6 +491,20 @@ class Capture:
             keep.append(i not in seen)
             seen.add(i)
         return keep
+
+
+def _warn_if_compiled(model: nn.Module) -> None:
+    """Dynamo ignores hooks added after compilation unless told to guard on them."""
+    if not hasattr(model, "_orig_mod"):
+        return
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None and getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
+        warnings.warn(
+            "logix: this model is torch.compile'd and torch._dynamo.config.skip_nnmodule_hook_guards is True, "
+            "so graphs compiled before a capture will skip logix's hooks (the capture then raises CaptureError). "
+            "Set torch._dynamo.config.skip_nnmodule_hook_guards = False before the first compiled call.",
+            stacklevel=3,
+        )
 
 
 def _now() -> str:

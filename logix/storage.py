@@ -126,6 +126,7 @@ class SegmentWriter:
         self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
         self.file.swmr_mode = True
         self.rows = 0
+        self.committed_rows = 0
         self.nonfinite = 0
 
     def append(self, ids, grads: np.ndarray, steps: np.ndarray) -> None:
@@ -148,6 +149,7 @@ class SegmentWriter:
         self.file.flush()
         self.committed[0] = self.rows
         self.file.flush()
+        self.committed_rows = self.rows
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -209,14 +211,8 @@ class BackgroundWriter:
         if self.error is not None:
             raise WriterError(
                 f"writing {self.segment.path} failed: {self.error!r}. The "
-                f"{self._committed()} rows committed before the failure are kept."
+                f"{self.segment.committed_rows} rows committed before the failure are kept."
             ) from self.error
-
-    def _committed(self) -> int:
-        try:
-            return int(self.segment.committed[0])
-        except Exception:  # the file itself may be what failed
-            return 0
 
     def _loop(self) -> None:
         last_commit = time.monotonic()
