@@ -21,15 +21,25 @@ from torch import Tensor, nn
 from .errors import CaptureError, ConfigError
 from .kinds import Kind, kind_of
 
-WRAPPER_PREFIXES = ("module", "_orig_mod")
+WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
+ROOT_NAME = "root"
 
 
-def normalize_name(name: str) -> str:
-    """Drop the prefixes that DDP, DeepSpeed and torch.compile add, so every setup names alike."""
-    parts = name.split(".")
-    while parts and parts[0] in WRAPPER_PREFIXES:
-        parts = parts[1:]
-    return ".".join(parts)
+def named_modules(model: nn.Module):
+    """(name, module) pairs with the wrappers that DDP, DeepSpeed and torch.compile add peeled off.
+
+    A wrapper is a module whose only child is called `module` or `_orig_mod`; its prefix is dropped
+    so that every setup names modules alike. A real submodule called `module` beside others keeps
+    its name. The model itself, if watched (a bare nn.Linear), is called "root".
+    """
+    inner = model
+    while True:
+        children = list(inner.named_children())
+        if len(children) != 1 or children[0][0] not in WRAPPER_ATTRIBUTES:
+            break
+        inner = children[0][1]
+    for name, module in inner.named_modules():
+        yield (name or ROOT_NAME), module
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -51,11 +61,10 @@ def select_modules(
     include = list(include) if include is not None else None
     exclude = list(exclude)
     chosen, seen = [], set()
-    for raw_name, module in model.named_modules():
+    for name, module in named_modules(model):
         kind = kind_of(module)
         if kind is None or id(module) in seen:
             continue
-        name = normalize_name(raw_name)
         if include is not None and not _matches(name, include):
             continue
         if _matches(name, exclude):
@@ -64,6 +73,8 @@ def select_modules(
         if not include_frozen and (weight is None or not weight.requires_grad):
             continue
         kind.check(module)
+        if any(name == other for other, _, _ in chosen):
+            raise ConfigError(f"two watched modules are both named {name!r}; rename one or exclude it")
         seen.add(id(module))
         chosen.append((name, module, kind))
     if not chosen:
@@ -122,6 +133,7 @@ class Collector:
         self.blocks: dict[str, Tensor] = {}
         self.forwards = 0
         self.masked_calls = 0
+        self.without_grad: set[str] = set()  # watched modules whose output needed no gradient
         self._handles: list = []
         self._active = False
 
@@ -142,7 +154,10 @@ class Collector:
         def forward_hook(module, args, kwargs, output):
             if not (self._active and torch.is_grad_enabled()):
                 return None
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if not isinstance(output, Tensor):
+                return None
+            if not output.requires_grad:
+                self.without_grad.add(w.name)
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
             proj_in, proj_out = w.projections(output.device)
@@ -190,6 +205,12 @@ class Collector:
 
     def rows(self) -> Tensor:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""
+        if self.without_grad:
+            raise CaptureError(
+                f"watched modules {sorted(self.without_grad)} ran with gradients enabled but their outputs need no "
+                "gradient (frozen, with inputs that need none either), so their gradient cannot be captured; "
+                "exclude them from watch()"
+            )
         if not self.blocks:
             if self.forwards == 0:
                 raise CaptureError(

@@ -16,6 +16,7 @@ a bounded queue to a background writer; training waits only when the writer fall
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import warnings
 import weakref
@@ -143,6 +144,7 @@ class Run:
         self._pass: dict | None = None
         self._seen: set = set()
         self._session_passes: set[str] = set()
+        self._failed_passes: set[str] = set()
         self._closed = False
         self._manifest = self._open_or_create()
         self.session = self._manifest["sessions"]
@@ -273,17 +275,20 @@ class Run:
         rate, checkpoint path, anything JSON-serialisable) is kept in the manifest.
         """
         self._check_open()
-        self._end_pass()
-        names = {p["name"] for p in self._manifest["passes"]}
         index = len(self._manifest["passes"])
         name = name if name is not None else f"pass{index}"
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
-        if name in names:
+        if name in {p["name"] for p in self._manifest["passes"]}:
             raise ConfigError(f"pass {name!r} already exists in {self.path}; pick a new name")
-        if step is not None:
-            self.step = int(step)
-        meta = {"step": self.step, "lr": lr, "checkpoint": checkpoint, **meta, "started": _now()}
+        meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"pass metadata must be JSON-serialisable: {e}") from None
+        self._end_pass()
+        self.step = meta["step"]
+        meta["started"] = _now()
         self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
         self._manifest["passes"].append(self._pass)
         self._session_passes.add(name)
@@ -292,13 +297,21 @@ class Run:
         return name
 
     def _end_pass(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            segment = writer.close()
-            entry = next(s for s in self._pass["segments"] if self.path / s["file"] == segment.path)
-            entry["rows"] = segment.rows
+        """Drain and close the pass's writer; a writer failure leaves the pass unfinalizable."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        entry = next(s for s in self._pass["segments"] if self.path / s["file"] == writer.segment.path)
+        try:
+            writer.close()
+        except BaseException:
+            self._failed_passes.add(self._pass["name"])
+            raise
+        finally:
+            entry["rows"] = writer.segment.committed_rows
             self._save_manifest()
-            logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+        segment = writer.segment
+        logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
 
     def _check_id_kind(self, ids: list) -> str:
         kind = "str" if ids and isinstance(ids[0], str) else "int"
@@ -396,7 +409,7 @@ class Run:
         finally:
             if finalized:
                 for p in self._manifest["passes"]:
-                    if p["name"] in self._session_passes:
+                    if p["name"] in self._session_passes - self._failed_passes:
                         p["finalized"] = True
             self._save_manifest()
             _open_runs.discard(self)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from logix.hooks import normalize_name
+from logix.hooks import named_modules
 from logix.kinds import kind_of
 
 
@@ -33,15 +33,16 @@ def exact_gradients(model: nn.Module, example_loss, *batch) -> dict[str, torch.T
 
     grads = vmap(grad(one), in_dims=(None,) + (0,) * len(batch))(params, *batch)
     out = {}
-    for name, module in model.named_modules():
+    raw_names = {id(m): n for n, m in model.named_modules()}
+    for name, module in named_modules(model):
+        raw = raw_names[id(module)]
+        prefix = f"{raw}." if raw else ""
         kind = kind_of(module)
-        if kind is None or f"{name}.weight" not in grads:
+        if kind is None or f"{prefix}weight" not in grads:
             continue
-        w = grads[f"{name}.weight"]
-        b = grads.get(f"{name}.bias")
-        out[normalize_name(name)] = torch.stack(
-            [kind.as_matrix(module, w[i], None if b is None else b[i]) for i in range(w.shape[0])]
-        )
+        w = grads[f"{prefix}weight"]
+        b = grads.get(f"{prefix}bias")
+        out[name] = torch.stack([kind.as_matrix(module, w[i], None if b is None else b[i]) for i in range(w.shape[0])])
     return out
 
 
