@@ -10,6 +10,7 @@ log = logix.open("runs/digits")            # read back, in any later process
 
 __version__ = "0.1.0"
 
+from .capture import Capture  # noqa: E402
 from .config import Config  # noqa: E402
 from .data import WithIds  # noqa: E402
 from .errors import (  # noqa: E402
@@ -22,7 +23,7 @@ from .errors import (  # noqa: E402
     WriterError,
 )
 from .log import Log, ModuleInfo, PassInfo  # noqa: E402
-from .run import Capture, Run, init  # noqa: E402
+from .run import Run, init  # noqa: E402
 
 
 def open(path, pass_name=None) -> Log:  # noqa: A001 - the public name the docs promise

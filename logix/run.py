@@ -25,14 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .capture import Capture, id_kind
 from .config import Config
 from .errors import CaptureError, ConfigError, DuplicateIdError, ModelMismatchError
-from .hooks import Collector, Watched, select_modules
+from .hooks import Watched, select_modules
 from .projection import gaussian, module_seed, side_rank
 from .storage import (
     FORMAT,
@@ -51,7 +51,6 @@ from .storage import (
 
 logger = logging.getLogger("logix")
 
-REDUCTIONS = ("mean", "sum")
 _open_runs: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -76,41 +75,6 @@ def init(
     """
     config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed)
     return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
-
-
-INT64 = (-(2**63), 2**63 - 1)
-
-
-def _normalize_ids(ids: Any) -> list:
-    """ids as a list of Python ints or of strs, one kind only, each storable as it is."""
-    if isinstance(ids, Tensor):
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise CaptureError(f"ids as a tensor must be 1-D integers, got {ids.dtype} of shape {tuple(ids.shape)}")
-        return ids.tolist()
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1:
-            raise CaptureError(f"ids must be 1-D, got shape {ids.shape}")
-        ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise CaptureError(f"ids must be a sequence of ints or strings, one per example, got {type(ids).__name__}")
-    ids = list(ids)
-    if ids and all(isinstance(i, str) for i in ids):
-        for i in ids:
-            if "\x00" in i:
-                raise CaptureError(f"string ids cannot contain NUL characters: {i!r}")
-            try:
-                i.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise CaptureError(f"string id {i!r} is not valid Unicode text: {e}") from None
-        return ids
-    out = []
-    for i in ids:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise CaptureError(f"ids must be all ints or all strings; got {type(i).__name__} {i!r}")
-        if not INT64[0] <= int(i) <= INT64[1]:
-            raise CaptureError(f"integer id {i} does not fit in int64")
-        out.append(int(i))
-    return out
 
 
 class Run:
@@ -314,7 +278,7 @@ class Run:
         logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
 
     def _check_id_kind(self, ids: list) -> str:
-        kind = "str" if ids and isinstance(ids[0], str) else "int"
+        kind = id_kind(ids)
         logged = self._manifest["id_kind"]
         if logged is not None and logged != kind:
             raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
@@ -364,9 +328,47 @@ class Run:
         self._check_open()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
-        if reduction not in REDUCTIONS:
-            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        return Capture(self, _normalize_ids(ids), mask, reduction, scale, scaler, step)
+        return Capture(
+            self.watched,
+            ids,
+            mask=mask,
+            reduction=reduction,
+            scale=scale,
+            scaler=scaler,
+            check=self._check_batch,
+            accept=lambda ids, rows, factor: self._accept(ids, rows, factor, step),
+        )
+
+    def _check_batch(self, ids: list) -> None:
+        """Refuse a batch before its forward: wrong id kind, or ids repeated within the pass."""
+        self._check_id_kind(ids)
+        if self.on_duplicate == "skip":
+            return
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
+            raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
+        seen = [i for i in ids if i in self._seen]
+        if seen:
+            raise DuplicateIdError(
+                f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
+                "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
+            )
+
+    def _accept(self, ids: list, rows: Tensor, factor: float, step: int | None) -> None:
+        """Queue a captured batch's rows (with on_duplicate='skip', first sightings only)."""
+        if self.on_duplicate == "skip":
+            seen, keep = set(self._seen), []
+            for i in ids:
+                keep.append(i not in seen)
+                seen.add(i)
+            if not all(keep):
+                rows = rows[torch.tensor(keep, device=rows.device)]
+                ids = [i for i, k in zip(ids, keep) if k]
+        if ids:
+            self._write(ids, rows, self.step if step is None else int(step))
+            self._seen.update(ids)
+        if self._optimizer_hook is None and step is None:
+            self.step += 1
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
         writer = self._writer_for_pass(self._check_id_kind(ids))
@@ -427,83 +429,6 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
-
-
-class Capture:
-    """Context manager for one batch; see `Run.capture`."""
-
-    def __init__(self, run: Run, ids: list, mask, reduction, scale, scaler, step):
-        self.run = run
-        self.ids = ids
-        self.mask = mask
-        self.reduction = reduction
-        self.scale = scale
-        self.scaler = scaler
-        self.step = step
-        self.collector: Collector | None = None
-
-    def __enter__(self) -> Capture:
-        self.run._check_id_kind(self.ids)
-        if len(set(self.ids)) != len(self.ids) and self.run.on_duplicate == "error":
-            dupes = sorted({i for i in self.ids if self.ids.count(i) > 1}, key=str)[:5]
-            raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
-        if self.run.on_duplicate == "error":
-            seen = [i for i in self.ids if i in self.run._seen]
-            if seen:
-                raise DuplicateIdError(
-                    f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
-                    "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
-                )
-        if self.mask is not None:
-            if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
-                shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
-                raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
-        self.collector = Collector(self.run.watched, mask=self.mask)
-        self.collector.__enter__()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.collector.__exit__(exc_type, exc, tb)
-        if exc_type is not None:
-            return  # the user's error propagates; nothing from this batch is written
-        run = self.run
-        rows = self.collector.rows()
-        if rows.shape[0] != len(self.ids):
-            raise CaptureError(
-                f"{len(self.ids)} ids were given but the watched modules saw a batch of {rows.shape[0]} examples"
-            )
-        rows = rows * (1.0 / self._loss_factor(rows.shape[0]))
-        keep = self._new_ids()
-        ids = [i for i, k in zip(self.ids, keep) if k]
-        if not all(keep):
-            rows = rows[torch.tensor(keep, device=rows.device)]
-        step = run.step if self.step is None else int(self.step)
-        if ids:
-            run._write(ids, rows, step)
-            run._seen.update(ids)
-        if run._optimizer_hook is None and self.step is None:
-            run.step += 1
-
-    def _loss_factor(self, batch: int) -> float:
-        """c such that the backpropagated loss is c * sum_i loss_i."""
-        factor = 1.0 / batch if self.reduction == "mean" else 1.0
-        if self.scale is not None:
-            factor *= float(self.scale)
-        if self.scaler is not None:
-            factor *= float(self.scaler.get_scale())
-        if factor == 0.0:
-            raise CaptureError("the loss scale is zero: the rows would divide by zero")
-        return factor
-
-    def _new_ids(self) -> list[bool]:
-        """Which rows to keep: all, or with on_duplicate='skip' the first sight of each id."""
-        if self.run.on_duplicate == "error":
-            return [True] * len(self.ids)
-        seen, keep = set(self.run._seen), []
-        for i in self.ids:
-            keep.append(i not in seen)
-            seen.add(i)
-        return keep
 
 
 def _warn_if_compiled(model: nn.Module) -> None:

@@ -1,0 +1,130 @@
+"""One batch's capture context, shared by logging (`Run.capture`) and queries (`Query.capture`).
+
+It validates ids and mask before the forward, installs the hooks for the block, and at its end
+turns the hooks' blocks into rows of each example's own-loss gradient: the hooks see c * grad
+(loss_i), where c comes from the loss reduction the user names, and the rows are divided by c.
+What happens to the rows is the owner's business (`accept`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import CaptureError, ConfigError
+from .hooks import Collector, Watched
+
+REDUCTIONS = ("mean", "sum")
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def normalize_ids(ids: Any) -> list:
+    """ids as a list of Python ints or of strs, one kind only, each storable as it is."""
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise CaptureError(f"ids as a tensor must be 1-D integers, got {ids.dtype} of shape {tuple(ids.shape)}")
+        return ids.tolist()
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise CaptureError(f"ids must be 1-D, got shape {ids.shape}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise CaptureError(f"ids must be a sequence of ints or strings, one per example, got {type(ids).__name__}")
+    ids = list(ids)
+    if ids and all(isinstance(i, str) for i in ids):
+        for i in ids:
+            if "\x00" in i:
+                raise CaptureError(f"string ids cannot contain NUL characters: {i!r}")
+            try:
+                i.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CaptureError(f"string id {i!r} is not valid Unicode text: {e}") from None
+        return ids
+    out = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise CaptureError(f"ids must be all ints or all strings; got {type(i).__name__} {i!r}")
+        if not INT64[0] <= int(i) <= INT64[1]:
+            raise CaptureError(f"integer id {i} does not fit in int64")
+        out.append(int(i))
+    return out
+
+
+def id_kind(ids: list) -> str:
+    return "str" if ids and isinstance(ids[0], str) else "int"
+
+
+class Capture:
+    """Context manager for one batch; see `Run.capture` for the arguments users pass.
+
+    check(ids) runs before the forward (raise to refuse the batch); accept(ids, rows, factor) gets
+    the (B, D) float32 rows of own-loss gradients after a clean exit; discard() is called when the
+    block raised or the batch was refused after the backward.
+    """
+
+    def __init__(
+        self,
+        watched: list[Watched],
+        ids: Any,
+        *,
+        mask: Tensor | None,
+        reduction: str,
+        scale: float | Tensor | None,
+        scaler: Any,
+        check: Callable[[list], None],
+        accept: Callable[[list, Tensor, float], None],
+        observer: Callable | None = None,
+        discard: Callable[[], None] = lambda: None,
+    ):
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.watched = watched
+        self.ids = normalize_ids(ids)
+        self.mask = mask
+        self.reduction = reduction
+        self.scale = scale
+        self.scaler = scaler
+        self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
+        self.collector: Collector | None = None
+
+    def __enter__(self) -> Capture:
+        if self.mask is not None:
+            if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
+                shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
+                raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
+        self._check(self.ids)
+        self.collector = Collector(self.watched, mask=self.mask, observer=self._observer)
+        self.collector.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.collector.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self._discard()
+            return  # the user's error propagates; nothing from this batch is kept
+        try:
+            rows = self.collector.rows()
+            if rows.shape[0] != len(self.ids):
+                raise CaptureError(
+                    f"{len(self.ids)} ids were given but the watched modules saw a batch of {rows.shape[0]} examples"
+                )
+            factor = self._loss_factor(rows.shape[0])
+        except BaseException:
+            self._discard()
+            raise
+        self._accept(self.ids, rows * (1.0 / factor), factor)
+
+    def _loss_factor(self, batch: int) -> float:
+        """c such that the backpropagated loss is c * sum_i loss_i."""
+        factor = 1.0 / batch if self.reduction == "mean" else 1.0
+        if self.scale is not None:
+            factor *= float(self.scale)
+        if self.scaler is not None:
+            factor *= float(self.scaler.get_scale())
+        if factor == 0.0:
+            raise CaptureError("the loss scale is zero: the rows would divide by zero")
+        return factor
