@@ -16,6 +16,7 @@ from .errors import ConfigError
 Rank = int | str | tuple
 
 DTYPES = ("float32", "float16")
+STATISTICS = ("kfac", "ekfac", "raw")
 PROJECTIONS = ("gaussian",)
 
 
@@ -38,14 +39,27 @@ class Config:
         range are flagged, not silently clipped).
     projection: "gaussian": entries N(0, 1/k) from a private generator seeded per module.
     seed: base seed of the projections.
+    statistics: curvature gathered for attribution: any of "kfac" (the factors A and S, gathered
+        during capture), "ekfac" (also the corrected eigenvalues, from one read of the rows at
+        finalize), "raw" (the dense projected Fisher per module, from the rows; only where
+        k_in * k_out is small). A string means one of them; () gathers nothing.
     """
 
     rank: Rank = 64
     dtype: str = "float32"
     projection: str = "gaussian"
     seed: int = 0
+    statistics: tuple = ()
 
     def __post_init__(self) -> None:
+        stats = self.statistics
+        if stats is None:
+            stats = ()
+        elif isinstance(stats, str):
+            stats = (stats,)
+        if not isinstance(stats, (tuple, list)) or any(s not in STATISTICS for s in stats):
+            raise ConfigError(f"statistics must be names from {STATISTICS}, got {self.statistics!r}")
+        object.__setattr__(self, "statistics", tuple(sorted(set(stats))))
         rank = self.rank
         if isinstance(rank, list):
             rank = tuple(rank)
@@ -64,6 +78,11 @@ class Config:
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
 
     @property
+    def factors(self) -> bool:
+        """Whether capture gathers the K-FAC factors A and S."""
+        return "kfac" in self.statistics or "ekfac" in self.statistics
+
+    @property
     def rank_in(self) -> int | str:
         return self.rank[0] if isinstance(self.rank, tuple) else self.rank
 
@@ -75,6 +94,7 @@ class Config:
         out = dataclasses.asdict(self)
         if isinstance(self.rank, tuple):
             out["rank"] = list(self.rank)
+        out["statistics"] = list(self.statistics)
         return out
 
     @classmethod

@@ -17,6 +17,8 @@ import torch
 
 from .config import Config
 from .errors import LogFormatError
+from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, SelfInfluence, score, self_influence_values
+from .query import Query
 from .storage import FLAG_NONFINITE, PROJECTIONS, read_manifest, read_projections
 
 
@@ -88,6 +90,8 @@ class Log:
         self.width = int(manifest["width"])
         self.modules = {m["name"]: ModuleInfo(**m) for m in manifest["modules"]}
         self._ids, self._flags, self._steps, self._committed = {}, {}, {}, {}
+        self._stats_files = {p["name"]: p["statistics"] for p in manifest["passes"] if p.get("statistics")}
+        self._self_influence_cache = {}
         passes = []
         for p in manifest["passes"]:
             segments = tuple(SegmentInfo(**s) for s in p["segments"])
@@ -172,9 +176,113 @@ class Log:
         """float32 (N, D): whole rows, each module's block flattened at its offset, aligned with `ids`."""
         return self._read(slice(0, self.width), include_flagged)
 
+    def blocks(self, columns: slice | None = None, block_rows: int = 8192):
+        """Yield (ids, float32 rows) over the pass's valid rows in order, `block_rows` at a time.
+
+        This is how scoring streams a log larger than memory: one HDF5 read per block.
+        """
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be positive, got {block_rows}")
+        p = self._require_pass()
+        columns = columns or slice(0, self.width)
+        all_ids, all_flags = self._ids[p.name], self._flags[p.name]
+        offset = 0
+        for segment, n in zip(p.segments, self._committed[p.name]):
+            with self._open(segment) as f:
+                grads = f["grads"]
+                for start in range(0, n, block_rows):
+                    end = min(n, start + block_rows)
+                    valid = (all_flags[offset + start : offset + end] & FLAG_NONFINITE) == 0
+                    block = grads[start:end, columns].astype(np.float32, copy=False)
+                    yield all_ids[offset + start : offset + end][valid], torch.from_numpy(block[valid])
+            offset += n
+
     def _read(self, columns: slice, include_flagged: bool) -> torch.Tensor:
         block = self._read_columns(columns)
         return torch.from_numpy(block if include_flagged else block[self._valid()])
+
+    # -- attribution -----------------------------------------------------------------------------
+
+    def query(self, model) -> Query:
+        """A Query capturing test gradients with this log's modules and projections (nothing written)."""
+        return Query(self, model)
+
+    def influence(
+        self,
+        query: Query,
+        preconditioner: str = "identity",
+        *,
+        damping=None,
+        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        mode: str = "dot",
+        top_k: int | None = None,
+        largest: bool = True,
+        modules=None,
+        train_ids=None,
+        block_rows: int = 8192,
+        progress: bool | None = None,
+    ):
+        """Influence of every train row of the pass on every query row (+ = the train example helps).
+
+        Returns Scores (values (Q, N), query_ids, train_ids); with top_k, a TopK computed while
+        streaming, never holding Q x N. preconditioner: identity | raw | kfac | ekfac. damping: an
+        absolute lambda (float, or {module: float}); default damping_factor x the mean eigenvalue
+        of each module's block. mode: dot | cosine | relative. modules / train_ids: restrict the
+        score to some modules or some train ids. progress: a tqdm bar (default: when on a TTY).
+        """
+        return score(
+            self,
+            query,
+            preconditioner,
+            damping,
+            damping_factor,
+            mode,
+            top_k,
+            largest,
+            modules,
+            train_ids,
+            block_rows,
+            progress,
+        )
+
+    def self_influence(
+        self,
+        preconditioner: str = "identity",
+        damping=None,
+        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        modules=None,
+        *,
+        block_rows: int = 8192,
+        progress: bool | None = None,
+    ) -> SelfInfluence:
+        """g_i^T (F + lambda I)^{-1} g_i for every valid train row: rank by it to find mislabeled examples.
+
+        Values finalize stored (default damping, all modules) are read back, not recomputed.
+        """
+        key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules))
+        if key not in self._self_influence_cache:
+            stored = None
+            if damping is None and damping_factor == DEFAULT_DAMPING_FACTOR and modules is None:
+                stored = self._stored_self_influence(preconditioner)
+            if stored is None:
+                pre = Preconditioner(self, preconditioner, damping, damping_factor, modules)
+                ids, values = self_influence_values(self, pre, block_rows, progress)
+                stored = SelfInfluence(values, ids)
+            self._self_influence_cache[key] = stored
+        return self._self_influence_cache[key]
+
+    def _stored_self_influence(self, preconditioner: str):
+        name = self._stats_files.get(self._require_pass().name)
+        if name is None:
+            return None
+        with h5py.File(self.path / name, "r") as f:
+            key = f"self_influence/{preconditioner}"
+            if key not in f:
+                return None
+            values = torch.from_numpy(f[key][()])
+        if len(values) != len(self):
+            return None  # rows were added since finalize: recompute
+        return SelfInfluence(values, self.ids)
 
     def projections(self) -> dict[str, tuple]:
         """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""

@@ -34,6 +34,7 @@ from .config import Config
 from .errors import CaptureError, ConfigError, DuplicateIdError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .projection import gaussian, module_seed, side_rank
+from .statistics import CovarianceSums, finalize_pass, save_sums
 from .storage import (
     FORMAT,
     MANIFEST,
@@ -60,6 +61,7 @@ def init(
     dtype: str = "float32",
     projection: str = "gaussian",
     seed: int = 0,
+    statistics: str | Sequence[str] | None = None,
     *,
     on_duplicate: str = "error",
     queue_size: int = 16,
@@ -67,13 +69,15 @@ def init(
 ) -> Run:
     """Create a log at `path` (a directory), or add a session to the log already there.
 
-    An existing log must have been written with the same rank, dtype, projection and seed.
+    statistics: curvature to gather for attribution, "kfac", "ekfac" and/or "raw" (see Config).
+    An existing log must have been written with the same rank, dtype, projection, seed and
+    statistics.
     on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
         row silently (for samplers that pad the last batch with repeats).
     queue_size: batches the writer may lag behind before training waits for it.
     commit_interval: seconds between commits while the writer is busy (it commits whenever idle).
     """
-    config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed)
+    config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics)
     return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
 
 
@@ -105,6 +109,7 @@ class Run:
         self.watched: list[Watched] = []
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
+        self._sums: CovarianceSums | None = None
         self._pass: dict | None = None
         self._seen: set = set()
         self._session_passes: set[str] = set()
@@ -254,6 +259,7 @@ class Run:
         self.step = meta["step"]
         meta["started"] = _now()
         self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
+        self._sums = CovarianceSums() if self.config.factors else None
         self._manifest["passes"].append(self._pass)
         self._session_passes.add(name)
         self._seen = set()
@@ -273,9 +279,19 @@ class Run:
             raise
         finally:
             entry["rows"] = writer.segment.committed_rows
+            self._save_sums()
             self._save_manifest()
         segment = writer.segment
         logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+
+    def _save_sums(self) -> None:
+        """Keep this session's covariance sums of the pass beside its segment."""
+        if self._sums is None or not self._sums.a_sum:
+            return
+        file = f"statistics/p{self._pass['index']:03d}-r{self.rank}-s{self.session:03d}.h5"
+        save_sums(self.path / file, self._sums.to_host())
+        self._pass.setdefault("statistics_parts", []).append(file)
+        self._sums = CovarianceSums()
 
     def _check_id_kind(self, ids: list) -> str:
         kind = id_kind(ids)
@@ -328,6 +344,8 @@ class Run:
         self._check_open()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
+        if self._pass is None:
+            self.start_pass()
         return Capture(
             self.watched,
             ids,
@@ -337,6 +355,8 @@ class Run:
             scaler=scaler,
             check=self._check_batch,
             accept=lambda ids, rows, factor: self._accept(ids, rows, factor, step),
+            observer=self._sums.observe if self._sums is not None else None,
+            discard=self._sums.discard_batch if self._sums is not None else lambda: None,
         )
 
     def _check_batch(self, ids: list) -> None:
@@ -356,6 +376,8 @@ class Run:
 
     def _accept(self, ids: list, rows: Tensor, factor: float, step: int | None) -> None:
         """Queue a captured batch's rows (with on_duplicate='skip', first sightings only)."""
+        if self._sums is not None:
+            self._sums.close_batch(factor)
         if self.on_duplicate == "skip":
             seen, keep = set(self._seen), []
             for i in ids:
@@ -409,12 +431,21 @@ class Run:
         try:
             self._end_pass()
         finally:
-            if finalized:
-                for p in self._manifest["passes"]:
-                    if p["name"] in self._session_passes - self._failed_passes:
-                        p["finalized"] = True
-            self._save_manifest()
-            _open_runs.discard(self)
+            try:
+                if finalized:
+                    for p in self._manifest["passes"]:
+                        if p["name"] in self._session_passes - self._failed_passes:
+                            self._finalize_pass(p)
+            finally:
+                self._save_manifest()
+                _open_runs.discard(self)
+
+    def _finalize_pass(self, p: dict) -> None:
+        """Derive the pass's curvature (if asked) and mark it complete."""
+        self._save_manifest()  # the statistics pass reads the log through the manifest
+        if self.config.statistics and p["segments"]:
+            p["statistics"] = finalize_pass(self.path, p["name"], p.get("statistics_parts", []), self.config.statistics)
+        p["finalized"] = True
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,0 +1,290 @@
+"""Influence scores over a log: preconditioners, streamed scoring, top-k and self-influence.
+
+    score(q, i) = g_q^T (F + lambda I)^{-1} g_i
+
+Sign convention, everywhere in logix: a POSITIVE score means training example i HELPS query q,
+i.e. a gradient step on i lowers q's loss. F is block-diagonal over modules and, per module, one of
+
+    identity  F = 0 and no damping: plain gradient dot products (TracIn at one checkpoint)
+    raw       F = mean_i vec(G~_i) vec(G~_i)^T, the projected empirical Fisher
+    kfac      F = S (x) A (row-major (k_out, k_in) rows, so S comes first)
+    ekfac     F = (Q_S (x) Q_A) diag(Lambda*) (Q_S (x) Q_A)^T
+
+Damping lambda is per module: 0.1 x the mean eigenvalue of that module's block by default
+(`damping_factor` changes the 0.1), or an absolute value (`damping=`, a float or {module: float}).
+Only the query side is preconditioned at query time; train rows stream from the log in blocks,
+one matrix product per block. Normalised modes divide by preconditioned norms:
+cosine by both sides', relative (RelatIF) by the train side's, sqrt(g_i^T (F + lambda I)^{-1} g_i).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, LogFormatError
+
+logger = logging.getLogger("logix")
+
+PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
+MODES = ("dot", "cosine", "relative")
+DEFAULT_DAMPING_FACTOR = 0.1
+
+
+@dataclass
+class ModuleCurvature:
+    """What one module's block needs: eigenvalues to damp and invert, in its eigenbasis."""
+
+    name: str
+    k_in: int
+    k_out: int
+    kind: str
+    vec_a: Tensor | None = None  # (k_in, k_in)   kfac/ekfac eigenbasis, input side
+    vec_s: Tensor | None = None  # (k_out, k_out) output side
+    values: Tensor | None = None  # (k_out, k_in) for kfac/ekfac; (k_in*k_out,) for raw
+    vec_f: Tensor | None = None  # raw: eigenvectors of the dense Fisher
+    damping: float = 0.0
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """(n, k_out*k_in) -> (F + lambda I)^{-1} rows, in float64."""
+        g = rows.double()
+        if self.kind == "identity":
+            return g
+        if self.kind == "raw":
+            rotated = g @ self.vec_f
+            return (rotated / (self.values + self.damping)) @ self.vec_f.T
+        g = g.reshape(-1, self.k_out, self.k_in)
+        rotated = self.vec_s.T @ g @ self.vec_a
+        rotated = rotated / (self.values + self.damping)
+        return (self.vec_s @ rotated @ self.vec_a.T).reshape(rows.shape[0], -1)
+
+
+def statistics_file(log) -> str:
+    """The pass's derived-statistics file, or a clear error if it has none."""
+    p = log._require_pass()
+    name = log._stats_files.get(p.name)
+    if name is None:
+        why = "it is not finalized" if not p.finalized else "the log was written without statistics="
+        raise LogFormatError(
+            f"pass {p.name!r} of {log.path} has no curvature statistics ({why}); "
+            "finalize the run (logix.init(..., statistics='ekfac')) or use preconditioner='identity'"
+        )
+    return name
+
+
+def load_curvature(log, preconditioner: str, damping=None, damping_factor: float = DEFAULT_DAMPING_FACTOR):
+    """{module: ModuleCurvature} for the current pass, damping resolved per module."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    out = {}
+    if preconditioner == "identity":
+        for name, m in log.modules.items():
+            out[name] = ModuleCurvature(name, m.k_in, m.k_out, "identity")
+        return out
+    path = log.path / statistics_file(log)
+    with h5py.File(path, "r") as f:
+        for name, m in log.modules.items():
+            group = f[name]
+            c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
+            if preconditioner == "raw":
+                if "fisher_eig" not in group:
+                    raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
+                c.values = torch.from_numpy(group["fisher_eig"][()])
+                c.vec_f = torch.from_numpy(group["fisher_vec"][()])
+            else:
+                if "vec_a" not in group:
+                    raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
+                c.vec_a = torch.from_numpy(group["vec_a"][()])
+                c.vec_s = torch.from_numpy(group["vec_s"][()])
+                if preconditioner == "kfac":
+                    eig_a = torch.from_numpy(group["eig_a"][()])
+                    eig_s = torch.from_numpy(group["eig_s"][()])
+                    c.values = eig_s[:, None] * eig_a[None, :]
+                else:
+                    if "lambda_star" not in group:
+                        raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
+                    c.values = torch.from_numpy(group["lambda_star"][()])
+            c.damping = _damping(name, c.values, damping, damping_factor)
+            out[name] = c
+    return out
+
+
+def _damping(name: str, values: Tensor, damping, factor: float) -> float:
+    if isinstance(damping, dict):
+        if name not in damping:
+            raise ConfigError(f"damping given per module but not for {name!r}")
+        damping = damping[name]
+    if damping is not None:
+        if not np.isfinite(damping) or damping < 0:
+            raise ConfigError(f"damping must be a non-negative number, got {damping!r}")
+        return float(damping)
+    if not np.isfinite(factor) or factor <= 0:
+        raise ConfigError(f"damping_factor must be positive, got {factor!r}")
+    lam = factor * float(values.mean())
+    if lam <= 0:  # an all-zero block: any positive damping inverts it
+        lam = factor
+    return lam
+
+
+class Preconditioner:
+    """All modules' curvature, applied to full rows (or to the selected modules' columns)."""
+
+    def __init__(self, log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, modules=None):
+        self.kind = preconditioner
+        curv = load_curvature(log, preconditioner, damping, damping_factor)
+        names = list(log.modules) if modules is None else list(modules)
+        for n in names:
+            if n not in log.modules:
+                raise KeyError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
+        self.parts = [(log.modules[n].columns, curv[n]) for n in names]
+        self.dampings = {n: curv[n].damping for n in names}
+
+    def columns(self, rows: Tensor) -> Tensor:
+        """The selected modules' columns of full rows, side by side."""
+        return torch.cat([rows[:, cols] for cols, _ in self.parts], dim=1)
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """Full rows (n, D) -> preconditioned selected columns (n, D_sel), float64."""
+        return torch.cat([c.apply(rows[:, cols]) for cols, c in self.parts], dim=1)
+
+
+def _progress(total: int, progress: bool | None, what: str):
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    return tqdm(total=total, desc=what, unit="rows", disable=disable, leave=False)
+
+
+def self_influence_values(log, pre: Preconditioner, block_rows: int = 8192, progress=None) -> tuple[np.ndarray, Tensor]:
+    """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row, preconditioning blockwise."""
+    ids, values = [], []
+    with _progress(len(log), progress, "self-influence") as bar:
+        for block_ids, rows in log.blocks(block_rows=block_rows):
+            values.append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
+            ids.append(block_ids)
+            bar.update(len(block_ids))
+    if not ids:
+        return np.zeros(0, dtype=log.ids.dtype), torch.zeros(0, dtype=torch.float64)
+    return np.concatenate(ids), torch.cat(values)
+
+
+@dataclass
+class TopK:
+    """Per query, the k train ids with the largest (or smallest) scores, best first."""
+
+    values: Tensor  # (Q, k)
+    ids: np.ndarray  # (Q, k) train ids
+    query_ids: list
+
+    def __repr__(self) -> str:
+        return f"TopK(queries={len(self.query_ids)}, k={self.values.shape[1]})"
+
+
+@dataclass
+class Scores:
+    """values[q, i]: influence of train example train_ids[i] on query query_ids[q] (+ = helps)."""
+
+    values: Tensor  # (Q, N) float32
+    query_ids: list
+    train_ids: np.ndarray
+
+    def top_k(self, k: int, largest: bool = True) -> TopK:
+        """The k most helpful train ids per query (largest=False: the k most harmful)."""
+        k = min(k, self.values.shape[1])
+        values, index = torch.topk(self.values, k, dim=1, largest=largest)
+        return TopK(values, self.train_ids[index.numpy()], self.query_ids)
+
+
+@dataclass
+class SelfInfluence:
+    """values[i] = g_i^T (F + lambda I)^{-1} g_i for train id ids[i]: high = atypical or mislabeled."""
+
+    values: Tensor  # (N,) float64
+    ids: np.ndarray
+
+    def top_k(self, k: int, largest: bool = True) -> tuple[np.ndarray, Tensor]:
+        """(ids, values) of the k highest (or lowest) self-influences."""
+        k = min(k, len(self.ids))
+        values, index = torch.topk(self.values, k, largest=largest)
+        return self.ids[index.numpy()], values
+
+
+def score(
+    log,
+    query,
+    preconditioner: str = "identity",
+    damping=None,
+    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    mode: str = "dot",
+    top_k: int | None = None,
+    largest: bool = True,
+    modules=None,
+    train_ids=None,
+    block_rows: int = 8192,
+    progress: bool | None = None,
+):
+    """Scores (or, with top_k, a streamed TopK) of the query rows against the log's train rows."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be a positive int, got {top_k!r}")
+    q_rows, q_ids = query.rows, query.ids
+    if q_rows.shape[0] == 0:
+        raise ConfigError("the query holds no rows: capture query gradients with q.capture(ids) first")
+    if q_rows.shape[1] != log.width:
+        raise ConfigError(f"query rows have {q_rows.shape[1]} columns, the log {log.width}: not this log's query")
+    pre = Preconditioner(log, preconditioner, damping, damping_factor, modules)
+    q_pre = pre.apply(q_rows).float()
+    scale_q = torch.ones(q_rows.shape[0])
+    if mode == "cosine":
+        scale_q = (pre.columns(q_rows).double() * q_pre.double()).sum(dim=1).clamp_min(0).sqrt().float()
+    train_norms = None
+    if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
+        train_norms = log.self_influence(preconditioner, damping, damping_factor, modules, progress=progress)
+        train_norms = train_norms.values.float().clamp_min(0).sqrt()
+    wanted = None if train_ids is None else np.asarray(list(train_ids))
+
+    kept_ids, kept_scores = [], []
+    best_v, best_i = None, None
+    offset = 0
+    with _progress(len(log), progress, "scoring") as bar:
+        for block_ids, rows in log.blocks(block_rows=block_rows):
+            bar.update(len(block_ids))
+            norms = None
+            if train_norms is not None:
+                norms = train_norms[offset : offset + len(block_ids)]
+            offset += len(block_ids)
+            if wanted is not None:
+                keep = np.isin(block_ids, wanted)
+                block_ids, rows = block_ids[keep], rows[torch.from_numpy(keep)]
+                norms = None if norms is None else norms[torch.from_numpy(keep)]
+            if len(block_ids) == 0:
+                continue
+            s = q_pre @ pre.columns(rows).T  # (Q, b): the one GEMM per block
+            if norms is not None:
+                s = s / (norms[None, :] * scale_q[:, None]).clamp_min(1e-30)
+            if top_k is None:
+                kept_ids.append(block_ids)
+                kept_scores.append(s)
+                continue
+            ids_here = np.asarray(block_ids)
+            if best_v is None:
+                cand_v, cand_i = s, np.broadcast_to(ids_here, s.shape)
+            else:
+                cand_v = torch.cat([best_v, s], dim=1)
+                cand_i = np.concatenate([best_i, np.broadcast_to(ids_here, s.shape)], axis=1)
+            k = min(top_k, cand_v.shape[1])
+            best_v, index = torch.topk(cand_v, k, dim=1, largest=largest)
+            best_i = np.take_along_axis(cand_i, index.numpy(), axis=1)
+    if top_k is not None:
+        if best_v is None:
+            return TopK(torch.zeros(len(q_ids), 0), np.zeros((len(q_ids), 0)), list(q_ids))
+        return TopK(best_v, best_i, list(q_ids))
+    values = torch.cat(kept_scores, dim=1) if kept_scores else torch.zeros(len(q_ids), 0)
+    train = np.concatenate(kept_ids) if kept_ids else np.zeros(0, dtype=log.ids.dtype)
+    return Scores(values, list(q_ids), train)

@@ -1,0 +1,102 @@
+"""Query gradients: capture test examples' rows with the log's own modules and projections.
+
+    with log.query(model) as q:
+        for ids, x, y in test_loader:
+            with q.capture(ids):
+                F.cross_entropy(model(x), y).backward()
+    log.influence(q, preconditioner="ekfac")
+
+Nothing is written: the (few) query rows stay in memory. The model must hold every logged module,
+under the same (normalised) names, with the same dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture
+from .errors import CaptureError, ModelMismatchError
+from .hooks import Watched, named_modules
+from .kinds import kind_of
+
+
+class Query:
+    """In-memory rows of query examples, laid out exactly like the log's rows."""
+
+    def __init__(self, log, model: nn.Module):
+        self.log = log
+        modules = dict(named_modules(model))
+        projections = log.projections()
+        watched, problems = [], []
+        for name, info in log.modules.items():
+            module = modules.get(name)
+            kind = kind_of(module) if module is not None else None
+            if kind is None:
+                problems.append(f"{name!r} missing")
+                continue
+            if kind.dims(module) != (info.d_in, info.d_out) or kind.name != info.kind:
+                problems.append(
+                    f"{name!r} is {kind.name} {kind.dims(module)}, logged {info.kind} {(info.d_in, info.d_out)}"
+                )
+                continue
+            p_in, p_out = projections[name]
+            watched.append(
+                Watched(name, module, kind, info.d_in, info.d_out, info.k_in, info.k_out, info.offset, p_in, p_out)
+            )
+        if problems:
+            raise ModelMismatchError(f"the model does not match the log {log.path}: " + "; ".join(problems))
+        self.watched = watched
+        self._rows: list[Tensor] = []
+        self._ids: list = []
+
+    def __enter__(self) -> Query:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def capture(
+        self,
+        ids: Any,
+        *,
+        mask: Tensor | None = None,
+        reduction: str = "mean",
+        scale: float | Tensor | None = None,
+        scaler: Any = None,
+    ) -> Capture:
+        """Capture query examples' gradients; same arguments and loss conventions as Run.capture."""
+        return Capture(
+            self.watched,
+            ids,
+            mask=mask,
+            reduction=reduction,
+            scale=scale,
+            scaler=scaler,
+            check=lambda ids: None,
+            accept=self._accept,
+        )
+
+    def _accept(self, ids: list, rows: Tensor, factor: float) -> None:
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+            raise CaptureError(f"query gradients are not finite for ids {bad[:5]}")
+        self._rows.append(rows.detach().float().cpu())
+        self._ids.extend(ids)
+
+    @property
+    def rows(self) -> Tensor:
+        """(Q, D) float32 query rows, in capture order."""
+        if not self._rows:
+            return torch.zeros(0, self.log.width)
+        return torch.cat(self._rows)
+
+    @property
+    def ids(self) -> list:
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
