@@ -79,6 +79,7 @@ class Capture:
         accept: Callable[[list, Tensor, float], None],
         observer: Callable | None = None,
         discard: Callable[[], None] = lambda: None,
+        keep_rows: bool = True,
     ):
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -89,6 +90,7 @@ class Capture:
         self.scale = scale
         self.scaler = scaler
         self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
+        self.keep_rows = keep_rows
         self.collector: Collector | None = None
 
     def __enter__(self) -> Capture:
@@ -97,7 +99,7 @@ class Capture:
                 shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
                 raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
         self._check(self.ids)
-        self.collector = Collector(self.watched, mask=self.mask, observer=self._observer)
+        self.collector = Collector(self.watched, mask=self.mask, observer=self._observer, keep_rows=self.keep_rows)
         self.collector.__enter__()
         return self
 

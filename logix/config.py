@@ -17,7 +17,7 @@ Rank = int | str | tuple
 
 DTYPES = ("float32", "float16")
 STATISTICS = ("kfac", "ekfac", "raw")
-PROJECTIONS = ("gaussian",)
+PROJECTIONS = ("gaussian", "pca")
 
 
 def _check_side(value: Any, what: str) -> int | str:
@@ -37,7 +37,8 @@ class Config:
         rank is at least its dimension is left unprojected (identity).
     dtype: how rows are stored, "float32" or "float16" (half the disk; rows that overflow its
         range are flagged, not silently clipped).
-    projection: "gaussian": entries N(0, 1/k) from a private generator seeded per module.
+    projection: "gaussian": entries N(0, 1/k) from a private generator seeded per module;
+        "pca": top eigenvectors of each side's covariance, fitted in `Run.fit_projections()`.
     seed: base seed of the projections.
     statistics: curvature gathered for attribution: any of "kfac" (the factors A and S, gathered
         during capture), "ekfac" (also the corrected eigenvalues, from one read of the rows at

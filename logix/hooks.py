@@ -126,8 +126,15 @@ class Collector:
     (curvature statistics hook in there).
     """
 
-    def __init__(self, watched: list[Watched], mask: Tensor | None = None, observer: Callable | None = None):
+    def __init__(
+        self,
+        watched: list[Watched],
+        mask: Tensor | None = None,
+        observer: Callable | None = None,
+        keep_rows: bool = True,
+    ):
         self.watched = watched
+        self.keep_rows = keep_rows
         self.mask = mask
         self.observer = observer
         self.blocks: dict[str, Tensor] = {}
@@ -180,7 +187,10 @@ class Collector:
                         delta = delta @ proj_out.T
                     if self.observer is not None:
                         self.observer(w, acts, delta, mask)
-                    block = torch.bmm(delta.transpose(1, 2), acts)
+                    if self.keep_rows:
+                        block = torch.bmm(delta.transpose(1, 2), acts)
+                    else:  # statistics only: remember the batch size, skip the per-example products
+                        block = delta.new_zeros(delta.shape[0], 0, 0)
                     if w.name in self.blocks:
                         if self.blocks[w.name].shape != block.shape:
                             raise CaptureError(
@@ -231,6 +241,8 @@ class Collector:
         if any(b != batch for b in sizes.values()):
             raise CaptureError(f"watched modules saw different batch sizes in one capture: {sizes}")
         some = next(iter(self.blocks.values()))
+        if not self.keep_rows:
+            return some.new_zeros(batch, 0)
         parts = []
         for w in self.watched:
             block = self.blocks.get(w.name)

@@ -1,5 +1,8 @@
 """Projection matrices for LoGra: P_in (k_in x d_in) and P_out (k_out x d_out) per module.
 
+PCA projections are the top eigenvectors of a side's full covariance, measured in a
+statistics-only pass (`Run.fit_projections`); sides wider than PCA_MAX_DIM stay Gaussian.
+
 Gaussian entries N(0, 1/k) keep norms in expectation. They come from a private CPU
 `torch.Generator` seeded from (base seed, module name, side): the global RNG is never touched, so
 dropout and the training trajectory are unchanged, and any process rebuilds the same matrices.
@@ -32,3 +35,19 @@ def gaussian(k: int, d: int, seed: int) -> Tensor | None:
         return None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(k, d, generator=generator, dtype=torch.float32) / math.sqrt(k)
+
+
+PCA_MAX_DIM = 4096  # a side wider than this keeps a Gaussian projection (a dense d x d covariance)
+
+
+def pca_fits(k: int, d: int) -> bool:
+    """Whether a side gets a PCA projection: it is projected at all, and narrow enough."""
+    return k < d <= PCA_MAX_DIM
+
+
+def principal_directions(covariance: Tensor, k: int, module_name: str, label: str) -> Tensor:
+    """(k, d) float32: the top-k eigenvectors of a covariance, as orthonormal rows."""
+    from .statistics import eigh
+
+    _, vectors = eigh(covariance, module_name, label)
+    return vectors[:, -k:].flip(1).T.contiguous().float()

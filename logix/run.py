@@ -21,6 +21,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from .capture import Capture, id_kind
 from .config import Config
 from .errors import CaptureError, ConfigError, DuplicateIdError, ModelMismatchError
 from .hooks import Watched, select_modules
-from .projection import gaussian, module_seed, side_rank
-from .statistics import CovarianceSums, finalize_pass, save_sums
+from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
+from .statistics import CovarianceSums, factors, finalize_pass, save_sums
 from .storage import (
     FORMAT,
     MANIFEST,
@@ -110,6 +111,9 @@ class Run:
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
         self._sums: CovarianceSums | None = None
+        self._pca_pending: dict[str, tuple[bool, bool]] = {}
+        self._new_modules = None
+        self._fitting = None
         self._pass: dict | None = None
         self._seen: set = set()
         self._session_passes: set[str] = set()
@@ -185,6 +189,8 @@ class Run:
             else:
                 p_in = gaussian(k_in, d_in, module_seed(self.config.seed, name, "in"))
                 p_out = gaussian(k_out, d_out, module_seed(self.config.seed, name, "out"))
+                if self.config.projection == "pca":
+                    self._pca_pending[name] = (pca_fits(k_in, d_in), pca_fits(k_out, d_out))
             projections[name] = (p_in, p_out)
             watched.append(Watched(name, module, kind, d_in, d_out, k_in, k_out, offset, p_in, p_out))
             offset += k_in * k_out
@@ -211,17 +217,66 @@ class Run:
                     f"different shapes {sorted(n for n in set(logged) & set(asked) if logged[n] != asked[n])}"
                     " (or a different include/exclude selection)"
                 )
-        else:
-            write_projections(self.path / PROJECTIONS, projections)
-            self._manifest["modules"] = modules
-            self._manifest["width"] = offset
-            self._save_manifest()
         self.watched = watched
+        self._new_modules = None
+        if not self._manifest["modules"]:
+            if self._pca_pending:
+                self._new_modules = (modules, offset)  # written once fit_projections has run
+            else:
+                self._write_modules(modules, offset)
         _warn_if_compiled(model)
         if optimizer is not None:
             self._optimizer_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
         return [w.name for w in watched]
+
+    def _write_modules(self, modules: list[dict], width: int) -> None:
+        write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
+        self._manifest["modules"] = modules
+        self._manifest["width"] = width
+        self._save_manifest()
+
+    @contextmanager
+    def fit_projections(self):
+        """A statistics-only pass that builds PCA projections (projection="pca"); nothing is logged.
+
+        Inside the block, run captures as in logging. Sides with rank below their dimension get the
+        top eigenvectors of that side's full covariance (activations for P_in, output gradients for
+        P_out); sides wider than logix.projection.PCA_MAX_DIM keep their Gaussian projection.
+        """
+        self._check_open()
+        if self.config.projection != "pca":
+            raise ConfigError("fit_projections needs logix.init(..., projection='pca')")
+        if not self.watched:
+            raise CaptureError("call run.watch(model) before run.fit_projections()")
+        if not self._pca_pending:
+            raise ConfigError("this log's projections are already fitted (they are stored in the log)")
+        fit_watched = []
+        for w in self.watched:
+            fit_in, fit_out = self._pca_pending[w.name]
+            p_in, k_in = (None, w.d_in) if fit_in else (w.proj_in, w.k_in)
+            p_out, k_out = (None, w.d_out) if fit_out else (w.proj_out, w.k_out)
+            fit_watched.append(Watched(w.name, w.module, w.kind, w.d_in, w.d_out, k_in, k_out, 0, p_in, p_out))
+        self._fitting = (fit_watched, CovarianceSums())
+        try:
+            yield self
+            sums = self._fitting[1].to_host()
+        finally:
+            self._fitting = None
+        for w in self.watched:
+            fit_in, fit_out = self._pca_pending[w.name]
+            if w.name not in sums:
+                raise CaptureError(f"module {w.name!r} received no gradient during fit_projections")
+            a, s = factors(sums[w.name], w.name)
+            if fit_in:
+                w.proj_in = principal_directions(a, w.k_in, w.name, "A")
+            if fit_out:
+                w.proj_out = principal_directions(s, w.k_out, w.name, "S")
+            w._cache.clear()
+        self._pca_pending = {}
+        self._write_modules(*self._new_modules)
+        self._new_modules = None
+        logger.info("logix: PCA projections fitted for %d modules", len(self.watched))
 
     def _on_optimizer_step(self, *args) -> None:
         self.step += 1
@@ -344,6 +399,23 @@ class Run:
         self._check_open()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
+        if self._fitting is not None:
+            fit_watched, sums = self._fitting
+            return Capture(
+                fit_watched,
+                ids,
+                mask=mask,
+                reduction=reduction,
+                scale=scale,
+                scaler=scaler,
+                check=lambda ids: None,
+                accept=lambda ids, rows, factor: sums.close_batch(factor),
+                observer=sums.observe,
+                discard=sums.discard_batch,
+                keep_rows=False,
+            )
+        if self._pca_pending:
+            raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
         if self._pass is None:
             self.start_pass()
         return Capture(
