@@ -20,9 +20,12 @@ from .errors import (  # noqa: E402
     LogFormatError,
     LogixError,
     ModelMismatchError,
+    StatisticsError,
     WriterError,
 )
+from .influence import Scores, SelfInfluence, TopK  # noqa: E402
 from .log import Log, ModuleInfo, PassInfo  # noqa: E402
+from .query import Query  # noqa: E402
 from .run import Run, init  # noqa: E402
 
 
@@ -43,7 +46,12 @@ __all__ = [
     "ModelMismatchError",
     "ModuleInfo",
     "PassInfo",
+    "Query",
     "Run",
+    "Scores",
+    "SelfInfluence",
+    "StatisticsError",
+    "TopK",
     "WithIds",
     "WriterError",
     "init",

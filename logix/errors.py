@@ -27,3 +27,7 @@ class WriterError(LogixError, RuntimeError):
 
 class LogFormatError(LogixError, OSError):
     """A log on disk is missing, damaged, or from an unsupported schema version."""
+
+
+class StatisticsError(LogixError, ArithmeticError):
+    """A covariance is not finite or has no data; named by module, never handed to eigh."""

@@ -22,11 +22,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .errors import LogixError
-
-
-class StatisticsError(LogixError, ArithmeticError):
-    """A covariance is not finite or has no data; named by module, never handed to eigh."""
+from .errors import StatisticsError
 
 
 class CovarianceSums:
