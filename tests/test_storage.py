@@ -140,7 +140,13 @@ def test_round_trip_full_rank(tmp_path):
     manifest = json.loads((tmp_path / "log" / "manifest.json").read_text())
     assert manifest["schema_version"] == logix.storage.SCHEMA_VERSION == 1
     assert manifest["format"] == "logix-log"
-    assert manifest["config"] == {"rank": "full", "dtype": "float32", "projection": "gaussian", "seed": 0, "statistics": []}
+    assert manifest["config"] == {
+        "rank": "full",
+        "dtype": "float32",
+        "projection": "gaussian",
+        "seed": 0,
+        "statistics": [],
+    }
     assert manifest["width"] == 43 and manifest["id_kind"] == "int"
     assert [m["name"] for m in manifest["modules"]] == NAMES
     assert manifest["passes"][0]["segments"][0]["rows"] == 7
