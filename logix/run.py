@@ -180,7 +180,7 @@ class Run:
             raise ConfigError("this run already watches a model; one model per run")
         chosen = select_modules(model, include, exclude, include_frozen)
         stored = read_projections(self.path / PROJECTIONS) if self._manifest["modules"] else {}
-        watched, offset, projections = [], 0, {}
+        watched, offset = [], 0
         for name, module, kind in chosen:
             d_in, d_out = kind.dims(module)
             k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
@@ -191,7 +191,6 @@ class Run:
                 p_out = gaussian(k_out, d_out, module_seed(self.config.seed, name, "out"))
                 if self.config.projection == "pca":
                     self._pca_pending[name] = (pca_fits(k_in, d_in), pca_fits(k_out, d_out))
-            projections[name] = (p_in, p_out)
             watched.append(Watched(name, module, kind, d_in, d_out, k_in, k_out, offset, p_in, p_out))
             offset += k_in * k_out
         modules = [
