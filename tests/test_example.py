@@ -1,5 +1,7 @@
-"""The README's main example runs end to end and its log reads back as promised."""
+"""The README's main example runs end to end, its log reads back as promised, and its attribution
+finds the labels it flipped."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,18 +11,36 @@ import logix
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_digits_example_runs_and_logs_every_example(tmp_path):
-    out = tmp_path / "digits"
+def test_digits_example_runs_logs_and_attributes(tmp_path):
+    out, png = tmp_path / "digits", tmp_path / "figure" / "attribution.png"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "digits.py"), "--out", str(out), "--epochs", "2", "--rank", "8"],
+        [sys.executable, str(ROOT / "examples" / "digits.py"), "--out", str(out), "--epochs", "2", "--rank", "8"]
+        + ["--png", str(png)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "test accuracy" in result.stdout
-    log = logix.open(out)
+    stdout = result.stdout
+    assert "flipped 130 of 1297 training labels" in stdout
+    assert "test accuracy" in stdout
+
+    # (a) four test digits, each with five helpful and five harmful training digits
+    assert stdout.count("most helpful:") == 4 and stdout.count("most harmful:") == 4
+    assert len(re.findall(r"^    id +\d+  label \d.*score [+-]", stdout, re.M)) == 40
+    # (b) twenty self-influence lines, then the share of flipped labels in the top 10%
+    assert "highest self-influence in the last epoch" in stdout
+    assert len(re.findall(r"^  id +\d+  label \d.*self-influence ", stdout, re.M)) == 20
+    caught, top = map(int, re.search(r"top 10% by self-influence: (\d+) of (\d+)", stdout).groups())
+    assert top == 129
+    assert caught / top > 0.3, stdout  # flipped labels are 10% of all: self-influence must beat chance
+    # (c) the figure, where --png asked for it
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    log = logix.open(out)  # the latest pass, epoch1
     assert [p.name for p in log.passes] == ["epoch0", "epoch1"]
     assert all(p.finalized and p.rows == 1297 for p in log.passes)
+    assert log.current.name == "epoch1"
     assert sorted(log.ids.tolist()) == list(range(1297))
     assert log.gradients("0").shape == (1297, 8, 8)
+    assert len(log.self_influence("ekfac").values) == 1297  # EK-FAC statistics were gathered
