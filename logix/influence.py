@@ -79,18 +79,20 @@ def statistics_file(log) -> str:
     return name
 
 
-def load_curvature(log, preconditioner: str, damping=None, damping_factor: float = DEFAULT_DAMPING_FACTOR):
-    """{module: ModuleCurvature} for the current pass, damping resolved per module."""
+def load_curvature(log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, names=None):
+    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     out = {}
+    names = list(log.modules) if names is None else names
     if preconditioner == "identity":
-        for name, m in log.modules.items():
-            out[name] = ModuleCurvature(name, m.k_in, m.k_out, "identity")
+        for name in names:
+            out[name] = ModuleCurvature(name, log.modules[name].k_in, log.modules[name].k_out, "identity")
         return out
     path = log.path / statistics_file(log)
     with h5py.File(path, "r") as f:
-        for name, m in log.modules.items():
+        for name in names:
+            m = log.modules[name]
             group = f[name]
             c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
             if preconditioner == "raw":
@@ -138,11 +140,11 @@ class Preconditioner:
 
     def __init__(self, log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, modules=None):
         self.kind = preconditioner
-        curv = load_curvature(log, preconditioner, damping, damping_factor)
         names = list(log.modules) if modules is None else list(modules)
         for n in names:
             if n not in log.modules:
                 raise KeyError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
+        curv = load_curvature(log, preconditioner, damping, damping_factor, names)
         self.parts = [(log.modules[n].columns, curv[n]) for n in names]
         self.dampings = {n: curv[n].damping for n in names}
 
