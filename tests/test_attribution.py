@@ -343,6 +343,12 @@ def test_damping_dict_missing_a_module_is_a_config_error(full):
             full.log.self_influence(kind, damping={"2": 0.1})
 
 
+@pytest.mark.parametrize("kind", CURVED)
+def test_damping_dict_needs_only_the_scored_modules(full, kind):
+    s = full.log.influence(full.query, kind, damping={"0": 0.05}, modules=["0"])
+    assert_scores(columns_in(s, TRAIN_IDS), full.ref.scores(kind, {"0": 0.05, "2": 1.0}, modules=["0"]))
+
+
 # -- self-influence --------------------------------------------------------------------------------
 
 
