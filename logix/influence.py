@@ -175,8 +175,42 @@ def self_influence_values(log, pre: Preconditioner, block_rows: int = 8192, prog
     return np.concatenate(ids), torch.cat(values)
 
 
+def _ids_for_hdf5(ids) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        return ids.astype("i8")
+    return ids.astype(object).astype(h5py.string_dtype("utf-8"))
+
+
+def _ids_from_hdf5(dataset) -> np.ndarray:
+    return dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()]
+
+
+class _Saved:
+    """save(path) / load(path): results as plain HDF5 datasets, one per field."""
+
+    def save(self, path) -> None:
+        with h5py.File(path, "w") as f:
+            f.attrs["logix_result"] = type(self).__name__
+            for name, value in vars(self).items():
+                data = value.numpy() if isinstance(value, Tensor) else _ids_for_hdf5(value)
+                f.create_dataset(name, data=data)
+
+    @classmethod
+    def load(cls, path):
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("logix_result") != cls.__name__:
+                raise LogFormatError(f"{path} does not hold logix {cls.__name__}")
+            fields = {}
+            for name, dataset in f.items():
+                fields[name] = torch.from_numpy(dataset[()]) if name == "values" else _ids_from_hdf5(dataset)
+        if "query_ids" in fields:
+            fields["query_ids"] = fields["query_ids"].tolist()
+        return cls(**fields)
+
+
 @dataclass
-class TopK:
+class TopK(_Saved):
     """Per query, the k train ids with the largest (or smallest) scores, best first."""
 
     values: Tensor  # (Q, k)
@@ -188,7 +222,7 @@ class TopK:
 
 
 @dataclass
-class Scores:
+class Scores(_Saved):
     """values[q, i]: influence of train example train_ids[i] on query query_ids[q] (+ = helps)."""
 
     values: Tensor  # (Q, N) float32
@@ -203,7 +237,7 @@ class Scores:
 
 
 @dataclass
-class SelfInfluence:
+class SelfInfluence(_Saved):
     """values[i] = g_i^T (F + lambda I)^{-1} g_i for train id ids[i]: high = atypical or mislabeled."""
 
     values: Tensor  # (N,) float64

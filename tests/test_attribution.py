@@ -797,3 +797,23 @@ def test_a_non_finite_batch_is_left_out_of_the_statistics(tmp_path):
     s = log.influence(q, "kfac", damping=0.02)
     clean_ids = [TRAIN_IDS[i] for i in clean]
     assert_scores(columns_in(s, clean_ids), ref.scores("kfac", 0.02))
+
+
+# -- results on disk -------------------------------------------------------------------------------
+
+
+def test_results_round_trip_through_hdf5(full, tmp_path):
+    scores = full.log.influence(full.query, "ekfac")
+    scores.save(tmp_path / "scores.h5")
+    back = logix.Scores.load(tmp_path / "scores.h5")
+    assert torch.equal(back.values, scores.values)
+    assert back.query_ids == scores.query_ids and list(back.train_ids) == list(scores.train_ids)
+    top = full.log.influence(full.query, "kfac", top_k=3)
+    top.save(tmp_path / "top.h5")
+    back = logix.TopK.load(tmp_path / "top.h5")
+    assert torch.equal(back.values, top.values) and (back.ids == top.ids).all()
+    si = full.log.self_influence("raw")
+    si.save(tmp_path / "si.h5")
+    assert torch.equal(logix.SelfInfluence.load(tmp_path / "si.h5").values, si.values)
+    with pytest.raises(logix.LogFormatError):
+        logix.Scores.load(tmp_path / "si.h5")
