@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +108,24 @@ class Watched:
         return self.k_in * self.k_out
 
     def projections(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """The projections on the device where the module runs (copied once per device)."""
+        """P_in^T (d_in, k_in) and P_out^T (d_out, k_out), contiguous, on the module's device.
+
+        Transposed once here so that each hook call is a plain matmul (copied once per device).
+        """
         if device not in self._cache:
-            self._cache[device] = tuple(p if p is None else p.to(device) for p in (self.proj_in, self.proj_out))
+            self._cache[device] = tuple(
+                None if p is None else p.T.contiguous().to(device) for p in (self.proj_in, self.proj_out)
+            )
         return self._cache[device]
 
 
-def _no_autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, enabled=False)
+def _float32_matmuls(device: torch.device):
+    """Projections run in float32 even inside the user's autocast region."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else nullcontext()
 
 
 class Collector:
@@ -168,7 +179,7 @@ class Collector:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
             proj_in, proj_out = w.projections(output.device)
-            with torch.no_grad(), _no_autocast(output.device):
+            with _float32_matmuls(output.device):  # x is detached and P needs no grad: no graph is built
                 acts = w.kind.project_inputs(module, x.detach(), proj_in)
                 mask = self._mask_for(acts)
                 if mask is not None:
@@ -180,11 +191,11 @@ class Collector:
             def grad_hook(grad: Tensor) -> None:
                 if not self._active:  # a backward after the capture ended: not ours to record
                     return
-                with torch.no_grad(), _no_autocast(grad.device):
-                    delta = w.kind.output_grads(module, grad).float()
+                with _float32_matmuls(grad.device):
+                    delta = w.kind.output_grads(module, grad.detach()).float()
                     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
                     if proj_out is not None:
-                        delta = delta @ proj_out.T
+                        delta = delta @ proj_out
                     if self.observer is not None:
                         self.observer(w, acts, delta, mask)
                     if self.keep_rows:

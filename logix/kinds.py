@@ -45,19 +45,21 @@ class Kind:
         """d loss / d output -> (B, *positions, d_out), positions matching `activations`."""
         raise NotImplementedError
 
-    def project_inputs(self, module: nn.Module, x: Tensor, proj: Tensor | None) -> Tensor:
-        """(B, *positions, k_in) in float32: P_in [a; 1], or [a; 1] itself when proj is None."""
+    def project_inputs(self, module: nn.Module, x: Tensor, proj_t: Tensor | None) -> Tensor:
+        """(B, *positions, k_in) in float32: P_in [a; 1], or [a; 1] itself when proj_t is None.
+
+        proj_t is P_in transposed, (d_in [+1], k_in), so the bias column is its last row.
+        """
         a = self.activations(module, x).float()
         bias = self.has_bias(module)
-        if proj is None:
+        if proj_t is None:
             if bias:
                 a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
             return a
         d = a.shape[-1]
-        out = a @ proj[:, :d].T
         if bias:
-            out = out + proj[:, d]
-        return out
+            return torch.addmm(proj_t[d], a.reshape(-1, d), proj_t[:d]).reshape(*a.shape[:-1], -1)
+        return a @ proj_t
 
     def as_matrix(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Parameters (or their gradients) as the (d_out, d_in [+1]) matrix a full-rank row equals."""
@@ -156,11 +158,11 @@ class EmbeddingKind(Kind):
     def dims(self, module):
         return module.num_embeddings, module.embedding_dim
 
-    def project_inputs(self, module, x, proj):
-        if proj is None:
+    def project_inputs(self, module, x, proj_t):
+        if proj_t is None:
             a = F.one_hot(x, module.num_embeddings).float()
         else:
-            a = proj.T[x]
+            a = proj_t[x]
         if module.padding_idx is not None:
             a = a * (x != module.padding_idx).unsqueeze(-1)
         return a
