@@ -75,7 +75,6 @@ class Query:
             reduction=reduction,
             scale=scale,
             scaler=scaler,
-            check=lambda ids: None,
             accept=self._accept,
         )
 
