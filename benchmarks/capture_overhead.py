@@ -1,0 +1,571 @@
+"""How much does logging per-example gradients with logix slow down a training step?
+
+    python benchmarks/capture_overhead.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/capture_overhead.py --quick    # about a minute
+    python benchmarks/capture_overhead.py --device cuda --ranks 16 64 --dtype float16
+
+Two workloads, both built from code with random weights (nothing is downloaded):
+  mlp   64 -> 256 -> 256 -> 10 on digits-shaped inputs (64 features in [0, 1], 10 classes),
+        cross-entropy averaged over the batch (capture's default reduction="mean").
+  gpt2  a transformers GPT2LMHeadModel from a GPT2Config (CPU: 4 layers, width 256, 8k vocab,
+        seq 128; CUDA: GPT-2-small size, seq 512), right-padded sequences of random length,
+        every Linear/Conv1D/Embedding watched except lm_head; the HF loss is the mean over all
+        label tokens, so capture gets reduction="sum", scale=1/num_label_tokens.
+
+For each workload and rank, on one freshly built model and optimizer (AdamW), all in one process:
+  1. block phase ("total ratio", rows/s, memory): rounds of m plain steps back to back and m
+     captured steps back to back, alternating which arm goes first. A captured round is timed
+     until its rows are written and committed (run.flush(); run.finalize() after the last
+     round), so the background writer overlaps training as it would in a real run and the time
+     to drain it is counted. "total ratio" = all captured time / all plain time. The log is then
+     read back with logix.open to check that every row was committed and to get the row width D.
+     Peak extra memory = median over captured rounds of the peak during the round minus the same
+     over plain rounds (CPU: resident set size, VmHWM from /proc/self/status, reset through
+     malloc_trim and /proc/self/clear_refs before each round, i.e. growth of the process's resident
+     memory, not bytes allocated, so a few MB either way is allocator noise; CUDA:
+     torch.cuda.max_memory_allocated, which leaves out pinned host buffers).
+  2. interleaved phase (per-step medians): after warm-up, repetitions of three arms in a random
+     order per repetition, all on the same batch: plain (forward + backward + optimizer step),
+     hooks (the same inside logix's Collector: hooks, projections, per-example products, rows
+     assembled but not written, no --statistics) and captured (the same inside run.capture:
+     hooks + rows + scaling + hand-off to the writer). The captured arm's clock stops when the training thread is free
+     again ("capt"); then run.flush() waits for the writer to write and commit that batch ("+drain"
+     includes that wait), so no writer work spills into the next timed step. The ms columns are
+     medians per arm; "ratio" is the median over repetitions of capt / plain within the same
+     repetition (paired, so a burst of load from another process moves both sides of a pair),
+     "ratio+drain" the same with the drain included. The details below the table also give the
+     ratio of the medians.
+
+The machine's load average is printed before and after: other processes competing for the cores
+make every number noisier (the interleaving keeps the ratios fair, not the absolute times); on a
+shared machine, running the benchmark under `nice -n -10` (as root) helps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import logix
+
+try:  # the hooks-only arm drives logix's own hook class directly; skipped if it moves
+    from logix.hooks import Collector
+except ImportError:  # pragma: no cover
+    Collector = None
+
+
+# -- devices, clocks, memory -------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+try:  # glibc: malloc_trim returns freed heap memory to the OS (CPU peak measurement only)
+    import ctypes
+
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    _libc = None
+
+
+class PeakMemory:
+    """Peak memory since the last reset(): CUDA allocated bytes, or CPU resident set size."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = True
+        if device.type == "cuda":
+            self.what = "torch.cuda.max_memory_allocated delta (device tensors only)"
+        else:
+            self.resettable = self._clear_refs()
+            self.what = (
+                "peak RSS growth: median over rounds of VmHWM (reset via malloc_trim + /proc/self/clear_refs "
+                "before each round), captured rounds minus plain rounds; a few MB either way is allocator noise"
+                if self.resettable
+                else "growth of lifetime peak RSS (getrusage ru_maxrss; cannot reset, may read 0)"
+            )
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            if _libc is not None:
+                _libc.malloc_trim(0)  # hand freed heap back first, so every round starts from a like baseline
+            self._clear_refs()
+
+    def peak(self) -> int:
+        sync(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.resettable:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- workloads ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    batches: list[dict]
+    batch: int
+    seq: int | None
+    exclude: list[str] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def loss(self, b: dict) -> torch.Tensor:
+        if self.name == "mlp":
+            return F.cross_entropy(self.model(b["x"]), b["y"])
+        return self.model(**b["inputs"]).loss
+
+    def capture_kwargs(self, b: dict) -> dict:
+        if self.name == "mlp":
+            return {}  # cross-entropy averaged over the batch: reduction="mean"
+        # HF causal-LM loss = mean over every label token of the batch; an example's own loss is
+        # the sum over its label tokens, so the backpropagated loss is (1/num_tokens) * sum_i loss_i.
+        return {"mask": b["inputs"]["attention_mask"], "reduction": "sum", "scale": 1.0 / b["num_tokens"]}
+
+
+def make_mlp(batch: int, device: torch.device, pool: int = 8) -> Workload:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        {
+            "x": torch.rand(batch, 64, generator=gen).to(device),
+            "y": torch.randint(0, 10, (batch,), generator=gen).to(device),
+        }
+        for _ in range(pool)
+    ]
+    return Workload("mlp", model, batches, batch, None)
+
+
+def gpt2_config(device: torch.device):
+    from transformers import GPT2Config
+
+    if device.type == "cuda":  # GPT-2 small
+        size = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    else:
+        size = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128)
+    eos = size["vocab_size"] - 1
+    return GPT2Config(**size, bos_token_id=eos, eos_token_id=eos, pad_token_id=0)
+
+
+def make_gpt2(batch: int, seq: int, device: torch.device, pool: int = 4) -> Workload:
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = gpt2_config(device)
+    model = GPT2LMHeadModel(config).to(device).train()
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(pool):
+        ids = torch.randint(1, config.vocab_size, (batch, seq), generator=gen)
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = ids * mask  # right padding with token 0
+        labels = ids.masked_fill(mask == 0, -100)
+        num_tokens = int((labels[:, 1:] != -100).sum())  # label tokens after the shift
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            # GPT-2 builds position ids of shape (1, T) when none are given, and logix refuses a
+            # watched wpe that sees batch 1 while the rest see batch B; (B, T) ids avoid that.
+            "position_ids": torch.arange(seq).expand(batch, seq),
+        }
+        batches.append({"inputs": {k: v.to(device) for k, v in inputs.items()}, "num_tokens": num_tokens})
+    return Workload("gpt2", model, batches, batch, seq, exclude=["lm_head"])
+
+
+def workloads(args) -> list[tuple[str, int, int | None]]:
+    """(model, batch, seq) to run."""
+    out = []
+    if "mlp" in args.models:
+        out += [("mlp", b, None) for b in ((64, 256) if not args.quick else (64,))]
+    if "gpt2" in args.models:
+        if args.device.type == "cuda":
+            out += [("gpt2", b, 512) for b in ((8, 32) if not args.quick else (8,))]
+        else:
+            out += [("gpt2", 8, 128)]
+    return out
+
+
+def build(name: str, batch: int, seq: int | None, device: torch.device) -> Workload:
+    wl = make_mlp(batch, device) if name == "mlp" else make_gpt2(batch, seq, device)
+    lr = 1e-3 if name == "mlp" else 1e-4
+    wl.optimizer = torch.optim.AdamW(wl.model.parameters(), lr=lr)
+    return wl
+
+
+# -- one configuration -------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    model: str
+    params: int
+    batch: int
+    seq: int | None
+    rank: int
+    width: int = 0
+    bytes_per_row: int = 0
+    plain: list[float] = field(default_factory=list)
+    hooks: list[float] = field(default_factory=list)
+    capt: list[float] = field(default_factory=list)
+    drained: list[float] = field(default_factory=list)
+    block_plain: float = 0.0
+    block_capt: float = 0.0  # captured rounds, each until its rows are committed
+    block_steps: int = 0
+    finalize: float = 0.0
+    rows: int = 0
+    peak_extra: int = 0
+
+
+class Bench:
+    def __init__(self, wl: Workload, device: torch.device, tmp: Path):
+        self.wl, self.device, self.tmp = wl, device, tmp
+        self.next_id = 0
+        self.runs = 0
+
+    def new_run(self, rank: int, dtype: str, statistics: list[str] | None = None):
+        self.runs += 1
+        path = self.tmp / f"{self.wl.name}-b{self.wl.batch}-r{rank}-{self.runs}"
+        extra = {"statistics": statistics} if statistics else {}  # only passed when asked for
+        run = logix.init(path, rank=rank, dtype=dtype, **extra)
+        run.watch(self.wl.model, exclude=self.wl.exclude)
+        return run
+
+    def _opt_step(self) -> None:
+        self.wl.optimizer.step()
+        self.wl.optimizer.zero_grad(set_to_none=True)
+
+    def plain(self, b: dict) -> None:
+        self.wl.loss(b).backward()
+        self._opt_step()
+
+    def hooks(self, run, b: dict) -> None:
+        collector = Collector(run.watched, mask=self.wl.capture_kwargs(b).get("mask"))
+        with collector:
+            self.wl.loss(b).backward()
+        collector.rows()
+        self._opt_step()
+
+    def captured(self, run, b: dict) -> None:
+        ids = torch.arange(self.next_id, self.next_id + self.wl.batch)  # as a DataLoader over logix.WithIds gives them
+        self.next_id += self.wl.batch
+        with run.capture(ids, **self.wl.capture_kwargs(b)):
+            self.wl.loss(b).backward()
+        self._opt_step()
+
+    def timed(self, fn, *a) -> float:
+        sync(self.device)
+        t = time.perf_counter()
+        fn(*a)
+        sync(self.device)
+        return time.perf_counter() - t
+
+
+def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
+    device = args.device
+    wl = build(name, batch, seq, device)
+    bench = Bench(wl, device, tmp)
+    res = Result(name, wl.params, batch, seq, rank)
+    steps = args.steps or (args.mlp_steps if name == "mlp" else args.gpt2_steps)
+    pool = wl.batches
+    memory = PeakMemory(device)
+
+    for i in range(args.warmup):
+        bench.plain(pool[i % len(pool)])
+
+    # 1. block phase: rounds of m plain steps and m captured steps, alternating which goes first;
+    #    each captured round ends with the writer drained (flush; finalize after the last one).
+    run = bench.new_run(rank, args.dtype, args.statistics)
+    rounds, m = args.rounds, max(1, steps // args.rounds)
+    peaks = {"plain": [], "capt": []}
+    for k in range(rounds):
+        for arm in ("plain", "capt") if k % 2 == 0 else ("capt", "plain"):
+            memory.reset()
+            sync(device)
+            t = time.perf_counter()
+            for i in range(m):
+                b = pool[(k * m + i) % len(pool)]
+                if arm == "plain":
+                    bench.plain(b)
+                else:
+                    bench.captured(run, b)
+            sync(device)
+            if arm == "plain":
+                res.block_plain += time.perf_counter() - t
+                peaks["plain"].append(memory.peak())
+                continue
+            t_fin = time.perf_counter()
+            if k == rounds - 1:
+                run.finalize()
+            else:
+                run.flush()
+            res.block_capt += time.perf_counter() - t
+            res.finalize = time.perf_counter() - t_fin
+            peaks["capt"].append(memory.peak())
+    res.peak_extra = statistics.median(peaks["capt"]) - statistics.median(peaks["plain"])
+    res.block_steps = rounds * m
+    log = logix.open(run.path)
+    res.width = log.width
+    res.bytes_per_row = log.width * getattr(torch, log.config.dtype).itemsize
+    res.rows = len(log.ids)
+    if res.rows != res.block_steps * batch:
+        raise SystemExit(f"{name}: expected {res.block_steps * batch} committed rows after finalize, got {res.rows}")
+
+    # 2. interleaved phase: plain / hooks / captured in a random order per repetition
+    run = bench.new_run(rank, args.dtype, args.statistics)
+    arms = ["plain", "capt"] + (["hooks"] if Collector is not None else [])
+    order = random.Random(0)
+    for rep in range(args.warmup + steps):
+        b = pool[rep % len(pool)]
+        order.shuffle(arms)
+        for arm in arms:
+            if arm == "plain":
+                dt = bench.timed(bench.plain, b)
+            elif arm == "hooks":
+                dt = bench.timed(bench.hooks, run, b)
+            else:
+                sync(device)
+                t = time.perf_counter()
+                bench.captured(run, b)
+                sync(device)
+                dt = time.perf_counter() - t
+                run.flush()
+                if rep >= args.warmup:
+                    res.drained.append(time.perf_counter() - t)
+            if rep >= args.warmup:
+                getattr(res, arm).append(dt)
+    run.finalize()
+    return res
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+
+
+def med_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3 if xs else float("nan")
+
+
+def paired(xs: list[float], base: list[float]) -> float:
+    """Median over repetitions of xs[i] / base[i] (the two arms of one repetition)."""
+    return statistics.median(x / b for x, b in zip(xs, base)) if xs else float("nan")
+
+
+def iqr_ms(xs: list[float]) -> str:
+    if len(xs) < 4:
+        return "n/a"
+    q = statistics.quantiles(xs, n=4)
+    return f"{q[0] * 1e3:.2f}-{q[2] * 1e3:.2f}"
+
+
+def human(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def table(results: list[Result]) -> str:
+    head = [
+        "model",
+        "params",
+        "batch",
+        "seq",
+        "rank",
+        "D",
+        "bytes/row",
+        "plain ms",
+        "hooks ms",
+        "capt ms",
+        "+drain ms",
+        "ratio",
+        "ratio+drain",
+        "total ratio",
+        "rows/s",
+        "peak extra MB",
+    ]
+    rows = []
+    for r in results:
+        plain = med_ms(r.plain)
+        rows.append(
+            [
+                r.model,
+                human(r.params),
+                str(r.batch),
+                str(r.seq) if r.seq else "-",
+                str(r.rank),
+                str(r.width),
+                str(r.bytes_per_row),
+                f"{plain:.2f}",
+                f"{med_ms(r.hooks):.2f}" if r.hooks else "n/a",
+                f"{med_ms(r.capt):.2f}",
+                f"{med_ms(r.drained):.2f}",
+                f"{paired(r.capt, r.plain):.3f}",
+                f"{paired(r.drained, r.plain):.3f}",
+                f"{r.block_capt / r.block_plain:.3f}",
+                f"{r.rows / r.block_capt:.0f}",
+                f"{r.peak_extra / 2**20:.1f}",
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def fmt(cells: list[str]) -> str:  # the model name left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
+    return "\n".join(lines)
+
+
+def details(results: list[Result]) -> str:
+    lines = []
+    for r in results:
+        lines.append(
+            f"{r.model} b{r.batch} r{r.rank}: {len(r.plain)} interleaved reps, ratio of medians capt/plain "
+            f"{med_ms(r.capt) / med_ms(r.plain):.3f} (+drain {med_ms(r.drained) / med_ms(r.plain):.3f}); "
+            f"IQR ms plain {iqr_ms(r.plain)}, "
+            f"capt {iqr_ms(r.capt)}, +drain {iqr_ms(r.drained)}; block phase {r.block_steps} steps per arm: "
+            f"plain {r.block_plain:.2f} s, captured+drain {r.block_capt:.2f} s "
+            f"(finalize {r.finalize * 1e3:.1f} ms), {r.rows} rows committed"
+        )
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    """The logix checkout's commit, when it is one, so that runs can be compared."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(logix.__file__).parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(Path(logix.__file__).parent), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode == 0:
+            return f"commit {out.stdout.strip()}" + (", logix/ modified" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "commit unknown"
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} cores)"
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and configurations (~1 min on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype of rows")
+    parser.add_argument(
+        "--statistics",
+        nargs="+",
+        choices=["kfac", "ekfac", "raw"],
+        default=None,
+        help="curvature statistics gathered while capturing (logix.init(statistics=...)); default none",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="interleaved repetitions per arm (all models)")
+    parser.add_argument("--models", nargs="+", choices=["mlp", "gpt2"], default=["mlp", "gpt2"])
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before measuring")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds in the block phase")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.mlp_steps, args.gpt2_steps = (60, 6) if args.quick else (300, 20)
+    if args.quick:
+        args.warmup = min(args.warmup, 2)
+    args.rounds = args.rounds or (3 if args.quick else 10)
+
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(
+        f"torch {torch.__version__}, logix {logix.__version__} ({git_commit()}), device {args.device} ({device_name}), "
+        f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, rows stored as {args.dtype}, "
+        f"statistics {args.statistics or 'none'}"
+    )
+    print(f"peak extra memory: {PeakMemory(args.device).what}")
+    print(f"load average at start: {load()}\n")
+
+    results = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="logix-bench-") as tmp:
+        for name, batch, seq in workloads(args):
+            for rank in args.ranks:
+                r = bench_config(name, batch, seq, rank, args, Path(tmp))
+                print(
+                    f"  done {name} batch {batch} rank {rank}: ratio {paired(r.capt, r.plain):.3f} "
+                    f"({time.perf_counter() - start:.0f} s elapsed, load {load()})",
+                    flush=True,
+                )
+                results.append(r)
+    print()
+    print(table(results))
+    print()
+    print(
+        "plain: forward+backward+AdamW step; hooks: the same inside logix's Collector (rows built, not written);\n"
+        "capt: the same inside run.capture (training thread free again); +drain: capt plus run.flush() until the\n"
+        "batch is written and committed; ms columns: medians per arm (interleaved phase); ratio(s): median over\n"
+        "repetitions of capt / plain in the same repetition; total ratio: captured rounds (until committed, finalize\n"
+        "included) / plain rounds (block phase); rows/s: rows committed per second of captured training in the block\n"
+        "phase; peak extra MB: see the line at the top."
+    )
+    print()
+    print(details(results))
+    print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s; load average at end: {load()}")
+
+
+if __name__ == "__main__":
+    main()
