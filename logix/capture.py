@@ -118,7 +118,7 @@ class Capture:
         except BaseException:
             self._discard()
             raise
-        self._accept(self.ids, rows * (1.0 / factor), factor)
+        self._accept(self.ids, rows.mul_(1.0 / factor), factor)  # rows is a fresh tensor: scale in place
 
     def _loss_factor(self, batch: int) -> float:
         """c such that the backpropagated loss is c * sum_i loss_i."""

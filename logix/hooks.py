@@ -248,9 +248,15 @@ class Collector:
                 "pass the attention mask of the batch the model ran on"
             )
         sizes = {name: block.shape[0] for name, block in self.blocks.items()}
-        batch = next(iter(sizes.values()))
-        if any(b != batch for b in sizes.values()):
-            raise CaptureError(f"watched modules saw different batch sizes in one capture: {sizes}")
+        batch = max(set(sizes.values()), key=list(sizes.values()).count)  # what most modules saw
+        odd = {name: b for name, b in sizes.items() if b != batch}
+        if odd:
+            raise CaptureError(
+                f"modules {sorted(odd)} saw a batch of {sorted(set(odd.values()))} while the others saw {batch}. "
+                "A module whose output is broadcast over the batch (such as GPT-2's position embedding wpe when "
+                "position_ids are not passed) has no per-example gradient: exclude it from watch(), or give it "
+                "batched inputs; the batch must be the first dimension of every watched module's input"
+            )
         some = next(iter(self.blocks.values()))
         if not self.keep_rows:
             return some.new_zeros(batch, 0)

@@ -37,6 +37,7 @@ from .hooks import Watched, select_modules
 from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
 from .statistics import CovarianceSums, factors, finalize_pass, save_sums
 from .storage import (
+    FLAG_NONFINITE,
     FORMAT,
     MANIFEST,
     PROJECTIONS,
@@ -76,7 +77,7 @@ def init(
     on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
         row silently (for samplers that pad the last batch with repeats).
     queue_size: batches the writer may lag behind before training waits for it.
-    commit_interval: seconds between commits while the writer is busy (it commits whenever idle).
+    commit_interval: seconds between commits; rows are committed at the latest this long after written.
     """
     config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics)
     return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
@@ -407,7 +408,7 @@ class Run:
                 reduction=reduction,
                 scale=scale,
                 scaler=scaler,
-                    accept=lambda ids, rows, factor: sums.close_batch(factor),
+                accept=lambda ids, rows, factor: sums.close_batch(factor),
                 observer=sums.observe,
                 discard=sums.discard_batch,
                 keep_rows=False,
@@ -463,18 +464,22 @@ class Run:
             self.step += 1
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
+        """One device-to-host copy per batch (pinned and asynchronous on CUDA), then the queue."""
         writer = self._writer_for_pass(self._check_id_kind(ids))
         dtype = torch.float16 if self.config.dtype == "float16" else torch.float32
         rows = rows.to(dtype)
+        flags = (~torch.isfinite(rows).all(dim=1)).to(torch.uint8) * FLAG_NONFINITE  # after the cast: overflow too
         ready = None
         if rows.device.type == "cuda":
             host = torch.empty(rows.shape, dtype=dtype, pin_memory=True)
             host.copy_(rows, non_blocking=True)
+            host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host_flags.copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         else:
-            host = rows.cpu()
-        writer.put(Batch(ids=ids, grads=host, step=step, ready=ready))
+            host, host_flags = rows, flags
+        writer.put(Batch(ids=ids, grads=host, flags=host_flags, step=step, ready=ready))
 
     # -- the end -------------------------------------------------------------------------------
 

@@ -129,11 +129,10 @@ class SegmentWriter:
         self.committed_rows = 0
         self.nonfinite = 0
 
-    def append(self, ids, grads: np.ndarray, steps: np.ndarray) -> None:
+    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
         n = grads.shape[0]
         if n == 0:
             return
-        flags = np.where(np.isfinite(grads).all(axis=1), 0, FLAG_NONFINITE).astype("u1")
         end = self.rows + n
         for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
             ds.resize(end, axis=0)
@@ -161,6 +160,7 @@ class SegmentWriter:
 class Batch:
     ids: list | np.ndarray
     grads: torch.Tensor  # on the host, possibly pinned and still being filled by a CUDA copy
+    flags: torch.Tensor  # uint8 per row, FLAG_NONFINITE where the stored row is not finite
     step: int
     ready: object | None = None  # a torch.cuda.Event recorded after the copy, or None
 
@@ -215,30 +215,36 @@ class BackgroundWriter:
             ) from self.error
 
     def _loop(self) -> None:
+        """Write batches as they come; commit at most once per interval, and at the latest one
+        interval after the last write even if no batch follows (a stalled job loses nothing)."""
         last_commit = time.monotonic()
         while True:
-            batch = self.queue.get()
+            uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
+            wait = max(0.0, self.commit_interval - (time.monotonic() - last_commit)) if uncommitted else None
+            try:
+                batch, from_queue = self.queue.get(timeout=wait), True
+            except queue.Empty:
+                batch, from_queue = _COMMIT, False  # the interval passed with rows not yet committed
             if batch is None:
                 self.queue.task_done()
                 break
             try:
                 if self.error is not None:
                     continue  # keep draining so put() never blocks on a dead writer
-                if batch is _COMMIT:
-                    self.segment.commit()
-                    last_commit = time.monotonic()
-                    continue
-                if batch.ready is not None:
-                    batch.ready.synchronize()
-                grads = batch.grads.numpy()
-                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"))
-                if self.queue.empty() or time.monotonic() - last_commit >= self.commit_interval:
+                if batch is not _COMMIT:
+                    if batch.ready is not None:
+                        batch.ready.synchronize()
+                    grads = batch.grads.numpy()
+                    steps = np.full(grads.shape[0], batch.step, dtype="i8")
+                    self.segment.append(batch.ids, grads, steps, batch.flags.numpy())
+                if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
                     self.segment.commit()
                     last_commit = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
                 self.error = e
             finally:
-                self.queue.task_done()
+                if from_queue:
+                    self.queue.task_done()
         try:
             self.segment.close()
         except BaseException as e:  # noqa: BLE001

@@ -365,7 +365,7 @@ def test_writer_error_message_counts_committed_rows(setup, monkeypatch):
     path, model, run, first = setup
     run.flush()  # the first batch is committed
 
-    def broken(self, ids, grads, steps):
+    def broken(self, ids, grads, steps, flags):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(logix.storage.SegmentWriter, "append", broken)
@@ -379,7 +379,7 @@ def test_writer_failure_keeps_committed_rows(setup, monkeypatch):
     path, model, run, first = setup
     run.flush()
 
-    def broken(self, ids, grads, steps):
+    def broken(self, ids, grads, steps, flags):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(logix.storage.SegmentWriter, "append", broken)
@@ -648,3 +648,22 @@ def test_ids_round_trip_or_duplicate_error(batches):
             torch.testing.assert_close(log.gradients("0"), expected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_module_broadcast_over_the_batch_is_named_with_the_fix(tmp_path):
+    """GPT-2 builds position ids of batch 1 unless given: wpe has no per-example gradient."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8))
+    tokens = torch.randint(0, 40, (3, 8))
+    run = logix.init(tmp_path / "log", rank=4)
+    run.watch(model, exclude=["lm_head"])
+    with pytest.raises(logix.CaptureError, match=r"transformer\.wpe.*exclude it"):
+        with run.capture(range(3), reduction="sum"):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+    # passing batched position ids gives wpe real per-example rows
+    with run.capture(range(3), reduction="sum"):
+        positions = torch.arange(8).expand(3, 8)
+        model(input_ids=tokens, position_ids=positions, labels=tokens).loss.backward()
+    run.finalize()
+    assert len(logix.open(tmp_path / "log")) == 3

@@ -742,3 +742,19 @@ def test_a_manifest_that_is_not_json_raises_log_format_error(finished_log):
     (finished_log / "manifest.json").write_text('{"format": "logix-log", "passes": [')
     with pytest.raises(LogFormatError):
         logix.open(finished_log)
+
+
+def test_an_idle_writer_commits_within_the_interval(tmp_path):
+    """Rows are committed at most commit_interval after they are written, even if no batch follows."""
+    model = tiny_model()
+    run = logix.init(tmp_path / "log", rank="full", commit_interval=0.2)
+    run.watch(model)
+    x, y = batch(3, seed=0)
+    step(run, model, [0, 1, 2], x, y)
+    deadline = time.monotonic() + 10
+    while len(logix.open(tmp_path / "log")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = logix.open(tmp_path / "log")  # no flush, no finalize: the writer committed on its own
+    assert log.ids.tolist() == [0, 1, 2]
+    assert_close(log.gradients("0"), exact(model, x, y)["0"])
+    run.finalize()
