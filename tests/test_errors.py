@@ -542,6 +542,8 @@ def test_good_config_values(tmp_path, rank):
     """The counterpart of the bad values: these are accepted."""
     run = logix.init(tmp_path / "log", rank=rank, dtype="float16", seed=0, on_duplicate="skip", queue_size=1)
     run.finalize()
+    config = logix.open(tmp_path / "log").config
+    assert config.rank == (tuple(rank) if isinstance(rank, list) else rank) and config.dtype == "float16"
 
 
 # -- the user's own exceptions ------------------------------------------------------------------
