@@ -45,9 +45,9 @@ class CovarianceSums:
         """acts (B, T, k_in), delta (B, T, k_out) raw; mask (B, T) or None."""
         if mask is not None:
             delta = delta * mask.unsqueeze(-1)
-            positions = mask.sum()
+            positions = mask.sum()  # stays on the device: no sync
         else:
-            positions = torch.tensor(float(acts.shape[0] * acts.shape[1]), device=acts.device)
+            positions = float(acts.shape[0] * acts.shape[1])
         a = acts.reshape(-1, acts.shape[-1])
         d = delta.reshape(-1, delta.shape[-1])
         entry = self._batch.get(watched.name)
@@ -75,8 +75,8 @@ class CovarianceSums:
             zero = torch.zeros((), dtype=torch.float64, device=a_cov.device)
             self.a_sum[name] += torch.where(ok, a_cov.double(), zero)
             self.s_sum[name] += torch.where(ok, s_cov.double(), zero)
-            self.a_count[name] += torch.where(ok, positions.double(), zero)
-            self.s_count[name] += torch.where(ok, torch.tensor(float(examples), device=a_cov.device).double(), zero)
+            self.a_count[name] += ok.double() * positions
+            self.s_count[name] += ok.double() * examples
             self.skipped[name] += (~ok).double()
         self._batch.clear()
 
