@@ -151,6 +151,7 @@ class Collector:
         self.blocks: dict[str, Tensor] = {}
         self.forwards = 0
         self.masked_calls = 0
+        self._masks: dict = {}
         self.without_grad: set[str] = set()  # watched modules whose output needed no gradient
         self._handles: list = []
         self._active = False
@@ -222,7 +223,10 @@ class Collector:
         if self.mask is None or acts.shape[:-1] != self.mask.shape:
             return None
         self.masked_calls += 1
-        return self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
+        key = (acts.device, acts.dtype)
+        if key not in self._masks:  # converted once per capture, not once per module call
+            self._masks[key] = self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
+        return self._masks[key]
 
     def rows(self) -> Tensor:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""

@@ -147,9 +147,12 @@ class Preconditioner:
         curv = load_curvature(log, preconditioner, damping, damping_factor, names)
         self.parts = [(log.modules[n].columns, curv[n]) for n in names]
         self.dampings = {n: curv[n].damping for n in names}
+        self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
 
     def columns(self, rows: Tensor) -> Tensor:
         """The selected modules' columns of full rows, side by side."""
+        if self._whole_row:
+            return rows
         return torch.cat([rows[:, cols] for cols, _ in self.parts], dim=1)
 
     def apply(self, rows: Tensor) -> Tensor:

@@ -70,8 +70,8 @@ class PassInfo:
 class Log:
     """Read-only view of a log directory, defaulting to its latest pass.
 
-    log.ids, len(log), log.steps, log.flags: the chosen pass's committed rows, in log order.
-    log.gradients(name): float32 tensor (N, k_out, k_in) for one module, flagged rows excluded.
+    log.ids, len(log), log.steps: the chosen pass's valid committed rows, in log order.
+    log.gradients(name): float32 tensor (N, k_out, k_in) for one module, aligned with log.ids.
     log.passes / log.modules: what was logged.
     """
 
