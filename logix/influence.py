@@ -146,7 +146,6 @@ class Preconditioner:
                 raise KeyError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
         curv = load_curvature(log, preconditioner, damping, damping_factor, names)
         self.parts = [(log.modules[n].columns, curv[n]) for n in names]
-        self.dampings = {n: curv[n].damping for n in names}
         self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
 
     def columns(self, rows: Tensor) -> Tensor:
