@@ -4,6 +4,10 @@ It validates ids and mask before the forward, installs the hooks for the block, 
 turns the hooks' blocks into rows of each example's own-loss gradient: the hooks see c * grad
 (loss_i), where c comes from the loss reduction the user names, and the rows are divided by c.
 What happens to the rows is the owner's business (`accept`).
+
+Scaling applied after the loss is computed (gradient accumulation, a loss scaler, DeepSpeed's
+`engine.backward`) is measured rather than declared: `capture.loss(loss)` hooks the loss tensor,
+and the gradient that reaches it during backward multiplies c.
 """
 
 from __future__ import annotations
@@ -61,9 +65,11 @@ def id_kind(ids: list) -> str:
 class Capture:
     """Context manager for one batch; see `Run.capture` for the arguments users pass.
 
-    check(ids) runs before the forward (raise to refuse the batch); accept(ids, rows, factor) gets
-    the (B, D) float32 rows of own-loss gradients after a clean exit; discard() is called when the
-    block raised or the batch was refused after the backward.
+    check(ids) runs before the forward: it raises to refuse the batch, or returns None or a list of
+    booleans, one per example, False for examples to leave out of the rows and the statistics (ids
+    already logged). accept(ids, rows, factor) gets the (B, D) float32 rows of own-loss gradients
+    after a clean exit (rows of left-out examples are zero); discard() is called when the block
+    raised or the batch was refused after the backward.
     """
 
     def __init__(
@@ -76,7 +82,7 @@ class Capture:
         scale: float | Tensor | None,
         scaler: Any,
         accept: Callable[[list, Tensor, float], None],
-        check: Callable[[list], None] = lambda ids: None,
+        check: Callable[[list], list | None] = lambda ids: None,
         observer: Callable | None = None,
         discard: Callable[[], None] = lambda: None,
         keep_rows: bool = True,
@@ -92,18 +98,26 @@ class Capture:
         self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
         self.keep_rows = keep_rows
         self.collector: Collector | None = None
+        self.keep: list[bool] | None = None
+        self.active = False  # between __enter__ and __exit__: adapters find the open capture by it
+        self._backprop_scale: Tensor | None = None
 
     def __enter__(self) -> Capture:
         if self.mask is not None:
             if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
                 shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
                 raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
-        self._check(self.ids)
-        self.collector = Collector(self.watched, mask=self.mask, observer=self._observer, keep_rows=self.keep_rows)
+        self.keep = self._check(self.ids)
+        keep = None if self.keep is None or all(self.keep) else torch.tensor(self.keep)
+        self.collector = Collector(
+            self.watched, mask=self.mask, keep=keep, observer=self._observer, keep_rows=self.keep_rows
+        )
         self.collector.__enter__()
+        self.active = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.active = False
         self.collector.__exit__(exc_type, exc, tb)
         if exc_type is not None:
             self._discard()
@@ -118,10 +132,33 @@ class Capture:
         except BaseException:
             self._discard()
             raise
-        self._accept(self.ids, rows.mul_(1.0 / factor), factor)  # rows is a fresh tensor: scale in place
+        self._accept(self.ids, rows.div_(factor), factor)  # rows is a fresh tensor: scale in place
 
-    def _loss_factor(self, batch: int) -> float:
-        """c such that the backpropagated loss is c * sum_i loss_i."""
+    def loss(self, loss: Tensor) -> Tensor:
+        """Declare the loss that `reduction`/`scale` describe; returns it, for use inline.
+
+        Whatever multiplies it on the way to `.backward()` (dividing by accumulation steps, a
+        GradScaler, `accelerator.backward`, DeepSpeed's `engine.backward`) is then measured during
+        the backward pass and divided out too, so it need not be declared:
+
+            with run.capture(ids) as cap:
+                engine.backward(cap.loss(F.cross_entropy(engine(x), y)))
+        """
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise CaptureError(f"capture.loss expects the scalar loss tensor, got {_describe(loss)}")
+        if not loss.requires_grad:
+            raise CaptureError("capture.loss: this loss needs no gradient (computed under torch.no_grad()?)")
+        if self.scaler is not None:
+            raise ConfigError("pass either scaler= or capture.loss(...), not both: loss() already measures the scaler")
+
+        def record(grad: Tensor) -> None:
+            self._backprop_scale = grad.detach().reshape(()).float()
+
+        loss.register_hook(record)
+        return loss
+
+    def _loss_factor(self, batch: int) -> float | Tensor:
+        """c such that the backpropagated loss is c * sum_i loss_i (a device scalar when measured)."""
         factor = 1.0 / batch if self.reduction == "mean" else 1.0
         if self.scale is not None:
             factor *= float(self.scale)
@@ -129,4 +166,10 @@ class Capture:
             factor *= float(self.scaler.get_scale())
         if factor == 0.0:
             raise CaptureError("the loss scale is zero: the rows would divide by zero")
+        if self._backprop_scale is not None:
+            return self._backprop_scale * factor  # no host sync; a zero shows up as flagged rows
         return factor
+
+
+def _describe(x: Any) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__

@@ -133,20 +133,23 @@ class Collector:
 
     Rows are the raw gradients the backward pass delivered, that is c * grad(loss_i) where c comes
     from the user's loss reduction; the caller divides c out. `observer`, if given, is called as
-    observer(watched, projected_activations, projected_output_grads, mask) for each module call
-    (curvature statistics hook in there).
+    observer(watched, projected_activations, projected_output_grads, mask, examples) for each module
+    call (curvature statistics hook in there). `keep` (B,) bool leaves examples out of both: their
+    rows come out zero and the statistics never see them.
     """
 
     def __init__(
         self,
         watched: list[Watched],
         mask: Tensor | None = None,
+        keep: Tensor | None = None,
         observer: Callable | None = None,
         keep_rows: bool = True,
     ):
         self.watched = watched
         self.keep_rows = keep_rows
         self.mask = mask
+        self.keep = keep
         self.observer = observer
         self.blocks: dict[str, Tensor] = {}
         self.forwards = 0
@@ -187,6 +190,12 @@ class Collector:
                     acts = acts * mask
                     mask = mask.reshape(acts.shape[0], -1)
                 acts = acts.reshape(acts.shape[0], -1, acts.shape[-1])  # (B, T, k_in)
+                examples = acts.shape[0]
+                if self.keep is not None:
+                    keep = self._keep_for(acts)
+                    acts = acts * keep.unsqueeze(-1)
+                    mask = keep if mask is None else mask * keep
+                    examples = keep[:, 0].sum()
             self.forwards += 1
 
             def grad_hook(grad: Tensor) -> None:
@@ -198,7 +207,7 @@ class Collector:
                     if proj_out is not None:
                         delta = delta @ proj_out
                     if self.observer is not None:
-                        self.observer(w, acts, delta, mask)
+                        self.observer(w, acts, delta, mask, examples)
                     if self.keep_rows:
                         block = torch.bmm(delta.transpose(1, 2), acts)
                     else:  # statistics only: remember the batch size, skip the per-example products
@@ -227,6 +236,15 @@ class Collector:
         if key not in self._masks:  # converted once per capture, not once per module call
             self._masks[key] = self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
         return self._masks[key]
+
+    def _keep_for(self, acts: Tensor) -> Tensor:
+        """The (B, T) 0/1 example mask for (B, T, k) activations."""
+        if acts.shape[0] != self.keep.shape[0]:
+            raise CaptureError(
+                f"a watched module saw a batch of {acts.shape[0]} examples, but the capture has {self.keep.shape[0]} ids"
+            )
+        keep = self.keep.to(device=acts.device, dtype=acts.dtype)
+        return keep.unsqueeze(1).expand(acts.shape[0], acts.shape[1])
 
     def rows(self) -> Tensor:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""

@@ -120,6 +120,7 @@ class Run:
         self._session_passes: set[str] = set()
         self._failed_passes: set[str] = set()
         self._closed = False
+        self._last_capture: Capture | None = None
         self._manifest = self._open_or_create()
         self.session = self._manifest["sessions"]
         self._manifest["sessions"] += 1
@@ -225,6 +226,10 @@ class Run:
             else:
                 self._write_modules(modules, offset)
         _warn_if_compiled(model)
+        if type(model).__name__ == "DeepSpeedEngine":
+            from .integrations.deepspeed import attach  # measures engine.backward's loss scaling
+
+            attach(self, model)
         if optimizer is not None:
             self._optimizer_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
@@ -417,7 +422,7 @@ class Run:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
         if self._pass is None:
             self.start_pass()
-        return Capture(
+        self._last_capture = Capture(
             self.watched,
             ids,
             mask=mask,
@@ -429,6 +434,13 @@ class Run:
             observer=self._sums.observe if self._sums is not None else None,
             discard=self._sums.discard_batch if self._sums is not None else lambda: None,
         )
+        return self._last_capture
+
+    @property
+    def active_capture(self) -> Capture | None:
+        """The capture whose block is running now, if any (framework adapters hook its loss)."""
+        cap = self._last_capture
+        return cap if cap is not None and cap.active else None
 
     def _check_batch(self, ids: list) -> None:
         """Refuse a batch before its forward: wrong id kind, or ids repeated within the pass."""

@@ -41,8 +41,8 @@ class CovarianceSums:
         self.skipped: dict[str, Tensor] = {}
         self._batch: dict[str, list] = {}
 
-    def observe(self, watched, acts: Tensor, delta: Tensor, mask: Tensor | None) -> None:
-        """acts (B, T, k_in), delta (B, T, k_out) raw; mask (B, T) or None."""
+    def observe(self, watched, acts: Tensor, delta: Tensor, mask: Tensor | None, examples) -> None:
+        """acts (B, T, k_in), delta (B, T, k_out) raw; mask (B, T) or None; examples counted in S."""
         if mask is not None:
             delta = delta * mask.unsqueeze(-1)
             positions = mask.sum()  # stays on the device: no sync
@@ -53,13 +53,13 @@ class CovarianceSums:
         entry = self._batch.get(watched.name)
         a_cov, s_cov = a.T @ a, d.T @ d
         if entry is None:
-            self._batch[watched.name] = [a_cov, s_cov, positions, acts.shape[0]]
+            self._batch[watched.name] = [a_cov, s_cov, positions, examples]
         else:
             entry[0] = entry[0] + a_cov
             entry[1] = entry[1] + s_cov
             entry[2] = entry[2] + positions
             # examples: a module called twice per forward still sees each example once
-            entry[3] = max(entry[3], acts.shape[0])
+            entry[3] = entry[3] if isinstance(examples, Tensor) else max(entry[3], examples)
 
     def close_batch(self, factor: float) -> None:
         """Fold the batch in, with the loss factor c divided out of S (d enters squared)."""
