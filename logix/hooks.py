@@ -241,7 +241,8 @@ class Collector:
         """The (B, T) 0/1 example mask for (B, T, k) activations."""
         if acts.shape[0] != self.keep.shape[0]:
             raise CaptureError(
-                f"a watched module saw a batch of {acts.shape[0]} examples, but the capture has {self.keep.shape[0]} ids"
+                f"a watched module saw a batch of {acts.shape[0]} examples, "
+                f"but the capture has {self.keep.shape[0]} ids"
             )
         keep = self.keep.to(device=acts.device, dtype=acts.dtype)
         return keep.unsqueeze(1).expand(acts.shape[0], acts.shape[1])

@@ -222,6 +222,15 @@ class TopK(_Saved):
     def __repr__(self) -> str:
         return f"TopK(queries={len(self.query_ids)}, k={self.values.shape[1]})"
 
+    @classmethod
+    def merge(cls, parts: list[TopK], largest: bool = True) -> TopK:
+        """The top-k over all parts (shards of the train rows scored separately for the same queries)."""
+        k = max(part.values.shape[1] for part in parts)
+        values = torch.cat([part.values for part in parts], dim=1)
+        ids = np.concatenate([np.asarray(part.ids) for part in parts], axis=1)
+        values, index = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest)
+        return cls(values, np.take_along_axis(ids, index.numpy(), axis=1), list(parts[0].query_ids))
+
 
 @dataclass
 class Scores(_Saved):
@@ -230,6 +239,12 @@ class Scores(_Saved):
     values: Tensor  # (Q, N) float32
     query_ids: list
     train_ids: np.ndarray
+
+    @classmethod
+    def merge(cls, parts: list[Scores]) -> Scores:
+        """The scores of all parts side by side (shards of the train rows, in shard order)."""
+        values = torch.cat([part.values for part in parts], dim=1)
+        return cls(values, list(parts[0].query_ids), np.concatenate([part.train_ids for part in parts]))
 
     def top_k(self, k: int, largest: bool = True) -> TopK:
         """The k most helpful train ids per query (largest=False: the k most harmful)."""
@@ -252,6 +267,23 @@ class SelfInfluence(_Saved):
         return self.ids[index.numpy()], values
 
 
+def _shard_rows(log, shard) -> tuple[slice | None, int]:
+    """The stored-row range of shard (i, n), and how many valid rows precede it."""
+    if shard is None:
+        return None, 0
+    if (
+        not isinstance(shard, tuple)
+        or len(shard) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        or not 0 <= shard[0] < shard[1]
+    ):
+        raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    stored = len(log.committed_ids)
+    index, count = shard
+    start, stop = stored * index // count, stored * (index + 1) // count
+    return slice(start, stop), int(log._valid()[:start].sum())
+
+
 def score(
     log,
     query,
@@ -265,6 +297,7 @@ def score(
     train_ids=None,
     block_rows: int = 8192,
     progress: bool | None = None,
+    shard: tuple[int, int] | None = None,
 ):
     """Scores (or, with top_k, a streamed TopK) of the query rows against the log's train rows."""
     if mode not in MODES:
@@ -286,12 +319,12 @@ def score(
         train_norms = log.self_influence(preconditioner, damping, damping_factor, modules, progress=progress)
         train_norms = train_norms.values.float().clamp_min(0).sqrt()
     wanted = None if train_ids is None else np.asarray(list(train_ids))
+    rows_range, offset = _shard_rows(log, shard)
 
     kept_ids, kept_scores = [], []
     best_v, best_i = None, None
-    offset = 0
     with _progress(len(log), progress, "scoring") as bar:
-        for block_ids, rows in log.blocks(block_rows=block_rows):
+        for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range):
             bar.update(len(block_ids))
             norms = None
             if train_norms is not None:

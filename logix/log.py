@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .config import Config
-from .errors import LogFormatError
-from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, SelfInfluence, score, self_influence_values
+from .distributed import World
+from .errors import ConfigError, LogFormatError
+from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, Scores, SelfInfluence, score, self_influence_values
 from .query import Query
 from .storage import FLAG_NONFINITE, PROJECTIONS, read_manifest, read_projections
 
@@ -176,22 +177,28 @@ class Log:
         """float32 (N, D): whole rows, each module's block flattened at its offset, aligned with `ids`."""
         return self._read(slice(0, self.width), include_flagged)
 
-    def blocks(self, columns: slice | None = None, block_rows: int = 8192):
+    def blocks(self, columns: slice | None = None, block_rows: int = 8192, rows: slice | None = None):
         """Yield (ids, float32 rows) over the pass's valid rows in order, `block_rows` at a time.
 
-        This is how scoring streams a log larger than memory: one HDF5 read per block.
+        This is how scoring streams a log larger than memory: one HDF5 read per block. `rows`
+        restricts to a range of the pass's stored rows (flagged rows included in the counting).
         """
         if block_rows < 1:
             raise ValueError(f"block_rows must be positive, got {block_rows}")
         p = self._require_pass()
         columns = columns or slice(0, self.width)
         all_ids, all_flags = self._ids[p.name], self._flags[p.name]
+        lo, hi, _ = (rows or slice(None)).indices(len(all_ids))
         offset = 0
         for segment, n in zip(p.segments, self._committed[p.name]):
+            first, last = max(lo - offset, 0), min(hi - offset, n)
+            if first >= last:
+                offset += n
+                continue
             with self._open(segment) as f:
                 grads = f["grads"]
-                for start in range(0, n, block_rows):
-                    end = min(n, start + block_rows)
+                for start in range(first, last, block_rows):
+                    end = min(last, start + block_rows)
                     valid = (all_flags[offset + start : offset + end] & FLAG_NONFINITE) == 0
                     block = grads[start:end, columns].astype(np.float32, copy=False)
                     yield all_ids[offset + start : offset + end][valid], torch.from_numpy(block[valid])
@@ -219,6 +226,8 @@ class Log:
         largest: bool = True,
         modules=None,
         train_ids=None,
+        shard: tuple[int, int] | None = None,
+        across_ranks: bool = False,
         block_rows: int = 8192,
         progress: bool | None = None,
     ):
@@ -228,9 +237,17 @@ class Log:
         streaming, never holding Q x N. preconditioner: identity | raw | kfac | ekfac. damping: an
         absolute lambda (float, or {module: float}); default damping_factor x the mean eigenvalue
         of each module's block. mode: dot | cosine | relative. modules / train_ids: restrict the
-        score to some modules or some train ids. progress: a tqdm bar (default: when on a TTY).
+        score to some modules or some train ids. shard=(i, n): score only the i-th of n equal
+        slices of the train rows (merge the parts with Scores.merge / TopK.merge). across_ranks:
+        under torch.distributed, each rank scores its slice and every rank returns the merged
+        result (every rank must pass the same query). progress: a tqdm bar (default: on a TTY).
         """
-        return score(
+        if across_ranks:
+            if shard is not None:
+                raise ConfigError("pass shard or across_ranks, not both")
+            world = World()
+            shard = (world.rank, world.size)
+        result = score(
             self,
             query,
             preconditioner,
@@ -243,7 +260,14 @@ class Log:
             train_ids,
             block_rows,
             progress,
+            shard,
         )
+        if not across_ranks or not world.distributed:
+            return result
+        parts = world.gather(result)
+        if any(part.query_ids != parts[0].query_ids for part in parts):
+            raise ConfigError("across_ranks: the ranks scored different queries; capture the same query on every rank")
+        return type(result).merge(parts, largest) if top_k is not None else Scores.merge(parts)
 
     def self_influence(
         self,

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from . import __version__
 from .capture import Capture, id_kind
 from .config import Config
-from .errors import CaptureError, ConfigError, DuplicateIdError, ModelMismatchError
+from .distributed import World, reduce_sums
+from .errors import CaptureError, ConfigError, DuplicateIdError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
 from .statistics import CovarianceSums, factors, finalize_pass, save_sums
@@ -45,6 +46,8 @@ from .storage import (
     BackgroundWriter,
     Batch,
     SegmentWriter,
+    committed_ids,
+    pass_segments,
     read_manifest,
     read_projections,
     segment_name,
@@ -65,6 +68,7 @@ def init(
     seed: int = 0,
     statistics: str | Sequence[str] | None = None,
     *,
+    resume: bool = False,
     on_duplicate: str = "error",
     queue_size: int = 16,
     commit_interval: float = 1.0,
@@ -74,23 +78,36 @@ def init(
     statistics: curvature to gather for attribution, "kfac", "ekfac" and/or "raw" (see Config).
     An existing log must have been written with the same rank, dtype, projection, seed and
     statistics.
+    resume: continue the log after a crash or a restart from a checkpoint: captures go on in the
+        latest unfinalized pass (or the one `start_pass` names), in a new segment, and ids that
+        pass already committed are skipped rather than written twice.
     on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
-        row silently (for samplers that pad the last batch with repeats).
+        row silently (for samplers that pad the last batch with repeats). Under torch.distributed,
+        an id another rank already logged in the pass (a distributed sampler's padding) is
+        always skipped.
     queue_size: batches the writer may lag behind before training waits for it.
     commit_interval: seconds between commits; rows are committed at the latest this long after written.
     """
     config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics)
-    return Run(path, config, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval)
+    return Run(
+        path, config, resume=resume, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval
+    )
 
 
 class Run:
-    """An open log being written by this process. Create it with `logix.init`."""
+    """An open log being written by this process. Create it with `logix.init`.
+
+    Under torch.distributed every rank opens the run (same path and config), watches the same
+    modules and captures its own batches into its own segments; rank 0 owns the manifest, and
+    finalize all-reduces the statistics and records every rank's segments.
+    """
 
     def __init__(
         self,
         path: str | Path,
         config: Config,
         *,
+        resume: bool = False,
         on_duplicate: str = "error",
         queue_size: int = 16,
         commit_interval: float = 1.0,
@@ -103,10 +120,12 @@ class Run:
             raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {commit_interval!r}")
         self.path = Path(path)
         self.config = config
+        self.resume = bool(resume)
         self.on_duplicate = on_duplicate
         self.queue_size = queue_size
         self.commit_interval = commit_interval
-        self.rank = 0  # the process rank; set by the distributed integrations
+        self.world = World()
+        self.rank = self.world.rank
         self.step = 0
         self.watched: list[Watched] = []
         self._optimizer_hook = None
@@ -116,15 +135,17 @@ class Run:
         self._new_modules = None
         self._fitting = None
         self._pass: dict | None = None
-        self._seen: set = set()
+        self._seen: set = set()  # ids this rank logged in the pass
+        self._seen_elsewhere: set = set()  # ids other ranks captured in the pass
+        self._committed_before: set = set()  # ids a resumed pass had committed already
+        self._skipped = 0
         self._session_passes: set[str] = set()
         self._failed_passes: set[str] = set()
         self._closed = False
         self._last_capture: Capture | None = None
-        self._manifest = self._open_or_create()
-        self.session = self._manifest["sessions"]
-        self._manifest["sessions"] += 1
-        self._save_manifest()
+        self._check_ranks_agree()
+        self._manifest = self._open_on_rank0()
+        self.session = self._manifest["sessions"] - 1
         _open_runs.add(self)
 
     # -- the log directory -----------------------------------------------------------------------
@@ -157,8 +178,38 @@ class Run:
             "passes": [],
         }
 
+    def _check_ranks_agree(self) -> None:
+        configs = self.world.gather(self.config.to_json())
+        differ = [
+            f"rank {r}: {'; '.join(self.config.differences(Config.from_json(c)))}"
+            for r, c in enumerate(configs)
+            if c != configs[0]
+        ]
+        if differ:
+            raise ConfigError(f"the ranks opened {self.path} with different configs (against rank 0): {differ}")
+
+    def _open_on_rank0(self) -> dict:
+        """Rank 0 opens or creates the log and counts the session; the other ranks get its manifest."""
+        outcome, error = None, None
+        if self.rank == 0:
+            try:
+                manifest = self._open_or_create()
+                manifest["sessions"] += 1
+                write_json_atomic(self.path / MANIFEST, manifest)
+                outcome = manifest
+            except LogixError as e:
+                error = e
+        outcome = self.world.broadcast(outcome if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if isinstance(outcome, str):
+            raise ConfigError(f"rank 0 could not open {self.path}: {outcome}")
+        return outcome
+
     def _save_manifest(self) -> None:
-        write_json_atomic(self.path / MANIFEST, self._manifest)
+        """Rank 0 owns the manifest; the other ranks keep their copy in memory only."""
+        if self.rank == 0:
+            write_json_atomic(self.path / MANIFEST, self._manifest)
 
     # -- choosing what to log ----------------------------------------------------------------------
 
@@ -208,6 +259,16 @@ class Run:
             }
             for w in watched
         ]
+        per_rank = self.world.gather(modules)
+        differ = [r for r, m in enumerate(per_rank) if m != per_rank[0]]
+        if differ:
+            names = [{m["name"] for m in m_list} for m_list in per_rank]
+            raise ModelMismatchError(
+                f"ranks {differ} watch different modules than rank 0 "
+                f"(rank 0 only: {sorted(names[0] - names[differ[0]])[:5]}, "
+                f"rank {differ[0]} only: {sorted(names[differ[0]] - names[0])[:5]}, or different shapes); "
+                "every rank must watch the same model with the same include/exclude"
+            )
         if self._manifest["modules"]:
             if modules != self._manifest["modules"]:
                 logged = {m["name"]: (m["d_out"], m["d_in"]) for m in self._manifest["modules"]}
@@ -236,7 +297,8 @@ class Run:
         return [w.name for w in watched]
 
     def _write_modules(self, modules: list[dict], width: int) -> None:
-        write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
+        if self.rank == 0:
+            write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
         self._manifest["modules"] = modules
         self._manifest["width"] = width
         self._save_manifest()
@@ -265,7 +327,7 @@ class Run:
         self._fitting = (fit_watched, CovarianceSums())
         try:
             yield self
-            sums = self._fitting[1].to_host()
+            sums = reduce_sums(self.world, self._fitting[1].to_host())
         finally:
             self._fitting = None
         for w in self.watched:
@@ -277,6 +339,9 @@ class Run:
                 w.proj_in = principal_directions(a, w.k_in, w.name, "A")
             if fit_out:
                 w.proj_out = principal_directions(s, w.k_out, w.name, "S")
+        fitted = self.world.broadcast({w.name: (w.proj_in, w.proj_out) for w in self.watched})
+        for w in self.watched:  # bit-identical on every rank, whatever each rank's eigh returned
+            w.proj_in, w.proj_out = fitted[w.name]
             w._cache.clear()
         self._pca_pending = {}
         self._write_modules(*self._new_modules)
@@ -301,15 +366,27 @@ class Run:
 
         A pass is an epoch, a segment of training, or a logging pass at a fixed checkpoint; ids
         are unique within it and may repeat across passes. Its metadata (training step, learning
-        rate, checkpoint path, anything JSON-serialisable) is kept in the manifest.
+        rate, checkpoint path, anything JSON-serialisable) is kept in the manifest. With
+        `logix.init(..., resume=True)`, naming an existing unfinalized pass continues it.
+        Under torch.distributed every rank calls this together.
         """
         self._check_open()
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
+        existing = next((p for p in self._manifest["passes"] if p["name"] == name), None)
+        if existing is not None:
+            if not self.resume:
+                raise ConfigError(
+                    f"pass {name!r} already exists in {self.path}; pick a new name, "
+                    "or open the log with logix.init(..., resume=True) to continue it"
+                )
+            if existing["finalized"]:
+                raise ConfigError(f"pass {name!r} in {self.path} is finalized; it cannot be continued")
+            self._end_pass()
+            self._continue_pass(existing)
+            return name
         index = len(self._manifest["passes"])
         name = name if name is not None else f"pass{index}"
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
-        if name in {p["name"] for p in self._manifest["passes"]}:
-            raise ConfigError(f"pass {name!r} already exists in {self.path}; pick a new name")
         meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
         try:
             json.dumps(meta)
@@ -319,39 +396,82 @@ class Run:
         self.step = meta["step"]
         meta["started"] = _now()
         self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
-        self._sums = CovarianceSums() if self.config.factors else None
         self._manifest["passes"].append(self._pass)
-        self._session_passes.add(name)
-        self._seen = set()
-        self._save_manifest()
+        self._begin_pass(set())
         return name
 
-    def _end_pass(self) -> None:
-        """Drain and close the pass's writer; a writer failure leaves the pass unfinalizable."""
-        if self._writer is None:
-            return
-        writer, self._writer = self._writer, None
-        entry = next(s for s in self._pass["segments"] if self.path / s["file"] == writer.segment.path)
-        try:
-            writer.close()
-        except BaseException:
-            self._failed_passes.add(self._pass["name"])
-            raise
-        finally:
-            entry["rows"] = writer.segment.committed_rows
-            self._save_sums()
-            self._save_manifest()
-        segment = writer.segment
-        logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+    def _continue_pass(self, p: dict) -> None:
+        """Resume a pass: adopt segments a crash left out of the manifest, skip ids already committed."""
+        listed = {s["file"] for s in p["segments"]}
+        for entry in pass_segments(self.path, p["index"]):
+            if entry["file"] not in listed and entry["session"] != self.session:
+                p["segments"].append({**entry, "rows": None})
+        committed: set = set()
+        for entry in p["segments"]:
+            if (self.path / entry["file"]).is_file():
+                committed.update(committed_ids(self.path / entry["file"]))
+        self._pass = p
+        self.step = max(self.step, int(p["meta"].get("step") or 0))
+        logger.info("logix: resuming pass %r: %d ids already committed will be skipped", p["name"], len(committed))
+        self._begin_pass(committed)
 
-    def _save_sums(self) -> None:
-        """Keep this session's covariance sums of the pass beside its segment."""
-        if self._sums is None or not self._sums.a_sum:
+    def _begin_pass(self, committed: set) -> None:
+        self._sums = CovarianceSums() if self.config.factors else None
+        self._session_passes.add(self._pass["name"])
+        self._seen, self._seen_elsewhere, self._committed_before = set(), set(), committed
+        self._skipped = 0
+        self._save_manifest()
+
+    def _default_pass(self) -> None:
+        """The pass a capture lands in when none was started: a resumed one, or a new one."""
+        last = self._manifest["passes"][-1] if self._manifest["passes"] else None
+        if self.resume and last is not None and not last["finalized"]:
+            self.start_pass(last["name"])
+        else:
+            self.start_pass()
+
+    def _end_pass(self) -> None:
+        """Drain and close the pass's writer, and keep its statistics; collective across ranks.
+
+        A writer failure leaves the pass unfinalizable (on every rank) and re-raises here.
+        """
+        if self._pass is None:
             return
-        file = f"statistics/p{self._pass['index']:03d}-r{self.rank}-s{self.session:03d}.h5"
-        save_sums(self.path / file, self._sums.to_host())
-        self._pass.setdefault("statistics_parts", []).append(file)
-        self._sums = CovarianceSums()
+        p, error = self._pass, None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            entry = next(s for s in p["segments"] if self.path / s["file"] == writer.segment.path)
+            try:
+                writer.close()
+            except BaseException as e:
+                error = e
+            entry["rows"] = writer.segment.committed_rows
+            segment = writer.segment
+            logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+        if self._skipped:
+            logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._skipped)
+        mine = [s for s in p["segments"] if s["rank"] == self.rank and s["session"] == self.session]
+        report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
+        reports = self.world.gather(report)
+        listed = {s["file"] for s in p["segments"]}
+        for report in reports:
+            p["segments"].extend(s for s in report["segments"] if s["file"] not in listed)
+            if report["failed"]:
+                self._failed_passes.add(p["name"])
+            self._manifest["id_kind"] = self._manifest["id_kind"] or report["id_kind"]
+        p["segments"].sort(key=lambda s: (s["session"], s["rank"]))
+        sums = self._sums.to_host() if self._sums is not None else None
+        if sums is not None and self.world.distributed:
+            sums = reduce_sums(self.world, sums)
+        if sums and self.rank == 0:
+            file = f"statistics/p{p['index']:03d}-r{self.rank}-s{self.session:03d}.h5"
+            save_sums(self.path / file, sums)
+            p.setdefault("statistics_parts", []).append(file)
+        self._sums = None
+        self._pass = None
+        self._save_manifest()
+        if error is not None:
+            raise error
 
     def _check_id_kind(self, ids: list) -> str:
         kind = id_kind(ids)
@@ -361,8 +481,6 @@ class Run:
         return kind
 
     def _writer_for_pass(self, id_kind: str) -> BackgroundWriter:
-        if self._pass is None:
-            self.start_pass()
         self._manifest["id_kind"] = id_kind
         if self._writer is None:
             file = segment_name(self._pass["index"], self.rank, self.session)
@@ -421,7 +539,7 @@ class Run:
         if self._pca_pending:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
         if self._pass is None:
-            self.start_pass()
+            self._default_pass()
         self._last_capture = Capture(
             self.watched,
             ids,
@@ -442,33 +560,46 @@ class Run:
         cap = self._last_capture
         return cap if cap is not None and cap.active else None
 
-    def _check_batch(self, ids: list) -> None:
-        """Refuse a batch before its forward: wrong id kind, or ids repeated within the pass."""
-        self._check_id_kind(ids)
-        if self.on_duplicate == "skip":
-            return
-        if len(set(ids)) != len(ids):
-            dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
-            raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
-        seen = [i for i in ids if i in self._seen]
-        if seen:
-            raise DuplicateIdError(
-                f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
-                "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
-            )
+    def _check_batch(self, ids: list) -> list[bool] | None:
+        """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip.
 
-    def _accept(self, ids: list, rows: Tensor, factor: float, step: int | None) -> None:
-        """Queue a captured batch's rows (with on_duplicate='skip', first sightings only)."""
+        Skipped (left out of rows and statistics): ids a resumed pass had committed, ids another
+        rank logged in this pass or logs in this same step (a distributed sampler's padding; the
+        lower rank keeps it), and, with on_duplicate="skip", ids repeated on this rank.
+        """
+        self._check_id_kind(ids)
+        everyone = self.world.gather(ids)  # one small exchange per step, only under torch.distributed
+        elsewhere = set(self._seen_elsewhere)
+        for r, theirs in enumerate(everyone):
+            if r < self.rank:
+                elsewhere.update(theirs)
+            if r != self.rank:
+                self._seen_elsewhere.update(theirs)
+        if self.on_duplicate == "error":
+            if len(set(ids)) != len(ids):
+                dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
+                raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
+            seen = [i for i in ids if i in self._seen]
+            if seen:
+                raise DuplicateIdError(
+                    f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
+                    "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
+                )
+        keep, here = [], set()
+        for i in ids:
+            keep.append(not (i in self._seen or i in here or i in elsewhere or i in self._committed_before))
+            here.add(i)
+        self._skipped += keep.count(False)
+        return None if all(keep) else keep
+
+    def _accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
+        """Queue a captured batch's rows, leaving out the examples `_check_batch` skipped."""
         if self._sums is not None:
             self._sums.close_batch(factor)
-        if self.on_duplicate == "skip":
-            seen, keep = set(self._seen), []
-            for i in ids:
-                keep.append(i not in seen)
-                seen.add(i)
-            if not all(keep):
-                rows = rows[torch.tensor(keep, device=rows.device)]
-                ids = [i for i, k in zip(ids, keep) if k]
+        keep = self._last_capture.keep if self._last_capture is not None else None
+        if keep is not None:
+            rows = rows[torch.tensor(keep, device=rows.device)]
+            ids = [i for i, k in zip(ids, keep) if k]
         if ids:
             self._write(ids, rows, self.step if step is None else int(step))
             self._seen.update(ids)
@@ -520,12 +651,26 @@ class Run:
         finally:
             try:
                 if finalized:
-                    for p in self._manifest["passes"]:
-                        if p["name"] in self._session_passes - self._failed_passes:
-                            self._finalize_pass(p)
+                    self._finalize_on_rank0()
             finally:
                 self._save_manifest()
                 _open_runs.discard(self)
+
+    def _finalize_on_rank0(self) -> None:
+        """Rank 0 derives the statistics from every rank's segments; the others learn how it went."""
+        error = None
+        if self.rank == 0:
+            try:
+                for p in self._manifest["passes"]:
+                    if p["name"] in self._session_passes - self._failed_passes:
+                        self._finalize_pass(p)
+            except Exception as e:
+                error = e
+        outcome = self.world.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise LogixError(f"rank 0 could not finalize {self.path}: {outcome}")
 
     def _finalize_pass(self, p: dict) -> None:
         """Derive the pass's curvature (if asked) and mark it complete."""
@@ -572,6 +717,7 @@ def _close_open_runs() -> None:
     """Commit what is queued if the user never called finalize (passes stay unfinalized)."""
     for run in list(_open_runs):
         try:
+            run.world = World.alone(run.rank)  # other ranks may be gone: no collectives at exit
             run.close()
         except Exception as e:  # noqa: BLE001 - nothing to raise to at interpreter exit
             logger.error("logix: closing %s at exit failed: %s", run.path, e)

@@ -80,6 +80,26 @@ def segment_name(pass_index: int, rank: int, session: int) -> str:
     return f"{SEGMENTS}/p{pass_index:03d}-r{rank}-s{session:03d}.h5"
 
 
+def pass_segments(root: Path, pass_index: int) -> list[dict]:
+    """The segment files of a pass found on disk, as manifest entries ({file, rank, session})."""
+    found = []
+    for path in sorted((root / SEGMENTS).glob(f"p{pass_index:03d}-r*-s*.h5")):
+        rank, session = path.stem.split("-")[1:]
+        found.append({"file": f"{SEGMENTS}/{path.name}", "rank": int(rank[1:]), "session": int(session[1:])})
+    return found
+
+
+def committed_ids(path: Path) -> list:
+    """The ids of a segment's committed rows (ints or strs); readable while a writer appends."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            n = int(f["committed"][0])
+            ids = f["ids"]
+            return ids[:n].tolist() if ids.dtype.kind in "iu" else ids.asstr()[:n].tolist()
+    except (OSError, KeyError) as e:
+        raise LogFormatError(f"segment {path} cannot be read: {e}") from e
+
+
 def write_projections(path: Path, projections: dict[str, tuple]) -> None:
     """Store each module's (P_in, P_out); a missing side means identity."""
     tmp = path.with_name(path.name + ".tmp")
