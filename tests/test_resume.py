@@ -1,0 +1,145 @@
+"""resume=True: a restarted job continues its pass in a new segment and never logs an id twice;
+skipped examples (already committed, or repeated) stay out of the rows and the statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import logix
+from logix.statistics import load_sums
+from logix.storage import MANIFEST
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+X = torch.randn(40, 5, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(2))
+
+
+def capture(run, net, ids) -> None:
+    ids = list(ids)
+    with run.capture(ids):
+        F.cross_entropy(net(X[ids]), Y[ids]).backward()
+    net.zero_grad()
+
+
+def rows_by_id(log) -> dict:
+    return {int(i): g for i, g in zip(log.ids, log.gradients("2"))}
+
+
+def sums(path) -> dict:
+    manifest = json.loads((path / MANIFEST).read_text())
+    return load_sums([path / f for f in manifest["passes"][0]["statistics_parts"]])
+
+
+def test_resume_continues_the_pass_in_a_new_segment_and_skips_committed_ids(tmp_path):
+    net = model()
+    run = logix.init(tmp_path / "log", rank="full", statistics="kfac")
+    run.watch(net)
+    run.start_pass("epoch0")
+    for start in range(0, 20, 5):
+        capture(run, net, range(start, start + 5))
+    run.close()  # the job stops here without finalizing (a crash or a restart)
+    assert not logix.open(tmp_path / "log").current.finalized
+
+    resumed = logix.init(tmp_path / "log", rank="full", statistics="kfac", resume=True)
+    resumed.watch(net)
+    for start in range(10, 40, 5):  # restarted from an earlier checkpoint: 10..19 come again
+        capture(resumed, net, range(start, start + 5))
+    resumed.finalize()
+
+    log = logix.open(tmp_path / "log")
+    assert [p.name for p in log.passes] == ["epoch0"] and log.current.finalized
+    assert sorted(log.ids.tolist()) == list(range(40))
+    assert len(log.current.segments) == 2
+
+    reference = logix.init(tmp_path / "ref", rank="full", statistics="kfac")
+    reference.watch(net)
+    for start in range(0, 40, 5):
+        capture(reference, net, range(start, start + 5))
+    reference.finalize()
+    expected = rows_by_id(logix.open(tmp_path / "ref"))
+    for i, row in rows_by_id(log).items():
+        torch.testing.assert_close(row, expected[i])
+    # the statistics saw every example exactly once across the two sessions
+    got, want = sums(tmp_path / "log"), sums(tmp_path / "ref")
+    for name in want:
+        for key in ("a_sum", "s_sum", "a_count", "s_count"):
+            torch.testing.assert_close(got[name][key], want[name][key])
+
+
+def test_resume_adopts_a_segment_the_manifest_never_listed(tmp_path):
+    net = model()
+    run = logix.init(tmp_path / "log", rank=3)
+    run.watch(net)
+    capture(run, net, range(0, 8))
+    run.close()
+    manifest = json.loads((tmp_path / "log" / MANIFEST).read_text())
+    manifest["passes"][0]["segments"] = []  # as if the process died before recording its segment
+    (tmp_path / "log" / MANIFEST).write_text(json.dumps(manifest))
+
+    resumed = logix.init(tmp_path / "log", rank=3, resume=True)
+    resumed.watch(net)
+    capture(resumed, net, range(4, 12))
+    resumed.finalize()
+    log = logix.open(tmp_path / "log")
+    assert sorted(log.ids.tolist()) == list(range(12))
+
+
+def test_resume_named_pass_and_refusals(tmp_path):
+    net = model()
+    run = logix.init(tmp_path / "log", rank=3)
+    run.watch(net)
+    run.start_pass("a")
+    capture(run, net, range(5))
+    run.start_pass("b")
+    capture(run, net, range(5))
+    run.close()
+
+    again = logix.init(tmp_path / "log", rank=3)
+    again.watch(net)
+    with pytest.raises(logix.ConfigError, match="resume=True"):
+        again.start_pass("a")
+    again.close()
+
+    resumed = logix.init(tmp_path / "log", rank=3, resume=True)
+    resumed.watch(net)
+    resumed.start_pass("a")
+    capture(resumed, net, range(3, 8))
+    resumed.finalize()  # finalizes "a" only: "b" was not touched by this session
+    log = logix.open(tmp_path / "log")
+    assert sorted(log.select("a").ids.tolist()) == list(range(8))
+    assert log.pass_info("a").finalized and not log.pass_info("b").finalized
+
+    last = logix.init(tmp_path / "log", rank=3, resume=True)
+    last.watch(net)
+    with pytest.raises(logix.ConfigError, match="finalized"):
+        last.start_pass("a")
+    last.close()
+
+
+def test_skipped_repeats_stay_out_of_the_statistics(tmp_path):
+    net = model()
+    run = logix.init(tmp_path / "skip", rank="full", statistics="kfac", on_duplicate="skip")
+    run.watch(net)
+    capture(run, net, range(0, 6))
+    capture(run, net, [4, 5, 6, 7, 7, 8])  # 4, 5 logged before; 7 twice in the batch
+    run.finalize()
+    plain = logix.init(tmp_path / "plain", rank="full", statistics="kfac")
+    plain.watch(net)
+    capture(plain, net, range(0, 6))
+    capture(plain, net, [6, 7, 8])
+    plain.finalize()
+    assert logix.open(tmp_path / "skip").ids.tolist() == list(range(9))
+    got, want = sums(tmp_path / "skip"), sums(tmp_path / "plain")
+    for name in want:
+        for key in ("a_sum", "s_sum", "a_count", "s_count"):
+            torch.testing.assert_close(got[name][key], want[name][key])
