@@ -9,12 +9,13 @@ initialised) is the world of one, where every exchange is a no-op.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import LogixError
+from .errors import ConfigError, LogixError
 
 
 class World:
@@ -24,6 +25,14 @@ class World:
         self.size = 1
         self.rank = 0
         self._group = None
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError(
+                f"this process was launched as one of {launched} (WORLD_SIZE) but torch.distributed is not "
+                "initialised yet: create the Accelerator / call init_process_group before logix.init, so that "
+                "the ranks share one log instead of overwriting each other's manifest "
+                "(or pass distributed=False to log from this process alone)"
+            )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.size = dist.get_world_size()
             self.rank = dist.get_rank()
@@ -31,8 +40,8 @@ class World:
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     @classmethod
-    def alone(cls, rank: int) -> World:
-        """This rank on its own, exchanging nothing (for closing at interpreter exit)."""
+    def alone(cls, rank: int = 0) -> World:
+        """This process on its own, exchanging nothing (distributed=False, or closing at exit)."""
         world = cls.__new__(cls)
         world.size, world.rank, world._group = 1, rank, None
         return world

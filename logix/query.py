@@ -51,6 +51,8 @@ class Query:
         self.watched = watched
         self._rows: list[Tensor] = []
         self._ids: list = []
+        self._last_capture: Capture | None = None
+        self._closed = False
 
     def __enter__(self) -> Query:
         return self
@@ -68,7 +70,7 @@ class Query:
         scaler: Any = None,
     ) -> Capture:
         """Capture query examples' gradients; same arguments and loss conventions as Run.capture."""
-        return Capture(
+        self._last_capture = Capture(
             self.watched,
             ids,
             mask=mask,
@@ -77,6 +79,13 @@ class Query:
             scaler=scaler,
             accept=self._accept,
         )
+        return self._last_capture
+
+    @property
+    def active_capture(self) -> Capture | None:
+        """The capture whose block is running now, if any (framework adapters hook its loss)."""
+        cap = self._last_capture
+        return cap if cap is not None and cap.active else None
 
     def _accept(self, ids: list, rows: Tensor, factor: float) -> None:
         finite = torch.isfinite(rows).all(dim=1)

@@ -69,6 +69,7 @@ def init(
     statistics: str | Sequence[str] | None = None,
     *,
     resume: bool = False,
+    distributed: bool | None = None,
     on_duplicate: str = "error",
     queue_size: int = 16,
     commit_interval: float = 1.0,
@@ -81,16 +82,24 @@ def init(
     resume: continue the log after a crash or a restart from a checkpoint: captures go on in the
         latest unfinalized pass (or the one `start_pass` names), in a new segment, and ids that
         pass already committed are skipped rather than written twice.
+    distributed: None (default) logs with every rank of torch.distributed when it is initialised
+        (call logix.init on every rank, after init_process_group); False logs from this process
+        alone, as rank 0 of its own log (e.g. a logging pass run on one rank only).
     on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
         row silently (for samplers that pad the last batch with repeats). Under torch.distributed,
-        an id another rank already logged in the pass (a distributed sampler's padding) is
-        always skipped.
+        repeats are always skipped: DDP's and Accelerate's samplers pad the last batches with them.
     queue_size: batches the writer may lag behind before training waits for it.
     commit_interval: seconds between commits; rows are committed at the latest this long after written.
     """
     config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics)
     return Run(
-        path, config, resume=resume, on_duplicate=on_duplicate, queue_size=queue_size, commit_interval=commit_interval
+        path,
+        config,
+        resume=resume,
+        distributed=distributed,
+        on_duplicate=on_duplicate,
+        queue_size=queue_size,
+        commit_interval=commit_interval,
     )
 
 
@@ -108,6 +117,7 @@ class Run:
         config: Config,
         *,
         resume: bool = False,
+        distributed: bool | None = None,
         on_duplicate: str = "error",
         queue_size: int = 16,
         commit_interval: float = 1.0,
@@ -124,7 +134,11 @@ class Run:
         self.on_duplicate = on_duplicate
         self.queue_size = queue_size
         self.commit_interval = commit_interval
-        self.world = World()
+        if distributed not in (None, True, False):
+            raise ConfigError(f"distributed must be None, True or False, got {distributed!r}")
+        self.world = World.alone() if distributed is False else World()
+        if distributed and not self.world.distributed:
+            raise ConfigError("distributed=True but torch.distributed is not initialised with more than one rank")
         self.rank = self.world.rank
         self.step = 0
         self.watched: list[Watched] = []
@@ -292,7 +306,7 @@ class Run:
 
             attach(self, model)
         if optimizer is not None:
-            self._optimizer_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
+            self._optimizer_hook = _torch_optimizer(optimizer).register_step_post_hook(self._on_optimizer_step)
         logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
         return [w.name for w in watched]
 
@@ -449,6 +463,16 @@ class Run:
             segment = writer.segment
             logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
         if self._skipped:
+            logged = len(self._seen)
+            if self.world.distributed and self._skipped > max(logged // 2, 64):
+                logger.warning(
+                    "logix: pass %r: rank %d skipped %d ids already logged in the pass and logged %d; "
+                    "a new epoch needs run.start_pass()",
+                    p["name"],
+                    self.rank,
+                    self._skipped,
+                    logged,
+                )
             logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._skipped)
         mine = [s for s in p["segments"] if s["rank"] == self.rank and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
@@ -563,9 +587,10 @@ class Run:
     def _check_batch(self, ids: list) -> list[bool] | None:
         """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip.
 
-        Skipped (left out of rows and statistics): ids a resumed pass had committed, ids another
-        rank logged in this pass or logs in this same step (a distributed sampler's padding; the
-        lower rank keeps it), and, with on_duplicate="skip", ids repeated on this rank.
+        Skipped (left out of rows and statistics): ids a resumed pass had committed, and ids
+        repeated within the pass when on_duplicate="skip" or under torch.distributed, where the
+        samplers of DDP and Accelerate repeat a few examples to even out the last batches (when
+        two ranks get the same id in one step, the lower rank keeps it).
         """
         self._check_id_kind(ids)
         everyone = self.world.gather(ids)  # one small exchange per step, only under torch.distributed
@@ -575,7 +600,7 @@ class Run:
                 elsewhere.update(theirs)
             if r != self.rank:
                 self._seen_elsewhere.update(theirs)
-        if self.on_duplicate == "error":
+        if self.on_duplicate == "error" and not self.world.distributed:  # samplers pad with repeats there
             if len(set(ids)) != len(ids):
                 dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
                 raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
@@ -655,6 +680,7 @@ class Run:
             finally:
                 self._save_manifest()
                 _open_runs.discard(self)
+                self.world.barrier()  # no rank returns before rank 0 has written the final manifest
 
     def _finalize_on_rank0(self) -> None:
         """Rank 0 derives the statistics from every rank's segments; the others learn how it went."""
@@ -692,6 +718,16 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's or DeepSpeed's wrapper (whose step calls its step)."""
+    inner = optimizer
+    while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_post_hooks"):
+        raise ConfigError(f"watch(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return inner
 
 
 def _warn_if_compiled(model: nn.Module) -> None:

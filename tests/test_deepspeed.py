@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import exact_gradients
-from logix.integrations.deepspeed import attach, detach
 from torch import nn
 
 import logix
 from logix import kinds
+from logix.integrations.deepspeed import attach, detach
 
 if "deepspeed" not in sys.modules:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

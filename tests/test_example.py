@@ -44,3 +44,22 @@ def test_digits_example_runs_logs_and_attributes(tmp_path):
     assert sorted(log.ids.tolist()) == list(range(1297))
     assert log.gradients("0").shape == (1297, 8, 8)
     assert len(log.self_influence("ekfac").values) == 1297  # EK-FAC statistics were gathered
+
+
+def test_ddp_digits_example_on_two_processes(tmp_path):
+    """examples/ddp_digits.py under torchrun: two ranks, one log that reads as if one process wrote it."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        + [str(ROOT / "examples" / "ddp_digits.py"), "--out", str(out), "--epochs", "2", "--rank", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1297 rows in the last pass from ranks [0, 1]" in result.stdout
+    assert result.stdout.count("most helpful training digits [") == 3
+    caught, top = map(int, re.search(r"top 10% by self-influence: (\d+) of (\d+)", result.stdout).groups())
+    assert top == 129 and caught / top > 0.3
+    log = logix.open(out)
+    assert sorted(log.ids.tolist()) == list(range(1297)) and log.current.finalized
