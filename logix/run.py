@@ -249,7 +249,13 @@ class Run:
         stored = read_projections(self.path / PROJECTIONS) if self._manifest["modules"] else {}
         watched, offset = [], 0
         for name, module, kind in chosen:
-            d_in, d_out = kind.dims(module)
+            try:
+                d_in, d_out = kind.dims(module)
+            except (AttributeError, IndexError, TypeError, ValueError) as e:
+                raise ConfigError(
+                    f"cannot read the dimensions of module {name!r} ({kind.name}): {e}; if its weights are "
+                    "partitioned (DeepSpeed ZeRO-3), watch the model before deepspeed.initialize, or exclude it"
+                ) from e
             k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
             if name in stored:
                 p_in, p_out = stored[name]
