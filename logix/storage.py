@@ -127,9 +127,15 @@ class SegmentWriter:
     """Appends rows to one segment file; owned by exactly one thread at a time."""
 
     def __init__(self, path: Path, width: int, dtype: str, id_kind: str, attrs: dict):
+        """Build the file under a temporary name and rename it once it is in SWMR mode, so that a
+        crash at any moment leaves either no segment or a well-formed one."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(path, "x", libver="latest")
+        if path.exists():
+            raise FileExistsError(f"segment {path} exists already")
+        building = path.with_name(f".{path.name}.building")
+        building.unlink(missing_ok=True)  # left by a crash during an earlier creation
+        self.file = h5py.File(building, "x", libver="latest")
         self.file.attrs.update(attrs)
         itemsize = np.dtype(dtype).itemsize
         chunk_rows = int(max(1, min(4096, (1 << 20) // (width * itemsize))))
@@ -145,6 +151,8 @@ class SegmentWriter:
         self.step = column("step", "i8")
         self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
         self.file.swmr_mode = True
+        self.file.flush()
+        os.replace(building, path)
         self.rows = 0
         self.committed_rows = 0
         self.nonfinite = 0
