@@ -406,6 +406,22 @@ def test_two_processes_rows_exact(tmp_path):
     assert_rows_exact(log, gpt2(), LMData(13))
 
 
+@pytest.mark.skipif(not __import__("os").environ.get("LOGIX_SLOW_TESTS"), reason="~20 s; set LOGIX_SLOW_TESTS=1")
+def test_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_gpt2.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "ex")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generated: 'the lazy cat' -> ' chases" in result.stdout
+    assert result.stdout.count("  id ") == 8
+    assert [p.name for p in logix.open(tmp_path / "ex").passes] == ["epoch0", "epoch1"]
+
+
 # -- bf16 ---------------------------------------------------------------------------------------------------
 
 
@@ -559,7 +575,15 @@ def test_a_loss_the_callback_cannot_explain_is_refused(tmp_path):
 
 class Stream(IterableDataset):
     def __iter__(self):
-        return iter(LMData().items)
+        return iter(LMData(id_offset=500).items)
+
+
+def test_iterable_dataset_with_an_id_column(tmp_path):
+    model = gpt2()
+    cb = LogIXCallback(tmp_path / "l", rank=4, statistics=None, id_column="doc_id")
+    args = targs(tmp_path, max_steps=3, remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=Stream(), callbacks=[cb]).train()
+    assert sorted(logix.open(tmp_path / "l").ids.tolist()) == list(range(500, 500 + N))
 
 
 def test_iterable_dataset_needs_an_id_column(tmp_path):
