@@ -160,14 +160,18 @@ class Capture:
     def _loss_factor(self, batch: int) -> float | Tensor:
         """c such that the backpropagated loss is c * sum_i loss_i (a device scalar when measured)."""
         factor = 1.0 / batch if self.reduction == "mean" else 1.0
-        if self.scale is not None:
+        device_scale = None  # a scale on the GPU stays there: reading it would sync every step
+        if isinstance(self.scale, Tensor) and self.scale.device.type != "cpu":
+            device_scale = self.scale.detach().reshape(()).float()
+        elif self.scale is not None:
             factor *= float(self.scale)
         if self.scaler is not None:
             factor *= float(self.scaler.get_scale())
         if factor == 0.0:
             raise CaptureError("the loss scale is zero: the rows would divide by zero")
-        if self._backprop_scale is not None:
-            return self._backprop_scale * factor  # no host sync; a zero shows up as flagged rows
+        for measured in (device_scale, self._backprop_scale):
+            if measured is not None:  # no host sync; a zero shows up as flagged rows
+                factor = measured * factor
         return factor
 
 
