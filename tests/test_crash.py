@@ -1,0 +1,371 @@
+"""Crash safety and concurrent reading, for real: jobs that log are killed with SIGKILL at random
+moments (during startup, logging, pass switches and finalize), and a second process reads and
+scores the log while a job is still writing it.
+
+The jobs are tests/crash_worker.py, forked from a server that has imported torch once (an import
+costs seconds on a loaded CI machine; a fork costs milliseconds), so each test kills many real
+processes well within its time budget. The row of id i depends only on i, so every committed row
+is compared with the row a clean run wrote for that id. Set LOGIX_CRASH_SEED to replay a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import logix
+from logix.statistics import load_sums
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import crash_worker  # noqa: E402
+
+N_IDS, PASSES = crash_worker.DEFAULTS["ids"], crash_worker.DEFAULTS["passes"]
+ALL_PASSES = [f"p{p}" for p in range(PASSES)]
+SEED = int(os.environ.get("LOGIX_CRASH_SEED", random.SystemRandom().randrange(2**31)))
+
+
+class ForkServer:
+    """Drives `crash_worker.py --serve`: start jobs, watch their progress lines, kill, reap."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "crash_worker.py"), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.jobs = 0
+        self.running: list[Job] = []
+
+    def _ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
+        return answer.strip()
+
+    def start(self, path: Path, **options) -> Job:
+        self.jobs += 1
+        out = self.workdir / f"job{self.jobs}.out"
+        answer = self._ask(json.dumps({"path": str(path), "out": str(out), **options}))
+        assert answer.startswith("pid "), answer
+        job = Job(self, int(answer.split()[1]), out)
+        self.running.append(job)
+        return job
+
+    def close(self) -> None:
+        for job in self.running:  # a job a failed test left behind
+            if job.status is None:
+                job.kill()
+                job.wait()
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class Job:
+    def __init__(self, server: ForkServer, pid: int, out: Path):
+        self.server, self.pid, self.out = server, pid, out
+        self.started = time.monotonic()
+        self.status: int | None = None
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines() if self.out.exists() else []
+
+    def wait_for(self, prefix: str, timeout: float = 20.0) -> bool:
+        """Poll until the job printed a line starting with `prefix`; False if it ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.lines()
+            if any(line.startswith(prefix) for line in lines):
+                return True
+            if "done" in lines or any("Traceback" in line for line in lines):
+                return False
+            time.sleep(0.0005)
+        raise AssertionError(f"job {self.pid} printed no {prefix!r} within {timeout} s:\n{self.out.read_text()}")
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)  # a zombie (job already over) takes it silently
+
+    def wait(self) -> int:
+        if self.status is None:
+            self.status = int(self.server._ask(f"wait {self.pid}").split()[1])
+        return self.status
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Let the job run to its end; it must succeed."""
+        deadline = time.monotonic() + timeout
+        while not any(line == "done" or "Traceback" in line for line in self.lines()):
+            if time.monotonic() > deadline:
+                self.kill()
+                break
+            time.sleep(0.01)
+        status = self.wait()
+        assert status == 0, f"job {self.pid} failed (status {status}):\n{self.out.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ForkServer(tmp_path_factory.mktemp("jobs"))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory) -> dict:
+    """{id: row} from a clean run of the same job (every pass writes the same rows)."""
+    path = tmp_path_factory.mktemp("reference") / "log"
+    server.start(path).finish()
+    log = logix.open(path)
+    assert [p.name for p in log.passes] == ALL_PASSES and all(p.finalized for p in log.passes)
+    rows = {}
+    for name in ALL_PASSES:
+        part = log.select(name)
+        assert sorted(part.ids.tolist()) == list(range(N_IDS))
+        got = dict(zip(part.ids.tolist(), part.rows().numpy()))
+        for i, row in got.items():
+            assert np.any(row != 0), f"reference row {i} is zero"
+            if i in rows:
+                np.testing.assert_array_equal(row, rows[i])  # the job is deterministic
+        rows.update(got)
+    return rows
+
+
+def check_committed(path: Path, reference: dict, context: str) -> dict[str, int]:
+    """Every committed row of every pass equals its reference row, no id twice in a pass;
+    returns the committed rows per pass."""
+    log = logix.open(path)
+    counts = {}
+    for info in log.passes:
+        part = log.select(info.name)
+        ids = part.committed_ids.tolist()
+        assert len(ids) == len(set(ids)), f"{context}: pass {info.name} holds an id twice"
+        assert info.rows == part.current.rows == len(ids) == len(part), f"{context}: pass {info.name} counts"
+        assert f"rows={len(ids)}" in repr(part), f"{context}: {part!r}"
+        assert set(ids) <= set(reference), f"{context}: unknown ids in pass {info.name}"
+        rows = part.rows(include_flagged=True).numpy()
+        assert rows.shape == (len(ids), log.width)
+        for i, row in zip(ids, rows):
+            if not np.array_equal(row, reference[i]):
+                raise AssertionError(f"{context}: pass {info.name}, id {i}: row {row} != reference {reference[i]}")
+        if info.finalized:
+            assert sorted(ids) == list(range(N_IDS)), f"{context}: pass {info.name} is finalized but incomplete"
+        counts[info.name] = len(ids)
+    return counts
+
+
+def check_complete(path: Path, reference: dict, context: str) -> None:
+    counts = check_committed(path, reference, context)
+    log = logix.open(path)
+    assert [p.name for p in log.passes] == ALL_PASSES, context
+    assert all(p.finalized for p in log.passes), f"{context}: {log.passes}"
+    assert counts == {name: N_IDS for name in ALL_PASSES}, f"{context}: {counts}"
+
+
+PHASES = ("startup", "logging", "pass", "finalize")
+
+
+def test_sigkill_at_random_moments_leaves_committed_rows_intact_and_resume_completes(server, reference, tmp_path):
+    rng = random.Random(SEED)
+    started = time.monotonic()
+    logs, kills, cycles, log_index = [], 0, 0, 0
+    path = tmp_path / "log0"
+    previous: dict[str, int] = {}
+    history = []  # what happened in each cycle, for the failure messages
+    while cycles < 12 or kills < 10:
+        assert time.monotonic() - started < 45, f"too slow: {cycles} cycles, {kills} kills (seed {SEED})"
+        cycles += 1
+        phase = PHASES[cycles % len(PHASES)] if cycles <= len(PHASES) else rng.choice(PHASES)
+        job = server.start(path, delay=0.003)
+        reached = True
+        if phase == "startup":
+            time.sleep(rng.uniform(0, 0.03))
+        elif phase == "logging":
+            reached = job.wait_for("logging")
+            time.sleep(rng.uniform(0, 0.5))
+        elif phase == "pass":
+            reached = job.wait_for(f"pass p{rng.randrange(1, PASSES)}")
+            time.sleep(rng.uniform(0, 0.004))
+        else:
+            reached = job.wait_for("finalizing")
+            time.sleep(rng.uniform(0, 0.01))
+        job.kill()
+        status = job.wait()
+        lines = job.lines()
+        context = f"seed {SEED}, cycle {cycles} ({phase}), {path.name}, job said {lines}, history {history}"
+        assert status in (0, -signal.SIGKILL), f"{context}: status {status}\n{job.out.read_text()}"
+        history.append((phase, status, lines[-1] if lines else None))
+        if status == 0:  # the job ended before the kill: the log is complete
+            assert reached, context
+            check_complete(path, reference, context)
+            logs.append(path)
+            log_index += 1
+            path, previous = tmp_path / f"log{log_index}", {}
+            continue
+        kills += 1
+        if not (path / "manifest.json").exists():
+            # killed before the log existed: nothing was committed, so nothing may be there but
+            # the directory and (see test_a_kill_during_the_first_manifest_write...) temp files
+            assert "logging" not in lines, context
+            leftovers = [p.name for p in path.iterdir()] if path.exists() else []
+            assert all(name.startswith(".") for name in leftovers), f"{context}: {leftovers}"
+            if leftovers:  # start over elsewhere until that case is fixed (the xfail test below)
+                log_index += 1
+                path, previous = tmp_path / f"log{log_index}", {}
+            continue
+        counts = check_committed(path, reference, context)
+        for name, n in previous.items():  # committed rows are never lost
+            assert counts.get(name, 0) >= n, f"{context}: pass {name} had {n} rows, now {counts.get(name, 0)}"
+        previous = counts
+        log = logix.open(path)
+        if "finalizing" not in lines:
+            assert not any(p.finalized for p in log.passes), f"{context}: {log.passes}"
+    # the last log: a resumed job completes it
+    job = server.start(path)
+    job.finish()
+    check_complete(path, reference, f"seed {SEED}, the resumed run after {history}")
+    logs.append(path)
+    segments = sum(len(p.segments) for p in logix.open(path).passes)
+    print(
+        f"seed {SEED}: {cycles} cycles, {kills} kills, {len(logs)} logs completed, "
+        f"{time.monotonic() - started:.1f} s; last log: {segments} segments, history {history}"
+    )
+    assert kills >= 10
+
+
+def test_consecutive_kills_in_every_pass_then_resume(server, reference, tmp_path):
+    """Kill, resume, kill, ...: each job is killed in the middle of a pass; the segments add up."""
+    rng = random.Random(SEED + 1)
+    path = tmp_path / "log"
+    previous = {}
+    for k in range(6):
+        job = server.start(path, delay=0.004)
+        assert job.wait_for("logging")
+        time.sleep(rng.uniform(0.05, 0.25))
+        job.kill()
+        assert job.wait() == -signal.SIGKILL, job.out.read_text()
+        counts = check_committed(path, reference, f"seed {SEED}, kill {k}")
+        assert all(counts.get(name, 0) >= n for name, n in previous.items()), (previous, counts)
+        assert not any(p.finalized for p in logix.open(path).passes)
+        previous = counts
+    server.start(path).finish()
+    check_complete(path, reference, f"seed {SEED}, after 6 kills")
+    log = logix.open(path)
+    assert sum(len(p.segments) for p in log.passes) > PASSES  # the killed sessions' segments stay
+
+
+def test_a_second_process_reads_and_scores_committed_rows_while_training_writes(server, reference, tmp_path):
+    path = tmp_path / "log"
+    job = server.start(path, delay=0.03)  # about 3 s of logging, committed every 0.02 s
+    net, x, y = crash_worker.build(N_IDS)
+    query_ids = [3, 100, 200]
+    ref_rows = torch.from_numpy(np.stack([reference[i] for i in range(N_IDS)]))
+    seen: dict[str, int] = {}
+    held = None  # one Log kept open and refreshed, beside fresh opens
+    reads = partial_reads = scored = 0
+    complete: set[str] = set()
+    deadline = time.monotonic() + 30
+    while "done" not in job.lines():
+        assert time.monotonic() < deadline, job.out.read_text()
+        assert not any("Traceback" in line for line in job.lines()), job.out.read_text()
+        if not (path / "manifest.json").exists():
+            time.sleep(0.005)
+            continue
+        log = logix.open(path)
+        if held is None:
+            held = log
+        else:
+            held.refresh()
+            for info in held.passes:
+                assert info.rows >= seen.get(info.name, 0)
+        for info in log.passes:
+            if info.name in complete:
+                continue  # read in full once; check_complete reads it again at the end
+            part = log.select(info.name)
+            ids = part.ids.tolist()  # select() opens a newer snapshot than `log`: use its own PassInfo
+            assert len(ids) == len(set(ids)) and part.current.rows == len(ids)
+            assert len(ids) >= seen.get(info.name, 0), f"pass {info.name}: {seen} then {len(ids)} rows"
+            seen[info.name] = len(ids)
+            rows = part.rows()
+            assert torch.equal(rows, ref_rows[ids]), f"pass {info.name}: a row read differs from its reference"
+            assert bool((rows != 0).any(dim=1).all()), "a zero row was read"
+            for module in part.modules.values():  # the per-module view agrees
+                blocks = part.gradients(module.name)
+                assert torch.equal(blocks.reshape(len(ids), module.width), rows[:, module.columns])
+            reads += 1
+            partial_reads += 0 < len(ids) < N_IDS
+            if len(ids) == N_IDS:
+                complete.add(info.name)
+        if log.current is not None and len(log) > 0:
+            q = log.query(net)
+            with q.capture(query_ids):
+                F.cross_entropy(net(x[query_ids]), y[query_ids]).backward()
+            net.zero_grad()
+            scores = log.influence(q, "identity")
+            train = scores.train_ids.tolist()
+            assert train == log.ids.tolist()
+            want = q.rows.double() @ ref_rows[train].double().T
+            # (not torch.testing.assert_close: its first call imports sympy, seconds the writer won't wait)
+            assert torch.allclose(scores.values.double(), want, rtol=1e-4, atol=1e-5), (scores.values, want)
+            scored += 1
+    job.finish()
+    check_complete(path, reference, "the concurrently read log")
+    print(f"{reads} pass reads ({partial_reads} of a pass being written), {scored} scorings")
+    assert partial_reads >= 3 and scored >= 3, (reads, partial_reads, scored)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="logix.run.Run._open_or_create: a SIGKILL during the first manifest write leaves "
+    ".manifest.json.*.tmp, and init refuses the directory as 'not empty and not a logix log'",
+)
+def test_a_kill_during_the_first_manifest_write_does_not_block_resume(tmp_path):
+    path = tmp_path / "log"
+    path.mkdir()
+    # exactly what write_json_atomic leaves when killed between mkstemp and os.replace
+    (path / ".manifest.json.k2x8q1.tmp").write_text('{"format": "logix-log", "sche')
+    net, x, y = crash_worker.build(16)
+    run = logix.init(path, rank=4, resume=True)
+    run.watch(net)
+    with run.capture(list(range(16))):
+        F.cross_entropy(net(x), y).backward()
+    run.finalize()
+    assert len(logix.open(path)) == 16
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="K-FAC sums are saved only when a pass ends (Run._end_pass): a SIGKILL loses the sums of "
+    "the rows committed before it, and the resumed pass skips those rows, so its statistics miss them "
+    "(or, when every row was committed, finalize raises StatisticsError)",
+)
+@pytest.mark.parametrize("pause_at", [N_IDS // 16, N_IDS // 8], ids=["half-committed", "all-committed"])
+def test_statistics_of_a_resumed_pass_cover_the_rows_committed_before_the_kill(server, tmp_path, pause_at):
+    path = tmp_path / "log"
+    job = server.start(path, passes=1, statistics="kfac", pause_at=pause_at, hold=30)
+    assert job.wait_for("paused")  # pause_at batches of 8 are committed; the job sleeps
+    job.kill()
+    assert job.wait() == -signal.SIGKILL
+    assert len(logix.open(path)) == pause_at * 8
+    job = server.start(path, passes=1, statistics="kfac")
+    job.finish()  # the resumed job logs the rest and finalizes
+    assert logix.open(path).current.finalized
+    manifest = json.loads((path / "manifest.json").read_text())
+    sums = load_sums([path / f for f in manifest["passes"][0].get("statistics_parts", [])])
+    assert sums, "no statistics"
+    for name, values in sums.items():
+        assert float(values["s_count"]) == N_IDS, (name, float(values["s_count"]))
