@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -58,6 +59,7 @@ from .storage import (
 logger = logging.getLogger("logix")
 
 _open_runs: weakref.WeakSet = weakref.WeakSet()
+STATISTICS_CHECKPOINT = 60.0  # seconds between saves of an open pass's statistics (crash safety)
 
 
 def init(
@@ -430,13 +432,24 @@ class Run:
         for entry in p["segments"]:
             if (self.path / entry["file"]).is_file():
                 committed.update(committed_ids(self.path / entry["file"]))
+        self._adopt_partial_sums(p)
         self._pass = p
         self.step = max(self.step, int(p["meta"].get("step") or 0))
         logger.info("logix: resuming pass %r: %d ids already committed will be skipped", p["name"], len(committed))
         self._begin_pass(committed)
 
+    def _adopt_partial_sums(self, p: dict) -> None:
+        """Count the statistics a crashed session checkpointed, unless its final sums are listed."""
+        parts = p.setdefault("statistics_parts", [])
+        finished = {_session_of(f) for f in parts}
+        for file in sorted((self.path / "statistics").glob(f"p{p['index']:03d}-r*-s*.partial.h5")):
+            name = f"statistics/{file.name}"
+            if _session_of(name) not in finished and _session_of(name) != self.session and name not in parts:
+                parts.append(name)
+
     def _begin_pass(self, committed: set) -> None:
         self._sums = CovarianceSums() if self.config.factors else None
+        self._sums_saved = time.monotonic()
         self._session_passes.add(self._pass["name"])
         self._seen, self._seen_elsewhere, self._committed_before = set(), set(), committed
         self._skipped = 0
@@ -500,8 +513,25 @@ class Run:
         self._sums = None
         self._pass = None
         self._save_manifest()
+        self._partial_sums_file(p).unlink(missing_ok=True)  # the final sums are listed now
         if error is not None:
             raise error
+
+    def _partial_sums_file(self, p: dict) -> Path:
+        return self.path / f"statistics/p{p['index']:03d}-r{self.rank}-s{self.session:03d}.partial.h5"
+
+    def _checkpoint_sums(self) -> None:
+        """Save this rank's statistics of the open pass so far, in step with the committed rows.
+
+        A resumed run counts them when this process dies before the pass ends; only what came in
+        since the last checkpoint (at most STATISTICS_CHECKPOINT seconds of training) is lost.
+        """
+        if self._sums is None or not self._sums.a_sum:
+            return
+        if self._writer is not None:
+            self._writer.flush()  # the rows these statistics saw are committed before they are saved
+        save_sums(self._partial_sums_file(self._pass), self._sums.to_host())
+        self._sums_saved = time.monotonic()
 
     def _check_id_kind(self, ids: list) -> str:
         kind = id_kind(ids)
@@ -634,6 +664,8 @@ class Run:
         if ids:
             self._write(ids, rows, self.step if step is None else int(step))
             self._seen.update(ids)
+        if self._sums is not None and time.monotonic() - self._sums_saved > STATISTICS_CHECKPOINT:
+            self._checkpoint_sums()
         if self._optimizer_hook is None and step is None:
             self.step += 1
 
@@ -658,10 +690,13 @@ class Run:
     # -- the end -------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wait until every captured row is written and committed (the pass stays open)."""
+        """Wait until every captured row is written and committed, and checkpoint the pass's statistics
+        (the pass stays open)."""
         self._check_open()
         if self._writer is not None:
             self._writer.flush()
+        if self._pass is not None:
+            self._checkpoint_sums()
 
     def finalize(self) -> None:
         """Write out every row and mark this session's passes complete. Idempotent."""
@@ -724,6 +759,11 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
+
+
+def _session_of(file: str) -> int:
+    """The session number in a statistics file name (p000-r0-s003.h5 -> 3)."""
+    return int(Path(file).name.split("-s")[1][:3])
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
