@@ -37,7 +37,7 @@ from .distributed import World, reduce_sums
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
-from .statistics import CovarianceSums, factors, finalize_pass, save_sums
+from .statistics import CovarianceSums, factors, finalize_pass, read_sums_attrs, save_sums
 from .storage import (
     FLAG_NONFINITE,
     FORMAT,
@@ -154,6 +154,7 @@ class Run:
         self._seen: set = set()  # ids this rank logged in the pass
         self._seen_elsewhere: set = set()  # ids other ranks captured in the pass
         self._committed_before: set = set()  # ids a resumed pass had committed already
+        self._rows_committed_before: set = set()  # of those, ids whose statistics a crash lost
         self._skipped = 0
         self._session_passes: set[str] = set()
         self._failed_passes: set[str] = set()
@@ -178,8 +179,13 @@ class Run:
                     "open it with the same settings or write to a new path"
                 )
             return manifest
-        if self.path.is_dir() and any(self.path.iterdir()):
-            raise ConfigError(f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it")
+        if self.path.is_dir():
+            for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # a crash while writing the first manifest
+                leftover.unlink(missing_ok=True)
+            if any(self.path.iterdir()):
+                raise ConfigError(
+                    f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it"
+                )
         self.path.mkdir(parents=True, exist_ok=True)
         return {
             "format": FORMAT,
@@ -428,30 +434,53 @@ class Run:
         for entry in pass_segments(self.path, p["index"]):
             if entry["file"] not in listed and entry["session"] != self.session:
                 p["segments"].append({**entry, "rows": None})
-        committed: set = set()
+        covered_rows = self._adopt_partial_sums(p)
+        covered, uncovered = set(), set()
         for entry in p["segments"]:
             if (self.path / entry["file"]).is_file():
-                committed.update(committed_ids(self.path / entry["file"]))
-        self._adopt_partial_sums(p)
+                ids = committed_ids(self.path / entry["file"])
+                n = covered_rows.get((entry["rank"], entry["session"]), len(ids))
+                covered.update(ids[:n])
+                uncovered.update(ids[n:])
         self._pass = p
         self.step = max(self.step, int(p["meta"].get("step") or 0))
-        logger.info("logix: resuming pass %r: %d ids already committed will be skipped", p["name"], len(committed))
-        self._begin_pass(committed)
+        logger.info(
+            "logix: resuming pass %r: %d ids already committed will be skipped",
+            p["name"],
+            len(covered | uncovered),
+        )
+        self._begin_pass(covered, uncovered - covered)
 
-    def _adopt_partial_sums(self, p: dict) -> None:
-        """Count the statistics a crashed session checkpointed, unless its final sums are listed."""
+    def _adopt_partial_sums(self, p: dict) -> dict[tuple[int, int], int]:
+        """Count the statistics crashed sessions checkpointed; {(rank, session): rows they cover}.
+
+        A session that ended cleanly covers all its rows; a crashed one the rows committed at its
+        last checkpoint (none without one)."""
         parts = p.setdefault("statistics_parts", [])
         finished = {_session_of(f) for f in parts}
+        covered = {}
+        if self.config.factors:
+            for entry in p["segments"]:
+                if entry["session"] not in finished:
+                    covered[(entry["rank"], entry["session"])] = 0
         for file in sorted((self.path / "statistics").glob(f"p{p['index']:03d}-r*-s*.partial.h5")):
             name = f"statistics/{file.name}"
-            if _session_of(name) not in finished and _session_of(name) != self.session and name not in parts:
-                parts.append(name)
+            session = _session_of(name)
+            if session in finished or session == self.session or name in parts:
+                continue
+            parts.append(name)
+            rank = int(file.name.split("-r")[1].split("-")[0])
+            covered[(rank, session)] = int(read_sums_attrs(file).get("rows_covered", 0))
+        return covered
 
-    def _begin_pass(self, committed: set) -> None:
+    def _begin_pass(self, committed: set, rows_only: set = frozenset()) -> None:
+        """committed: ids to skip; rows_only: ids whose rows are committed but whose statistics were
+        lost in a crash: their rows are skipped, their statistics counted when they come again."""
         self._sums = CovarianceSums() if self.config.factors else None
         self._sums_saved = time.monotonic()
         self._session_passes.add(self._pass["name"])
         self._seen, self._seen_elsewhere, self._committed_before = set(), set(), committed
+        self._rows_committed_before = set(rows_only)
         self._skipped = 0
         self._save_manifest()
 
@@ -528,9 +557,11 @@ class Run:
         """
         if self._sums is None or not self._sums.a_sum:
             return
+        covered = 0
         if self._writer is not None:
             self._writer.flush()  # the rows these statistics saw are committed before they are saved
-        save_sums(self._partial_sums_file(self._pass), self._sums.to_host())
+            covered = self._writer.segment.committed_rows
+        save_sums(self._partial_sums_file(self._pass), self._sums.to_host(), attrs={"rows_covered": covered})
         self._sums_saved = time.monotonic()
 
     def _check_id_kind(self, ids: list) -> str:
@@ -658,7 +689,11 @@ class Run:
         if self._sums is not None:
             self._sums.close_batch(factor)
         keep = self._last_capture.keep if self._last_capture is not None else None
-        if keep is not None:
+        if self._rows_committed_before:
+            keep = [k and i not in self._rows_committed_before for i, k in zip(ids, keep or [True] * len(ids))]
+            self._rows_committed_before.difference_update(ids)
+            self._skipped += keep.count(False)
+        if keep is not None and not all(keep):
             rows = rows[torch.tensor(keep, device=rows.device)]
             ids = [i for i, k in zip(ids, keep) if k]
         if ids:

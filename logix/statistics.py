@@ -130,17 +130,30 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
 SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
 
 
-def save_sums(path, sums: dict[str, dict[str, Tensor]]) -> None:
+def save_sums(path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None) -> None:
+    """Write partial sums atomically (a temporary file renamed into place); attrs: small metadata."""
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs or {})
         for name, values in sums.items():
             group = f.create_group(name)
             for key in SUM_KEYS:
                 group.create_dataset(key, data=values[key].numpy())
     tmp.replace(path)
+
+
+def read_sums_attrs(path) -> dict:
+    """The metadata save_sums stored with a partial-sums file ({} when it cannot be read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {key: f.attrs[key].item() if hasattr(f.attrs[key], "item") else f.attrs[key] for key in f.attrs}
+    except OSError:
+        return {}
 
 
 def load_sums(paths) -> dict[str, dict[str, Tensor]]:
