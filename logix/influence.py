@@ -90,32 +90,59 @@ def load_curvature(log, preconditioner: str, damping=None, damping_factor=DEFAUL
             out[name] = ModuleCurvature(name, log.modules[name].k_in, log.modules[name].k_out, "identity")
         return out
     path = log.path / statistics_file(log)
-    with h5py.File(path, "r") as f:
-        for name in names:
-            m = log.modules[name]
-            group = f[name]
-            c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
-            if preconditioner == "raw":
-                if "fisher_eig" not in group:
-                    raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
-                c.values = torch.from_numpy(group["fisher_eig"][()])
-                c.vec_f = torch.from_numpy(group["fisher_vec"][()])
-            else:
-                if "vec_a" not in group:
-                    raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
-                c.vec_a = torch.from_numpy(group["vec_a"][()])
-                c.vec_s = torch.from_numpy(group["vec_s"][()])
-                if preconditioner == "kfac":
-                    eig_a = torch.from_numpy(group["eig_a"][()])
-                    eig_s = torch.from_numpy(group["eig_s"][()])
-                    c.values = eig_s[:, None] * eig_a[None, :]
+    try:
+        with h5py.File(path, "r") as f:
+            for name in names:
+                m = log.modules[name]
+                c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
+                if name not in f or not isinstance(f[name], h5py.Group):
+                    raise LogFormatError(f"statistics {path} lack module {name!r}: the file is damaged")
+                group = f[name]
+                if preconditioner == "raw":
+                    if "fisher_eig" not in group:
+                        raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
+                    w = m.k_in * m.k_out
+                    c.values = _statistic(group, "fisher_eig", (w,), path, eigenvalues=True)
+                    c.vec_f = _statistic(group, "fisher_vec", (w, w), path)
                 else:
-                    if "lambda_star" not in group:
-                        raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
-                    c.values = torch.from_numpy(group["lambda_star"][()])
-            c.damping = _damping(name, c.values, damping, damping_factor)
-            out[name] = c
+                    if "vec_a" not in group:
+                        raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
+                    c.vec_a = _statistic(group, "vec_a", (m.k_in, m.k_in), path)
+                    c.vec_s = _statistic(group, "vec_s", (m.k_out, m.k_out), path)
+                    if preconditioner == "kfac":
+                        eig_a = _statistic(group, "eig_a", (m.k_in,), path, eigenvalues=True)
+                        eig_s = _statistic(group, "eig_s", (m.k_out,), path, eigenvalues=True)
+                        c.values = eig_s[:, None] * eig_a[None, :]
+                    else:
+                        if "lambda_star" not in group:
+                            raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
+                        c.values = _statistic(group, "lambda_star", (m.k_out, m.k_in), path, eigenvalues=True)
+                out[name] = c
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, LogFormatError):
+            raise
+        raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
+    for name, c in out.items():
+        c.damping = _damping(name, c.values, damping, damping_factor)
     return out
+
+
+def _statistic(group, key: str, shape: tuple, path, eigenvalues: bool = False) -> Tensor:
+    """One stored statistic, checked: present, of the expected shape, finite (eigenvalues >= 0)."""
+    where = f"statistics {path}: {group.name.lstrip('/')}/{key}"
+    if key not in group or not isinstance(group[key], h5py.Dataset):
+        raise LogFormatError(f"{where} is missing: the file is damaged")
+    if group[key].external is not None or group[key].is_virtual:
+        raise LogFormatError(f"{where} keeps its data in other files: refused")
+    ds = group[key]
+    if ds.shape != shape or ds.dtype.kind != "f":
+        raise LogFormatError(f"{where} is {ds.dtype} of shape {ds.shape}, expected floats of shape {shape}")
+    values = torch.from_numpy(ds[()].astype(np.float64, copy=False))
+    if not torch.isfinite(values).all():
+        raise LogFormatError(f"{where} holds non-finite numbers: the file is damaged")
+    if eigenvalues and bool((values < 0).any()):
+        raise LogFormatError(f"{where} holds negative eigenvalues: the file is damaged")
+    return values
 
 
 def _damping(name: str, values: Tensor, damping, factor: float) -> float:
@@ -124,15 +151,29 @@ def _damping(name: str, values: Tensor, damping, factor: float) -> float:
             raise ConfigError(f"damping given per module but not for {name!r}")
         damping = damping[name]
     if damping is not None:
-        if not np.isfinite(damping) or damping < 0:
+        value = _number(damping)
+        if value is None or not np.isfinite(value) or value < 0:
             raise ConfigError(f"damping must be a non-negative number, got {damping!r}")
-        return float(damping)
-    if not np.isfinite(factor) or factor <= 0:
-        raise ConfigError(f"damping_factor must be positive, got {factor!r}")
+        return value
+    value = _number(factor)
+    if value is None or not np.isfinite(value) or value <= 0:
+        raise ConfigError(f"damping_factor must be a positive number, got {factor!r}")
+    factor = value
     lam = factor * float(values.mean())
     if lam <= 0:  # an all-zero block: any positive damping inverts it
         lam = factor
     return lam
+
+
+def _number(value) -> float | None:
+    """A real number given as int, float, or a numpy / one-element torch scalar; None otherwise."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
 
 
 class Preconditioner:

@@ -20,7 +20,16 @@ from .distributed import World
 from .errors import ConfigError, LogFormatError
 from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, Scores, SelfInfluence, score, self_influence_values
 from .query import Query
-from .storage import FLAG_NONFINITE, PROJECTIONS, read_manifest, read_projections
+from .storage import (
+    FLAG_NONFINITE,
+    PROJECTIONS,
+    check_projections,
+    check_segment,
+    open_segment,
+    read_ids,
+    read_manifest,
+    read_projections,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Log:
         for p in manifest["passes"]:
             segments = tuple(SegmentInfo(**s) for s in p["segments"])
             ids, flags, steps, counts = self._read_index(segments)
+            self._check_index(p["name"], ids, flags)
             self._committed[p["name"]] = counts
             self._ids[p["name"]], self._flags[p["name"]], self._steps[p["name"]] = ids, flags, steps
             passes.append(
@@ -183,8 +193,9 @@ class Log:
         This is how scoring streams a log larger than memory: one HDF5 read per block. `rows`
         restricts to a range of the pass's stored rows (flagged rows included in the counting).
         """
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be positive, got {block_rows}")
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
+            raise ConfigError(f"block_rows must be a positive int, got {block_rows!r}")
+        block_rows = int(block_rows)
         p = self._require_pass()
         columns = columns or slice(0, self.width)
         all_ids, all_flags = self._ids[p.name], self._flags[p.name]
@@ -196,11 +207,11 @@ class Log:
                 offset += n
                 continue
             with self._open(segment) as f:
-                grads = f["grads"]
                 for start in range(first, last, block_rows):
                     end = min(last, start + block_rows)
-                    valid = (all_flags[offset + start : offset + end] & FLAG_NONFINITE) == 0
-                    block = grads[start:end, columns].astype(np.float32, copy=False)
+                    flags = all_flags[offset + start : offset + end]
+                    valid = (flags & FLAG_NONFINITE) == 0
+                    block = self._grads(f, segment, start, end, columns, flags)
                     yield all_ids[offset + start : offset + end][valid], torch.from_numpy(block[valid])
             offset += n
 
@@ -299,18 +310,32 @@ class Log:
         name = self._stats_files.get(self._require_pass().name)
         if name is None:
             return None
-        with h5py.File(self.path / name, "r") as f:
-            key = f"self_influence/{preconditioner}"
-            if key not in f:
-                return None
-            values = torch.from_numpy(f[key][()])
+        path = self.path / name
+        try:
+            with h5py.File(path, "r") as f:
+                key = f"self_influence/{preconditioner}"
+                if key not in f:
+                    return None
+                dataset = f[key]
+                if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.dtype.kind != "f":
+                    raise LogFormatError(f"statistics {path}: {key} is not a vector of floats; the file is damaged")
+                values = torch.from_numpy(dataset[()].astype(np.float64, copy=False))
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            if isinstance(e, LogFormatError):
+                raise
+            raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
         if len(values) != len(self):
             return None  # rows were added since finalize: recompute
+        if not torch.isfinite(values).all():
+            raise LogFormatError(f"statistics {path}: self_influence/{preconditioner} holds non-finite numbers")
         return SelfInfluence(values, self.ids)
 
     def projections(self) -> dict[str, tuple]:
         """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""
-        return read_projections(self.path / PROJECTIONS)
+        path = self.path / PROJECTIONS
+        if self.modules and not path.is_file():
+            raise LogFormatError(f"{path} is missing: the log's projections are lost")
+        return check_projections(read_projections(path), self.modules.values(), path)
 
     def __repr__(self) -> str:
         name = self.current.name if self.current else None
@@ -324,33 +349,60 @@ class Log:
         return self.modules[name]
 
     def _open(self, segment: SegmentInfo) -> h5py.File:
-        path = self.path / segment.file
-        if not path.is_file():
-            raise LogFormatError(f"segment {path} listed in the manifest is missing; the log is incomplete")
-        try:
-            return h5py.File(path, "r", libver="latest", swmr=True)
-        except OSError as e:
-            raise LogFormatError(f"segment {path} cannot be opened: {e}") from e
+        return open_segment(self.path / segment.file)
 
     def _read_index(self, segments) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         ids, flags, steps, counts = [], [], [], []
         for segment in segments:
+            path = self.path / segment.file
             with self._open(segment) as f:
-                n = int(f["committed"][0])
-                dataset = f["ids"]
-                ids.append(dataset[:n].astype("i8") if dataset.dtype.kind in "iu" else dataset.asstr()[:n])
-                flags.append(f["flags"][:n])
-                steps.append(f["step"][:n])
+                try:
+                    n = check_segment(f, path, self.width, self.config.dtype, self.id_kind, segment.rows)
+                    ids.append(read_ids(f["ids"], n, path))
+                    flags.append(f["flags"][:n])
+                    steps.append(f["step"][:n])
+                except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+                    if isinstance(e, LogFormatError):
+                        raise
+                    raise LogFormatError(f"segment {path} cannot be read: {e}") from e
                 counts.append(n)
         if not ids:
             return np.zeros(0, dtype="i8"), np.zeros(0, dtype="u1"), np.zeros(0, dtype="i8"), counts
         return np.concatenate(ids), np.concatenate(flags), np.concatenate(steps), counts
 
+    def _check_index(self, name: str, ids: np.ndarray, flags: np.ndarray) -> None:
+        """Flags hold only known bits, and no id appears twice in a pass (the writer never does it)."""
+        if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
+            raise LogFormatError(f"pass {name!r} of {self.path}: row flags hold unknown values; a segment is damaged")
+        unique = np.unique(ids)
+        if len(unique) != len(ids):
+            values, counts = np.unique(ids, return_counts=True)
+            raise LogFormatError(
+                f"pass {name!r} of {self.path}: ids {values[counts > 1][:5].tolist()} appear more than once; "
+                "a segment or the manifest is damaged"
+            )
+
+    def _grads(self, f: h5py.File, segment: SegmentInfo, start: int, end: int, columns: slice, flags: np.ndarray):
+        """float32 rows [start, end) of a segment; rows not flagged must be finite (else: damage)."""
+        path = self.path / segment.file
+        try:
+            block = f["grads"][start:end, columns].astype(np.float32, copy=False)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise LogFormatError(f"segment {path}: rows {start}..{end} cannot be read: {e}") from e
+        valid = (flags & FLAG_NONFINITE) == 0
+        finite = np.isfinite(block).all(axis=1)
+        if not np.all(finite[valid]):
+            row = start + int(np.flatnonzero(valid & ~finite)[0])
+            raise LogFormatError(f"segment {path} is damaged: row {row} holds non-finite numbers but is not flagged")
+        return block
+
     def _read_columns(self, columns: slice) -> np.ndarray:
         p = self._require_pass()
-        parts = []
+        parts, offset = [], 0
+        flags = self._flags[p.name]
         for segment, n in zip(p.segments, self._committed[p.name]):
             with self._open(segment) as f:
-                parts.append(f["grads"][:n, columns].astype(np.float32, copy=False))
+                parts.append(self._grads(f, segment, 0, n, columns, flags[offset : offset + n]))
+            offset += n
         width = columns.stop - columns.start
         return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)

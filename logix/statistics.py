@@ -160,17 +160,52 @@ def load_sums(paths) -> dict[str, dict[str, Tensor]]:
     """Add up the partial sums of several (rank, session) files of one pass."""
     import h5py
 
+    from .errors import LogFormatError
+
     total: dict[str, dict[str, Tensor]] = {}
     for path in paths:
-        with h5py.File(path, "r") as f:
-            for name, group in f.items():
-                part = {key: torch.as_tensor(group[key][()]) for key in SUM_KEYS}
-                if name in total:
-                    for key in SUM_KEYS:
-                        total[name][key] = total[name][key] + part[key]
-                else:
-                    total[name] = part
+        try:
+            with h5py.File(path, "r") as f:
+                parts = {name: _read_sums(path, name, group) for name, group in f.items()}
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            if isinstance(e, LogFormatError):
+                raise
+            raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
+        for name, part in parts.items():
+            if name in total:
+                if any(total[name][key].shape != part[key].shape for key in SUM_KEYS):
+                    raise LogFormatError(f"statistics {path}: module {name!r} has other shapes than in earlier parts")
+                for key in SUM_KEYS:
+                    total[name][key] = total[name][key] + part[key]
+            else:
+                total[name] = part
     return total
+
+
+def _read_sums(path, name: str, group) -> dict[str, Tensor]:
+    """One module's partial sums, checked: square float matrices, scalar counts, all finite."""
+    import h5py
+
+    from .errors import LogFormatError
+
+    where = f"statistics {path}: module {name!r}"
+    if not isinstance(group, h5py.Group):
+        raise LogFormatError(f"{where} is not a group; the file is damaged")
+    part = {}
+    for key in SUM_KEYS:
+        if key not in group or not isinstance(group[key], h5py.Dataset) or group[key].dtype.kind != "f":
+            raise LogFormatError(f"{where} lacks {key!r} (or it is not numbers); the file is damaged")
+        part[key] = torch.as_tensor(group[key][()].astype("f8", copy=False))
+    for key in ("a_sum", "s_sum"):
+        shape = part[key].shape
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise LogFormatError(f"{where}: {key} has shape {tuple(shape)}, expected a square matrix")
+    for key in ("a_count", "s_count", "skipped"):
+        if part[key].shape != () or float(part[key]) < 0:
+            raise LogFormatError(f"{where}: {key} must be one non-negative number, got shape {tuple(part[key].shape)}")
+    if not all(torch.isfinite(v).all() for v in part.values()):
+        raise LogFormatError(f"{where} holds non-finite sums; the file is damaged")
+    return part
 
 
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -56,24 +57,153 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def read_manifest(root: Path) -> dict:
+    """The manifest of the log at `root`, checked field by field: LogFormatError naming the file
+    and the field when it is damaged, tampered with, or from a newer schema."""
     path = root / MANIFEST
     if not path.is_file():
         raise LogFormatError(f"{root} is not a logix log: {MANIFEST} is missing")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise LogFormatError(f"{path} is damaged: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise LogFormatError(f"{path} is not a logix manifest")
     version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not _is_int(version) or not 1 <= version <= SCHEMA_VERSION:
         raise LogFormatError(
             f"{root} has schema version {version!r}; this logix reads up to {SCHEMA_VERSION}: upgrade logix"
         )
     for key in ("config", "modules", "passes", "width"):
         if key not in data:
             raise LogFormatError(f"{path} lacks {key!r}: the manifest is damaged")
+    check_manifest(root, data)
     return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _inside(root: Path, file, folder: str, what: str, path: Path) -> None:
+    """A file named by the manifest must be a relative path inside `root/folder`: never an
+    absolute path, a `..`, or a link leading out of the log directory."""
+    if not isinstance(file, str) or not file or "\x00" in file:
+        raise LogFormatError(f"{path}: {what} must be a file name, got {file!r}")
+    parts = Path(file).parts
+    if Path(file).is_absolute() or ".." in parts or len(parts) < 2 or parts[0] != folder:
+        raise LogFormatError(f"{path}: {what} {file!r} is not a file under {folder}/ of the log: refused")
+    try:
+        resolved = (root / file).resolve()
+        inside = resolved.is_relative_to((root / folder).resolve())
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if not inside:
+        raise LogFormatError(f"{path}: {what} {file!r} leads out of the log directory: refused")
+
+
+def check_manifest(root: Path, data: dict) -> None:
+    """Every field the readers rely on has the type and the consistency the writer gives it."""
+    path = root / MANIFEST
+
+    def bad(what: str) -> LogFormatError:
+        return LogFormatError(f"{path} is damaged: {what}")
+
+    from .config import Config  # noqa: PLC0415 - config imports nothing of storage
+    from .errors import ConfigError  # noqa: PLC0415
+
+    if not isinstance(data["config"], dict):
+        raise bad(f"'config' must be an object, got {type(data['config']).__name__}")
+    try:
+        Config.from_json(data["config"])
+    except (ConfigError, TypeError) as e:
+        raise bad(f"'config' is invalid: {e}") from None
+    id_kind = data.get("id_kind")
+    if id_kind not in (None, "int", "str"):
+        raise bad(f"'id_kind' must be 'int' or 'str', got {id_kind!r}")
+    width = data["width"]
+    if not _is_int(width) or width < 0:
+        raise bad(f"'width' must be a non-negative int, got {width!r}")
+    modules = data["modules"]
+    if not isinstance(modules, list):
+        raise bad(f"'modules' must be a list, got {type(modules).__name__}")
+    fields = {"name", "kind", "d_in", "d_out", "k_in", "k_out", "offset", "bias"}
+    names, offset = set(), 0
+    for i, m in enumerate(modules):
+        if not isinstance(m, dict) or set(m) != fields:
+            got = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise bad(f"module #{i} must have exactly the fields {sorted(fields)}, got {got}")
+        name = m["name"]
+        if not isinstance(name, str) or not isinstance(m["kind"], str) or not m["kind"]:
+            raise bad(f"module #{i}: name and kind must be strings, got {name!r}, {m['kind']!r}")
+        if name in names:
+            raise bad(f"module {name!r} is listed twice")
+        names.add(name)
+        for key in ("d_in", "d_out", "k_in", "k_out"):
+            if not _is_int(m[key]) or m[key] < 1:
+                raise bad(f"module {name!r}: {key} must be a positive int, got {m[key]!r}")
+        if m["k_in"] > m["d_in"] or m["k_out"] > m["d_out"]:
+            raise bad(
+                f"module {name!r}: projected size (k_out={m['k_out']}, k_in={m['k_in']}) exceeds its "
+                f"dimensions (d_out={m['d_out']}, d_in={m['d_in']})"
+            )
+        if not isinstance(m["bias"], bool):
+            raise bad(f"module {name!r}: bias must be true or false, got {m['bias']!r}")
+        if m["offset"] != offset or not _is_int(m["offset"]):
+            raise bad(f"module {name!r}: offset {m['offset']!r}, expected {offset} (modules lie side by side in a row)")
+        offset += m["k_in"] * m["k_out"]
+    if offset != width:
+        raise bad(f"'width' is {width} but the modules' blocks add up to {offset}")
+    passes = data["passes"]
+    if not isinstance(passes, list):
+        raise bad(f"'passes' must be a list, got {type(passes).__name__}")
+    pass_names, files = set(), set()
+    for index, p in enumerate(passes):
+        if not isinstance(p, dict):
+            raise bad(f"pass #{index} must be an object, got {type(p).__name__}")
+        for key in ("name", "index", "segments"):
+            if key not in p:
+                raise bad(f"pass #{index} lacks {key!r}")
+        name = p["name"]
+        if not isinstance(name, str) or not name or name in pass_names:
+            raise bad(f"pass #{index}: name must be a unique non-empty string, got {name!r}")
+        pass_names.add(name)
+        if not _is_int(p["index"]) or p["index"] != index:
+            raise bad(f"pass {name!r}: index {p['index']!r}, expected {index}")
+        if not isinstance(p.get("meta", {}), dict):
+            raise bad(f"pass {name!r}: meta must be an object")
+        if not isinstance(p.get("finalized", False), bool):
+            raise bad(f"pass {name!r}: finalized must be true or false, got {p['finalized']!r}")
+        segments = p["segments"]
+        if not isinstance(segments, list):
+            raise bad(f"pass {name!r}: segments must be a list, got {type(segments).__name__}")
+        for s in segments:
+            if (
+                not isinstance(s, dict)
+                or not {"file", "rank", "session"} <= set(s)
+                or set(s) - {"file", "rank", "session", "rows"}
+            ):
+                raise bad(f"pass {name!r}: a segment entry must be {{file, rank, session[, rows]}}, got {s!r}")
+            _inside(root, s["file"], SEGMENTS, f"pass {name!r}: segment", path)
+            if s["file"] in files:
+                raise bad(f"segment {s['file']!r} is listed twice")
+            files.add(s["file"])
+            for key in ("rank", "session"):
+                if not _is_int(s[key]) or s[key] < 0:
+                    raise bad(f"segment {s['file']!r}: {key} must be a non-negative int, got {s[key]!r}")
+            rows = s.get("rows")
+            if rows is not None and (not _is_int(rows) or rows < 0):
+                raise bad(f"segment {s['file']!r}: rows must be a non-negative int, got {rows!r}")
+        stats = p.get("statistics")
+        if stats is not None:
+            _inside(root, stats, "statistics", f"pass {name!r}: statistics", path)
+        parts = p.get("statistics_parts", [])
+        if not isinstance(parts, list):
+            raise bad(f"pass {name!r}: statistics_parts must be a list")
+        for part in parts:
+            _inside(root, part, "statistics", f"pass {name!r}: statistics part", path)
+    sessions = data.get("sessions", 0)
+    if not _is_int(sessions) or sessions < 0:
+        raise bad(f"'sessions' must be a non-negative int, got {sessions!r}")
 
 
 def segment_name(pass_index: int, rank: int, session: int) -> str:
@@ -81,23 +211,122 @@ def segment_name(pass_index: int, rank: int, session: int) -> str:
 
 
 def pass_segments(root: Path, pass_index: int) -> list[dict]:
-    """The segment files of a pass found on disk, as manifest entries ({file, rank, session})."""
+    """The segment files of a pass found on disk, as manifest entries ({file, rank, session}).
+
+    Files whose names do not follow the writer's pattern are not segments: they are left alone."""
     found = []
+    pattern = re.compile(rf"p{pass_index:03d}-r(0|[1-9][0-9]*)-s([0-9]{{3,}})\.h5")
     for path in sorted((root / SEGMENTS).glob(f"p{pass_index:03d}-r*-s*.h5")):
-        rank, session = path.stem.split("-")[1:]
-        found.append({"file": f"{SEGMENTS}/{path.name}", "rank": int(rank[1:]), "session": int(session[1:])})
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_file() or path.is_symlink():
+            logger.warning("logix: %s is not a segment file of this log; ignored", path)
+            continue
+        rank, session = int(match.group(1)), int(match.group(2))
+        if segment_name(pass_index, rank, session) != f"{SEGMENTS}/{path.name}":
+            logger.warning("logix: %s is not a segment file of this log; ignored", path)
+            continue
+        found.append({"file": f"{SEGMENTS}/{path.name}", "rank": rank, "session": session})
     return found
 
 
 def committed_ids(path: Path) -> list:
     """The ids of a segment's committed rows (ints or strs); readable while a writer appends."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            n = int(f["committed"][0])
-            ids = f["ids"]
-            return ids[:n].tolist() if ids.dtype.kind in "iu" else ids.asstr()[:n].tolist()
-    except (OSError, KeyError) as e:
+        with open_segment(path) as f:
+            n = check_segment(f, path)
+            return read_ids(f["ids"], n, path).tolist()
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, LogFormatError):
+            raise
         raise LogFormatError(f"segment {path} cannot be read: {e}") from e
+
+
+def open_segment(path: Path) -> h5py.File:
+    """Open a segment for reading: plainly if no writer holds it, else in SWMR mode.
+
+    A closed segment opens plainly, so a damaged one fails at once (in SWMR mode HDF5 retries a
+    metadata block whose checksum fails, with back-off, for a very long time). A segment that a
+    writer holds (or held when it was killed) refuses a plain open and is read in SWMR mode.
+    """
+    if not path.is_file():
+        raise LogFormatError(f"segment {path} listed in the manifest is missing; the log is incomplete")
+    try:
+        return h5py.File(path, "r")
+    except (OSError, RuntimeError, ValueError) as e:
+        if "already open for write" not in str(e):
+            raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
+
+
+SEGMENT_DATASETS = ("committed", "ids", "grads", "flags", "step")
+
+
+def check_segment(
+    f: h5py.File,
+    path: Path,
+    width: int | None = None,
+    dtype: str | None = None,
+    id_kind: str | None = None,
+    rows: int | None = None,
+) -> int:
+    """The number of committed rows of an open segment, after checking that its datasets are the
+    ones the writer makes (names, dtypes, shapes) and agree with the manifest where it is given:
+    row width, storage dtype, id kind, and the row count recorded when the segment was closed."""
+
+    def bad(what: str) -> LogFormatError:
+        return LogFormatError(f"segment {path} is damaged: {what}")
+
+    for name in SEGMENT_DATASETS:
+        if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f.get(name), h5py.Dataset):
+            raise bad(f"it has no {name!r} dataset")
+        if not self_contained(f[name]):
+            raise bad(f"{name!r} keeps its data in other files (external or virtual storage): refused")
+    committed, ids, grads, flags, step = (f[name] for name in SEGMENT_DATASETS)
+    if committed.shape != (1,) or committed.dtype.kind not in "iu":
+        raise bad(f"'committed' must be one integer, got {committed.dtype} of shape {committed.shape}")
+    n = int(committed[0])
+    if grads.ndim != 2 or grads.dtype not in (np.float16, np.float32):
+        raise bad(f"'grads' must be (rows, width) float16 or float32, got {grads.dtype} of shape {grads.shape}")
+    if width is not None and grads.shape[1] != width:
+        raise bad(f"its rows have {grads.shape[1]} numbers, the manifest says {width}")
+    if dtype is not None and grads.dtype != np.dtype(dtype):
+        raise bad(f"its rows are stored as {grads.dtype}, the manifest's config says {dtype}")
+    if flags.dtype != np.uint8 or step.dtype.kind not in "iu":
+        raise bad(f"'flags' must be uint8 and 'step' integers, got {flags.dtype} and {step.dtype}")
+    string_ids = h5py.check_string_dtype(ids.dtype) is not None
+    if not (ids.dtype == np.int64 or string_ids):
+        raise bad(f"'ids' must be int64 or UTF-8 strings, got {ids.dtype}")
+    if id_kind is not None and string_ids != (id_kind == "str"):
+        raise bad(f"its ids are {'strings' if string_ids else 'ints'}, the manifest says {id_kind}")
+    for ds in (ids, grads, flags, step):
+        if ds.ndim != (2 if ds is grads else 1):
+            raise bad(f"{ds.name.lstrip('/')!r} has shape {ds.shape}")
+    if not 0 <= n <= min(len(ids), len(grads), len(flags), len(step)):
+        raise bad(f"{n} rows are marked committed but it holds {min(len(ids), len(grads), len(flags), len(step))}")
+    if id_kind is None and n and width is not None:  # checked against a manifest that names no id kind
+        raise bad(f"it holds {n} committed rows but the manifest's 'id_kind' is not set")
+    if rows is not None and n != rows:
+        raise bad(f"it holds {n} committed rows, the manifest recorded {rows} when it was closed")
+    return n
+
+
+def self_contained(dataset: h5py.Dataset) -> bool:
+    """Whether a dataset's numbers live in its own file: HDF5 can also point a dataset at any other
+    file on the machine (external raw storage, virtual datasets), which a log never does."""
+    return dataset.external is None and not dataset.is_virtual
+
+
+def read_ids(dataset: h5py.Dataset, n: int, path: Path) -> np.ndarray:
+    """The first n ids: int64, or str objects (strings that are not UTF-8 are a LogFormatError)."""
+    if dataset.dtype.kind in "iu":
+        return dataset[:n].astype("i8")
+    try:
+        return dataset.asstr()[:n]
+    except UnicodeDecodeError as e:
+        raise LogFormatError(f"segment {path} is damaged: an id is not UTF-8 text ({e})") from None
 
 
 def write_projections(path: Path, projections: dict[str, tuple]) -> None:
@@ -117,10 +346,50 @@ def read_projections(path: Path) -> dict[str, tuple]:
     try:
         with h5py.File(path, "r") as f:
             for name, group in f.items():
-                out[name] = tuple(torch.from_numpy(group[s][()]) if s in group else None for s in ("in", "out"))
-    except OSError as e:
+                if not isinstance(group, h5py.Group):
+                    raise LogFormatError(f"projections {path} are damaged: {name!r} is not a group")
+                sides = []
+                for side in ("in", "out"):
+                    if side not in group:
+                        sides.append(None)
+                        continue
+                    ds = group[side]
+                    if (
+                        not isinstance(ds, h5py.Dataset)
+                        or ds.ndim != 2
+                        or ds.dtype.kind != "f"
+                        or not self_contained(ds)
+                    ):
+                        raise LogFormatError(f"projections {path} are damaged: {name}/{side} is not a matrix of floats")
+                    sides.append(torch.from_numpy(ds[()].astype(np.float32, copy=False)))
+                out[name] = tuple(sides)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, LogFormatError):
+            raise
         raise LogFormatError(f"cannot read projections {path}: {e}") from e
     return out
+
+
+def check_projections(projections: dict[str, tuple], modules, path: Path) -> dict[str, tuple]:
+    """Each logged module has its (P_in, P_out): (k, d) and finite where k < d, absent where k == d."""
+    for m in modules:
+        if m.name not in projections:
+            raise LogFormatError(f"projections {path} lack module {m.name!r}: the file is damaged")
+        for matrix, k, d, side in zip(projections[m.name], (m.k_in, m.k_out), (m.d_in, m.d_out), ("in", "out")):
+            if matrix is None:
+                if k != d:
+                    raise LogFormatError(f"projections {path} lack {m.name}/{side}, a ({k}, {d}) matrix")
+            elif k == d:
+                raise LogFormatError(
+                    f"projections {path}: {m.name}/{side} is stored but that side is not projected (k = d = {d})"
+                )
+            elif tuple(matrix.shape) != (k, d):
+                raise LogFormatError(
+                    f"projections {path}: {m.name}/{side} has shape {tuple(matrix.shape)}, the manifest says ({k}, {d})"
+                )
+            elif not torch.isfinite(matrix).all():
+                raise LogFormatError(f"projections {path}: {m.name}/{side} holds non-finite numbers")
+    return projections
 
 
 class SegmentWriter:
