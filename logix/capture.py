@@ -91,6 +91,8 @@ class Capture:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.watched = watched
         self.ids = normalize_ids(ids)
+        if not self.ids:
+            raise CaptureError("capture got no ids: an empty batch has no rows to log; skip it")
         self.mask = mask
         self.reduction = reduction
         self.scale = scale

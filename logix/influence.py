@@ -181,7 +181,7 @@ class Preconditioner:
 
     def __init__(self, log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, modules=None):
         self.kind = preconditioner
-        names = list(log.modules) if modules is None else list(modules)
+        names = list(log.modules) if modules is None else _module_names(modules)
         for n in names:
             if n not in log.modules:
                 raise KeyError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
@@ -308,6 +308,31 @@ class SelfInfluence(_Saved):
         return self.ids[index.numpy()], values
 
 
+def _module_names(modules) -> list[str]:
+    """A list of distinct module names (a lone string is one name, not its characters)."""
+    names = [modules] if isinstance(modules, str) else modules
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"modules must be a list of module names, got {modules!r}")
+    if not names:
+        raise ConfigError("modules is empty: name at least one module, or pass None for all")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"modules names a module more than once: {list(names)}")
+    return list(names)
+
+
+def _train_ids(log, train_ids) -> np.ndarray:
+    """train_ids as an array of the log's id kind; anything else is a ConfigError, never a silent miss."""
+    if isinstance(train_ids, (str, bytes, int)) or not hasattr(train_ids, "__iter__"):
+        raise ConfigError(f"train_ids must be a list of ids, got {type(train_ids).__name__} {train_ids!r}")
+    values = train_ids.tolist() if hasattr(train_ids, "tolist") else list(train_ids)
+    kind = "str" if log.ids.dtype.kind in "OUS" else "int"
+    for i in values:
+        ok = isinstance(i, str) if kind == "str" else isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+        if not ok:
+            raise ConfigError(f"this log's ids are {kind}s; train_ids holds {type(i).__name__} {i!r}")
+    return np.asarray(values, dtype=object if kind == "str" else np.int64)
+
+
 def _shard_rows(log, shard) -> tuple[slice | None, int]:
     """The stored-row range of shard (i, n), and how many valid rows precede it."""
     if shard is None:
@@ -359,7 +384,9 @@ def score(
     if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
         train_norms = log.self_influence(preconditioner, damping, damping_factor, modules, progress=progress)
         train_norms = train_norms.values.float().clamp_min(0).sqrt()
-    wanted = None if train_ids is None else np.asarray(list(train_ids))
+    if not isinstance(largest, bool):
+        raise ConfigError(f"largest must be True or False, got {largest!r}")
+    wanted = None if train_ids is None else _train_ids(log, train_ids)
     rows_range, offset = _shard_rows(log, shard)
 
     kept_ids, kept_scores = [], []

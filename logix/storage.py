@@ -409,9 +409,10 @@ class SegmentWriter:
         itemsize = np.dtype(dtype).itemsize
         chunk_rows = int(max(1, min(4096, (1 << 20) // (width * itemsize))))
 
-        def column(name, dt, shape=()):
+        def column(name, dt, shape=()):  # fletcher32: a flipped bit is a read error, not another number
+            checksum = h5py.check_string_dtype(np.dtype(dt)) is None  # HDF5 cannot filter variable-length strings
             return self.file.create_dataset(
-                name, (0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk_rows, *shape)
+                name, (0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk_rows, *shape), fletcher32=checksum
             )
 
         self.grads = column("grads", dtype, (width,))

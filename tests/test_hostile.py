@@ -335,12 +335,6 @@ def test_odd_ids_round_trip_or_capture_error(ids):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture side (logix/hooks.py Collector row assembly): a 0-size batch with ids=[] raises "
-    "RuntimeError 'cannot reshape tensor of 0 elements into shape [0, -1, ...]' instead of logging "
-    "nothing or a CaptureError",
-)
 @pytest.mark.parametrize("ids", [[], torch.zeros(0, dtype=torch.long)], ids=["list", "tensor"])
 def test_an_empty_batch_logs_nothing(tmp_path, ids):
     model = _model()
@@ -600,20 +594,12 @@ def test_scoring_against_a_query_of_another_log(scored, tmp_path):
 # Preconditioner.__init__ in logix/influence.py are outside the reading code this suite may fix.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="influence.Preconditioner: modules=[] gives torch.cat's ValueError, not a ConfigError"
-)
 def test_no_modules_is_a_config_error(scored):
     log, _, q = scored
     with pytest.raises(ConfigError):
         log.influence(q, modules=[])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="influence.Preconditioner: a module named twice (modules=['0', '0']) is counted twice, "
-    "doubling its share of every score; it should be a ConfigError (or counted once)",
-)
 def test_a_module_named_twice_is_not_counted_twice(scored):
     log, _, q = scored
     try:
@@ -623,11 +609,6 @@ def test_a_module_named_twice_is_not_counted_twice(scored):
     torch.testing.assert_close(twice, log.influence(q, modules=["0"]).values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="influence.Preconditioner: modules='02' (a string) is iterated into modules '0' and '2' "
-    "instead of naming the module '02'; modules=5 gives TypeError",
-)
 @pytest.mark.parametrize("modules", ["02", 5])
 def test_modules_must_be_a_list_of_names(scored, modules):
     log, _, q = scored
@@ -635,12 +616,6 @@ def test_modules_must_be_a_list_of_names(scored, modules):
         log.influence(q, modules=modules)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="influence.score: train_ids is not validated: a string is iterated into characters, an "
-    "int gives TypeError, bools/floats match int ids (True selects id 1), ids of the other kind "
-    "silently select nothing",
-)
 @pytest.mark.parametrize("train_ids", ["3", 3, [True], [1.0], ["a"]], ids=["str", "int", "bool", "float", "other_kind"])
 def test_train_ids_of_the_wrong_kind_are_a_config_error(scored, train_ids):
     log, _, q = scored
@@ -648,9 +623,6 @@ def test_train_ids_of_the_wrong_kind_are_a_config_error(scored, train_ids):
         log.influence(q, train_ids=train_ids)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="influence.score: largest=None reaches torch.topk (TypeError), not a ConfigError"
-)
 def test_largest_must_be_a_bool(scored):
     log, _, q = scored
     with pytest.raises(ConfigError):
