@@ -781,15 +781,19 @@ class Verifier:
                         if i in seen:
                             duplicates.append(i)
                         seen[i] = True
-                    unflagged_bad, flagged_good = [], []
+                    unflagged_bad, flagged_good, corrupt = [], [], []
                     grads = f["grads"]
-                    for start in range(0, n, block):
-                        end = min(n, start + block)
-                        rows = grads[start:end]
+                    for start, end, rows in _readable_blocks(grads, n, block, corrupt):
                         finite = np.isfinite(rows).all(axis=1)
                         unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
                         flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
                         bar.update(end - start)
+                    if corrupt:
+                        bad = [i for a, b in corrupt for i in range(a, b)]
+                        self.problem(
+                            f"{where}: {len(bad)} row(s) fail their checksum (damaged data): rows "
+                            f"{', '.join(f'{a}..{b - 1}' for a, b in corrupt[:5])}, ids {_some([ids[i] for i in bad])}"
+                        )
                     self.counts["rows"] += n
                     self.counts["nonfinite"] += int(flagged.sum())
                     valid += n - int(flagged.sum())
@@ -936,6 +940,23 @@ def _data_extent(f: h5py.File) -> int:
             if info.byte_offset is not None:
                 reach = max(reach, info.byte_offset + info.size)
     return reach
+
+
+def _readable_blocks(grads, n: int, block: int, corrupt: list):
+    """(start, end, rows) over the committed rows; ranges whose checksum fails go to `corrupt`,
+    narrowed down to the HDF5 chunks that hold them."""
+    chunk = grads.chunks[0] if grads.chunks else block
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        try:
+            yield start, end, grads[start:end]
+        except OSError:
+            for a in range(start, end, chunk):
+                b = min(end, a + chunk)
+                try:
+                    yield a, b, grads[a:b]
+                except OSError:
+                    corrupt.append((a, b))
 
 
 def _some(values: list, n: int = 5) -> str:
