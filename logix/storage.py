@@ -288,6 +288,9 @@ def check_segment(
     if committed.shape != (1,) or committed.dtype.kind not in "iu":
         raise bad(f"'committed' must be one integer, got {committed.dtype} of shape {committed.shape}")
     n = int(committed[0])
+    if f.swmr_mode:  # a writer is appending: see the datasets as they are now, after the counter
+        for ds in (ids, grads, flags, step):
+            ds.refresh()
     if grads.ndim != 2 or grads.dtype not in (np.float16, np.float32):
         raise bad(f"'grads' must be (rows, width) float16 or float32, got {grads.dtype} of shape {grads.shape}")
     if width is not None and grads.shape[1] != width:
