@@ -205,7 +205,9 @@ def _progress(total: int, progress: bool | None, what: str):
     return tqdm(total=total, desc=what, unit="rows", disable=disable, leave=False)
 
 
-def self_influence_values(log, pre: Preconditioner, block_rows: int = 8192, progress=None) -> tuple[np.ndarray, Tensor]:
+def self_influence_values(
+    log, pre: Preconditioner, block_rows: int | None = None, progress=None
+) -> tuple[np.ndarray, Tensor]:
     """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row, preconditioning blockwise."""
     ids, values = [], []
     with _progress(len(log), progress, "self-influence") as bar:
@@ -361,7 +363,7 @@ def score(
     largest: bool = True,
     modules=None,
     train_ids=None,
-    block_rows: int = 8192,
+    block_rows: int | None = None,
     progress: bool | None = None,
     shard: tuple[int, int] | None = None,
 ):
@@ -392,7 +394,7 @@ def score(
     kept_ids, kept_scores = [], []
     best_v, best_i = None, None
     with _progress(len(log), progress, "scoring") as bar:
-        for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range):
+        for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range, check_finite=False):
             bar.update(len(block_ids))
             norms = None
             if train_norms is not None:
@@ -405,6 +407,12 @@ def score(
             if len(block_ids) == 0:
                 continue
             s = q_pre @ pre.columns(rows).T  # (Q, b): the one GEMM per block
+            if not bool(torch.isfinite(s).all()):  # cheaper than checking every number of the rows
+                bad = block_ids[int(torch.nonzero(~torch.isfinite(s).all(dim=0))[0])]
+                raise LogFormatError(
+                    f"{log.path}: the row of train id {bad!r} gives non-finite scores: it holds NaN/Inf but is "
+                    "not flagged (damaged data), or numbers too large for float32"
+                )
             if norms is not None:
                 s = s / (norms[None, :] * scale_q[:, None]).clamp_min(1e-30)
             if top_k is None:

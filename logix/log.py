@@ -8,6 +8,8 @@ writing; it sees exactly the rows below each segment's `committed` counter at op
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,59 @@ class PassInfo:
     finalized: bool
     rows: int = 0  # committed rows at the time the log was opened
     nonfinite: int = 0  # committed rows flagged non-finite
+
+
+BLOCK_BYTES = 64 << 20  # default size of the blocks scoring streams
+
+
+def default_block_rows(width: int) -> int:
+    """Rows per block so that a float32 block is about BLOCK_BYTES (at least 64 rows)."""
+    return max(64, BLOCK_BYTES // max(1, 4 * width))
+
+
+def _prefetched(blocks, depth: int = 1):
+    """Iterate `blocks` on a background thread, `depth` items ahead of the consumer.
+
+    h5py reads and numpy conversions run there while the consumer's GEMMs (which release the GIL)
+    run here. Errors re-raise in the consumer; stopping early stops the thread.
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in blocks:
+                while not stop.is_set():
+                    try:
+                        ahead.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put(done)
+        except BaseException as e:  # handed to the consumer
+            ahead.put(e)
+
+    thread = threading.Thread(target=produce, name="logix-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting to put, then let it finish
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 class Log:
@@ -187,15 +242,29 @@ class Log:
         """float32 (N, D): whole rows, each module's block flattened at its offset, aligned with `ids`."""
         return self._read(slice(0, self.width), include_flagged)
 
-    def blocks(self, columns: slice | None = None, block_rows: int = 8192, rows: slice | None = None):
+    def blocks(
+        self,
+        columns: slice | None = None,
+        block_rows: int | None = None,
+        rows: slice | None = None,
+        check_finite: bool = True,
+    ):
         """Yield (ids, float32 rows) over the pass's valid rows in order, `block_rows` at a time.
 
-        This is how scoring streams a log larger than memory: one HDF5 read per block. `rows`
-        restricts to a range of the pass's stored rows (flagged rows included in the counting).
+        This is how scoring streams a log larger than memory: one HDF5 read per block, the next
+        block read on a background thread while the caller works on this one (so reading from
+        disk and computing overlap; at most three blocks are in memory). block_rows defaults to
+        about BLOCK_BYTES of float32 rows. `rows` restricts to a range of the pass's stored rows
+        (flagged rows included in the counting). check_finite=False skips the check that valid
+        rows are finite, for callers that check their results instead.
         """
+        if block_rows is None:
+            block_rows = default_block_rows(self.width)
         if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
             raise ConfigError(f"block_rows must be a positive int, got {block_rows!r}")
-        block_rows = int(block_rows)
+        return _prefetched(self._blocks(columns, int(block_rows), rows, check_finite))
+
+    def _blocks(self, columns, block_rows: int, rows, check_finite: bool):
         p = self._require_pass()
         columns = columns or slice(0, self.width)
         all_ids, all_flags = self._ids[p.name], self._flags[p.name]
@@ -211,8 +280,11 @@ class Log:
                     end = min(last, start + block_rows)
                     flags = all_flags[offset + start : offset + end]
                     valid = (flags & FLAG_NONFINITE) == 0
-                    block = self._grads(f, segment, start, end, columns, flags)
-                    yield all_ids[offset + start : offset + end][valid], torch.from_numpy(block[valid])
+                    block = self._grads(f, segment, start, end, columns, flags, check_finite)
+                    ids = all_ids[offset + start : offset + end]
+                    if not valid.all():  # a copy only when some rows are flagged
+                        ids, block = ids[valid], block[valid]
+                    yield ids, torch.from_numpy(block)
             offset += n
 
     def _read(self, columns: slice, include_flagged: bool) -> torch.Tensor:
@@ -239,7 +311,7 @@ class Log:
         train_ids=None,
         shard: tuple[int, int] | None = None,
         across_ranks: bool = False,
-        block_rows: int = 8192,
+        block_rows: int | None = None,
         progress: bool | None = None,
     ):
         """Influence of every train row of the pass on every query row (+ = the train example helps).
@@ -287,7 +359,7 @@ class Log:
         damping_factor: float = DEFAULT_DAMPING_FACTOR,
         modules=None,
         *,
-        block_rows: int = 8192,
+        block_rows: int | None = None,
         progress: bool | None = None,
     ) -> SelfInfluence:
         """g_i^T (F + lambda I)^{-1} g_i for every valid train row: rank by it to find mislabeled examples.
@@ -382,15 +454,31 @@ class Log:
                 "a segment or the manifest is damaged"
             )
 
-    def _grads(self, f: h5py.File, segment: SegmentInfo, start: int, end: int, columns: slice, flags: np.ndarray):
+    def _grads(
+        self,
+        f: h5py.File,
+        segment: SegmentInfo,
+        start: int,
+        end: int,
+        columns: slice,
+        flags: np.ndarray,
+        check_finite: bool = True,
+    ):
         """float32 rows [start, end) of a segment; rows not flagged must be finite (else: damage)."""
         path = self.path / segment.file
         try:
-            block = f["grads"][start:end, columns].astype(np.float32, copy=False)
+            grads = f["grads"]
+            if columns == slice(0, grads.shape[1]):
+                block = grads[start:end]  # whole rows: a plain hyperslab read
+            else:
+                block = grads[start:end, columns]
+            block = block.astype(np.float32, copy=False)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             raise LogFormatError(f"segment {path}: rows {start}..{end} cannot be read: {e}") from e
+        if not check_finite:
+            return block
         valid = (flags & FLAG_NONFINITE) == 0
-        finite = np.isfinite(block).all(axis=1)
+        finite = np.isfinite(block.sum(axis=1, dtype=np.float64))  # NaN/Inf propagate; float64 cannot overflow
         if not np.all(finite[valid]):
             row = start + int(np.flatnonzero(valid & ~finite)[0])
             raise LogFormatError(f"segment {path} is damaged: row {row} holds non-finite numbers but is not flagged")

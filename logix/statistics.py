@@ -211,7 +211,7 @@ def _read_sums(path, name: str, group) -> dict[str, Tensor]:
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
 
 
-def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: int = 8192) -> str | None:
+def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: int | None = None) -> str | None:
     """Derive a pass's curvature from its partial sums and rows; returns the statistics file name.
 
     parts: the pass's partial-sum files (relative to root). wanted: the config's statistics.

@@ -485,6 +485,7 @@ GOOD_SCORING = {
     "shard_tiny": dict(shard=(0, 1000)),
     "shard_last": dict(shard=(2, 3)),
     "block_rows_one": dict(block_rows=1),
+    "block_rows_default": dict(block_rows=None),
     "damping_zero": dict(preconditioner="kfac", damping=0.5),
     "damping_huge": dict(preconditioner="kfac", damping=1e300),
     "damping_per_module": dict(preconditioner="ekfac", damping={"0": 1.0, "2": 2.0}),
@@ -547,7 +548,6 @@ BAD_SCORING = {
     "shard_list": (dict(shard=[0, 2]), ConfigError),
     "block_rows_zero": (dict(block_rows=0), ConfigError),
     "block_rows_float": (dict(block_rows=2.5), ConfigError),
-    "block_rows_none": (dict(block_rows=None), ConfigError),
 }
 
 

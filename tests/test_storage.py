@@ -758,3 +758,23 @@ def test_an_idle_writer_commits_within_the_interval(tmp_path):
     assert log.ids.tolist() == [0, 1, 2]
     assert_close(log.gradients("0"), exact(model, x, y)["0"])
     run.finalize()
+
+
+def test_blocks_read_ahead_on_a_thread_that_stops_with_the_consumer(tmp_path):
+    import threading
+
+    model = tiny_model()
+    batches = [(list(range(8 * seed, 8 * seed + 8)), *batch(8, seed)) for seed in range(6)]
+    make_log(tmp_path / "log", model, batches, rank="full")
+    log = logix.open(tmp_path / "log")
+    whole = torch.cat([rows for _, rows in log.blocks(block_rows=1000)])
+    for size in (1, 5, None):
+        ids, rows = zip(*log.blocks(block_rows=size))
+        assert np.concatenate(ids).tolist() == log.ids.tolist()
+        torch.testing.assert_close(torch.cat(rows), whole, rtol=0, atol=0)
+    readers = lambda: [t for t in threading.enumerate() if t.name == "logix-reader"]  # noqa: E731
+    stream = log.blocks(block_rows=3)
+    next(stream)
+    assert readers()  # the next block is being read ahead
+    stream.close()  # the consumer stops early
+    assert not readers()
