@@ -472,7 +472,8 @@ class Log:
                 block = grads[start:end]  # whole rows: a plain hyperslab read
             else:
                 block = grads[start:end, columns]
-            block = block.astype(np.float32, copy=False)
+            if block.dtype != np.float32:  # float16 storage: torch converts several times faster than numpy
+                block = torch.from_numpy(block).float().numpy()
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             raise LogFormatError(f"segment {path}: rows {start}..{end} cannot be read: {e}") from e
         if not check_finite:
