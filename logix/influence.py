@@ -209,15 +209,25 @@ def self_influence_values(
     log, pre: Preconditioner, block_rows: int | None = None, progress=None
 ) -> tuple[np.ndarray, Tensor]:
     """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row, preconditioning blockwise."""
-    ids, values = [], []
+    ids, values = self_influences(log, {"": pre}, block_rows, progress)
+    return ids, values[""]
+
+
+def self_influences(
+    log, pres: dict[str, Preconditioner], block_rows: int | None = None, progress=None
+) -> tuple[np.ndarray, dict[str, Tensor]]:
+    """Self-influence under several preconditioners with one read of the rows."""
+    ids, values = [], {name: [] for name in pres}
     with _progress(len(log), progress, "self-influence") as bar:
         for block_ids, rows in log.blocks(block_rows=block_rows):
-            values.append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
+            for name, pre in pres.items():
+                values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
             ids.append(block_ids)
             bar.update(len(block_ids))
     if not ids:
-        return np.zeros(0, dtype=log.ids.dtype), torch.zeros(0, dtype=torch.float64)
-    return np.concatenate(ids), torch.cat(values)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return np.zeros(0, dtype=log.ids.dtype), {name: empty for name in pres}
+    return np.concatenate(ids), {name: torch.cat(v) for name, v in values.items()}
 
 
 def _ids_for_hdf5(ids) -> np.ndarray:

@@ -215,7 +215,8 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     """Derive a pass's curvature from its partial sums and rows; returns the statistics file name.
 
     parts: the pass's partial-sum files (relative to root). wanted: the config's statistics.
-    Reads the rows once for EK-FAC's Lambda* and the raw Fisher, once more for self-influence.
+    Reads the rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influence
+    under every preconditioner the statistics allow.
     """
     import h5py
 
@@ -281,10 +282,8 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
     if raw_modules and len(raw_modules) == len(log.modules):
         available.append("raw")
-    values = {}
-    for kind in available:
-        pre = influence.Preconditioner(log, kind)
-        _, values[kind] = influence.self_influence_values(log, pre, block_rows, progress=False)
+    pres = {kind: influence.Preconditioner(log, kind) for kind in available}
+    _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
     with h5py.File(path, "a") as f:
         for kind, v in values.items():
             f.create_dataset(f"self_influence/{kind}", data=v.numpy())
