@@ -369,10 +369,6 @@ def ddp_worker(out: str) -> None:
     Trainer(model=gpt2(), args=args, train_dataset=LMData(13), callbacks=[cb]).train()
 
 
-@pytest.mark.skipif(
-    not __import__("os").environ.get("LOGIX_SLOW_TESTS"),
-    reason="two processes importing transformers: ~20 s; set LOGIX_SLOW_TESTS=1",
-)
 def test_two_processes_rows_exact(tmp_path):
     """DDP on gloo, 2 ranks: num_items_in_batch counts both ranks' tokens and the loss is multiplied by
     the world size; the rows are still each example's own gradient, every id once (padding skipped)."""
@@ -406,7 +402,6 @@ def test_two_processes_rows_exact(tmp_path):
     assert_rows_exact(log, gpt2(), LMData(13))
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("LOGIX_SLOW_TESTS"), reason="~20 s; set LOGIX_SLOW_TESTS=1")
 def test_example_runs(tmp_path):
     import subprocess
     import sys
