@@ -4,6 +4,9 @@
     python benchmarks/scoring_throughput.py --quick    # ~1 GB + 0.5 GB, about a minute
     python benchmarks/scoring_throughput.py --gb 16 --queries 16 256 --blocks 1024 8192 32768
 
+block_rows defaults to logix's own choice (about 64 MB of float32 rows: 1,024 rows here), then
+2,048, 8,192 and 32,768.
+
 A synthetic log of fixed row width D (default 16,384: one bias-free 128 x 128 Linear at
 rank="full") is written through the public API (logix.init / watch / capture) in float32 and in
 float16, with random inputs, so every row is a real captured gradient. Then, in this process:
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 
 import logix
+from logix.log import default_block_rows
 
 WIDTH = 128  # d_in = d_out of the one Linear: D = WIDTH ** 2
 TOP_K = 10
@@ -150,13 +154,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1 GB log, fewer configurations (about a minute)")
     parser.add_argument("--gb", type=float, default=None, help="size of the float32 log in GB (default 8, quick 1)")
     parser.add_argument("--queries", type=int, nargs="+", default=None, help="query counts Q (default 16 256)")
-    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="block_rows (default 2048 8192 32768)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="block_rows values")
     parser.add_argument("--dir", default=None, help="where to write the logs (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the logs afterwards")
     args = parser.parse_args(argv)
     gb = args.gb if args.gb is not None else (1.0 if args.quick else 8.0)
     queries = args.queries or ([16] if args.quick else [16, 256])
-    blocks = args.blocks or ([8192] if args.quick else [2048, 8192, 32768])
+    default = default_block_rows(WIDTH * WIDTH)  # what log.influence uses when block_rows is not given
+    blocks = args.blocks or ([default] if args.quick else [default, 2048, 8192, 32768])
     row_bytes = WIDTH * WIDTH * 4
     rows = int(gb * (1 << 30) // row_bytes)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()}")
