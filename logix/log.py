@@ -31,6 +31,7 @@ from .storage import (
     read_ids,
     read_manifest,
     read_projections,
+    read_rows,
 )
 
 
@@ -431,8 +432,8 @@ class Log:
                 try:
                     n = check_segment(f, path, self.width, self.config.dtype, self.id_kind, segment.rows)
                     ids.append(read_ids(f["ids"], n, path))
-                    flags.append(f["flags"][:n])
-                    steps.append(f["step"][:n])
+                    flags.append(read_rows(f["flags"], np.s_[:n]))
+                    steps.append(read_rows(f["step"], np.s_[:n]))
                 except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
                     if isinstance(e, LogFormatError):
                         raise
@@ -469,9 +470,9 @@ class Log:
         try:
             grads = f["grads"]
             if columns == slice(0, grads.shape[1]):
-                block = grads[start:end]  # whole rows: a plain hyperslab read
+                block = read_rows(grads, np.s_[start:end])  # whole rows: a plain hyperslab read
             else:
-                block = grads[start:end, columns]
+                block = read_rows(grads, np.s_[start:end, columns])
             if block.dtype != np.float32:  # float16 storage: torch converts several times faster than numpy
                 block = torch.from_numpy(block).float().numpy()
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:

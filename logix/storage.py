@@ -322,12 +322,32 @@ def self_contained(dataset: h5py.Dataset) -> bool:
     return dataset.external is None and not dataset.is_virtual
 
 
+SWMR_READ_RETRIES = 8
+
+
+def read_rows(dataset: h5py.Dataset, selection, retries: int = SWMR_READ_RETRIES):
+    """dataset[selection], retrying a checksum failure while a writer holds the file.
+
+    The last chunk of a segment being written is rewritten in place as rows are appended; a reader
+    that catches it halfway sees a checksum mismatch, though the committed rows in it are sound.
+    A closed file gets no retry: there a mismatch is damage.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return dataset[selection]
+        except OSError:
+            if not dataset.file.swmr_mode or attempt == retries:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+            dataset.refresh()
+
+
 def read_ids(dataset: h5py.Dataset, n: int, path: Path) -> np.ndarray:
     """The first n ids: int64, or str objects (strings that are not UTF-8 are a LogFormatError)."""
     if dataset.dtype.kind in "iu":
-        return dataset[:n].astype("i8")
+        return read_rows(dataset, np.s_[:n]).astype("i8")
     try:
-        return dataset.asstr()[:n]
+        return read_rows(dataset.asstr(), np.s_[:n])
     except UnicodeDecodeError as e:
         raise LogFormatError(f"segment {path} is damaged: an id is not UTF-8 text ({e})") from None
 
