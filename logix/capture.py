@@ -177,5 +177,10 @@ class Capture:
         return factor
 
 
+def running(cap: Capture | None) -> Capture | None:
+    """`cap` if its block is running now, else None (how adapters find the capture to hook)."""
+    return cap if cap is not None and cap.active else None
+
+
 def _describe(x: Any) -> str:
     return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture
+from .capture import Capture, running
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
 from .kinds import kind_of
@@ -84,8 +84,7 @@ class Query:
     @property
     def active_capture(self) -> Capture | None:
         """The capture whose block is running now, if any (framework adapters hook its loss)."""
-        cap = self._last_capture
-        return cap if cap is not None and cap.active else None
+        return running(self._last_capture)
 
     def _accept(self, ids: list, rows: Tensor, factor: float) -> None:
         finite = torch.isfinite(rows).all(dim=1)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .capture import Capture, id_kind
+from .capture import Capture, id_kind, running
 from .config import Config
 from .distributed import World, reduce_sums
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogixError, ModelMismatchError
@@ -648,8 +648,7 @@ class Run:
     @property
     def active_capture(self) -> Capture | None:
         """The capture whose block is running now, if any (framework adapters hook its loss)."""
-        cap = self._last_capture
-        return cap if cap is not None and cap.active else None
+        return running(self._last_capture)
 
     def _check_batch(self, ids: list) -> list[bool] | None:
         """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip.
