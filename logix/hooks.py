@@ -208,7 +208,9 @@ class Collector:
                         delta = delta @ proj_out
                     if self.observer is not None:
                         self.observer(w, acts, delta, mask, examples)
-                    if self.keep_rows:
+                    if self.keep_rows and delta.shape[1] == 1:  # one position: an outer product, ~10x
+                        block = delta.transpose(1, 2) * acts  # cheaper than a batched GEMM of 1-deep matrices
+                    elif self.keep_rows:
                         block = torch.bmm(delta.transpose(1, 2), acts)
                     else:  # statistics only: remember the batch size, skip the per-example products
                         block = delta.new_zeros(delta.shape[0], 0, 0)
