@@ -412,7 +412,8 @@ class Log:
 
     def __repr__(self) -> str:
         name = self.current.name if self.current else None
-        return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)})"
+        state = "" if self.current is None or self.current.finalized else ", NOT finalized"
+        return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)}{state})"
 
     # -- reading segments ------------------------------------------------------------------------
 

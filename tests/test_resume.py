@@ -172,6 +172,7 @@ def test_statistics_checkpointed_before_a_crash_count_after_resume(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 1
     crashed = logix.open(path)
     assert not crashed.current.finalized and set(range(20)) <= set(crashed.ids.tolist())
+    assert f"rows={len(crashed)}" in repr(crashed) and "NOT finalized" in repr(crashed)
 
     net = model()
     resumed = logix.init(path, rank="full", statistics="kfac", resume=True)
