@@ -26,48 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """Resident set now (VmRSS) or at the peak (VmHWM), MiB; not ru_maxrss, which Linux carries across exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> bool:
-    """Restart VmHWM from the current resident set (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def load_inputs(path: Path):
-    d = np.load(path)
-    t = {k: torch.from_numpy(d[k]) for k in ("xtr", "ytr", "noisy_y", "xq", "yq")}
-
-    def model(prefix):
-        hidden = d[f"{prefix}_0_weight"].shape[0]
-        m = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-        with torch.no_grad():
-            for i in (0, 2):
-                m[i].weight.copy_(torch.from_numpy(d[f"{prefix}_{i}_weight"]))
-                m[i].bias.copy_(torch.from_numpy(d[f"{prefix}_{i}_bias"]))
-        return m
-
-    return t, model("clean"), model("noisy")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder only: no project logix on the path
+from worker_inputs import load_inputs, reset_peak, rss_mib  # noqa: E402
 
 
 def logged_run(project: str, model, x, y, rank, batch: int):
