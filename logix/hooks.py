@@ -246,8 +246,10 @@ class Collector:
                 f"a watched module saw a batch of {acts.shape[0]} examples, "
                 f"but the capture has {self.keep.shape[0]} ids"
             )
-        keep = self.keep.to(device=acts.device, dtype=acts.dtype)
-        return keep.unsqueeze(1).expand(acts.shape[0], acts.shape[1])
+        key = ("keep", acts.device, acts.dtype)
+        if key not in self._masks:  # one host-to-device copy per capture, not one per module call
+            self._masks[key] = self.keep.to(device=acts.device, dtype=acts.dtype)
+        return self._masks[key].unsqueeze(1).expand(acts.shape[0], acts.shape[1])
 
     def rows(self) -> Tensor:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""

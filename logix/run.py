@@ -146,6 +146,7 @@ class Run:
         self.watched: list[Watched] = []
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
+        self._copy_streams: dict = {}  # CUDA device -> the side stream that copies rows to the host
         self._sums: CovarianceSums | None = None
         self._pca_pending: dict[str, tuple[bool, bool]] = {}
         self._new_modules = None
@@ -711,15 +712,32 @@ class Run:
         flags = (~torch.isfinite(rows).all(dim=1)).to(torch.uint8) * FLAG_NONFINITE  # after the cast: overflow too
         ready = None
         if rows.device.type == "cuda":
-            host = torch.empty(rows.shape, dtype=dtype, pin_memory=True)
+            rows, flags, ready = self._copy_to_host(rows, flags)
+        writer.put(Batch(ids=ids, grads=rows, flags=flags, step=step, ready=ready))
+
+    def _copy_to_host(self, rows: Tensor, flags: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Start copying a batch into pinned host memory on a side stream and return at once.
+
+        The copy overlaps the next step's kernels instead of queueing between them; the writer
+        thread waits on the returned event before it reads the host tensors. record_stream keeps
+        the caching allocator from handing the device tensors to the next step before the copy
+        has read them.
+        """
+        device = rows.device
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the rows are finished before they are read
+        with torch.cuda.stream(stream):
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             host.copy_(rows, non_blocking=True)
             host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host_flags.copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, host_flags = rows, flags
-        writer.put(Batch(ids=ids, grads=host, flags=host_flags, step=step, ready=ready))
+            ready.record(stream)
+        rows.record_stream(stream)
+        flags.record_stream(stream)
+        return host, host_flags, ready
 
     # -- the end -------------------------------------------------------------------------------
 
