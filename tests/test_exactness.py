@@ -292,7 +292,7 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens):
         h = torch.tanh(self.c_fc(self.wte(tokens)))
-        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype, device=h.device).reshape(1, -1, 1)
         h = h.cumsum(1) / steps
         return self.head(torch.tanh(self.fc(h)))
 
