@@ -44,6 +44,7 @@ shared machine, running the benchmark under `nice -n -10` (as root) helps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shlex
@@ -145,15 +146,19 @@ class Workload:
     seq: int | None
     exclude: list[str] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+    amp: torch.dtype | None = None  # forward under torch.autocast with this dtype (--amp)
 
     @property
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def loss(self, b: dict) -> torch.Tensor:
-        if self.name == "mlp":
-            return F.cross_entropy(self.model(b["x"]), b["y"])
-        return self.model(**b["inputs"]).loss
+        """The forward pass (under autocast with --amp; the backward runs outside it, as usual)."""
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+            if self.name == "mlp":
+                return F.cross_entropy(self.model(b["x"]), b["y"])
+            return self.model(**b["inputs"]).loss
 
     def capture_kwargs(self, b: dict) -> dict:
         if self.name == "mlp":
@@ -231,8 +236,9 @@ def workloads(args) -> list[tuple[str, int, int | None]]:
     return out
 
 
-def build(name: str, batch: int, seq: int | None, device: torch.device) -> Workload:
+def build(name: str, batch: int, seq: int | None, device: torch.device, amp: torch.dtype | None = None) -> Workload:
     wl = make_mlp(batch, device) if name == "mlp" else make_gpt2(batch, seq, device)
+    wl.amp = amp
     lr = 1e-3 if name == "mlp" else 1e-4
     wl.optimizer = torch.optim.AdamW(wl.model.parameters(), lr=lr)
     return wl
@@ -308,7 +314,7 @@ class Bench:
 
 def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     device = args.device
-    wl = build(name, batch, seq, device)
+    wl = build(name, batch, seq, device, args.amp)
     bench = Bench(wl, device, tmp)
     res = Result(name, wl.params, batch, seq, rank)
     steps = args.steps or (args.mlp_steps if name == "mlp" else args.gpt2_steps)
@@ -475,13 +481,13 @@ def git_commit() -> str:
     """The logix checkout's commit, when it is one, so that runs can be compared."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(Path(logix.__file__).parent), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(Path(logix.__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(Path(logix.__file__).parent), "status", "--porcelain", "--", "."],
+            ["git", "-C", str(Path(logix.__file__).resolve().parent), "status", "--porcelain", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,
@@ -513,6 +519,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="curvature statistics gathered while capturing (logix.init(statistics=...)); default none",
     )
+    parser.add_argument(
+        "--amp",
+        choices=["none", "bf16"],
+        default="none",
+        help="run the forward under torch.autocast in this dtype (rows are still float32 projections)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="interleaved repetitions per arm (all models)")
     parser.add_argument("--models", nargs="+", choices=["mlp", "gpt2"], default=["mlp", "gpt2"])
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before measuring")
@@ -520,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    args.amp = {"none": None, "bf16": torch.bfloat16}[args.amp]
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     if args.threads:
@@ -534,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, logix {logix.__version__} ({git_commit()}), device {args.device} ({device_name}), "
         f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, rows stored as {args.dtype}, "
-        f"statistics {args.statistics or 'none'}"
+        f"forward autocast {args.amp or 'off'}, statistics {args.statistics or 'none'}"
     )
     print(f"peak extra memory: {PeakMemory(args.device).what}")
     print(f"load average at start: {load()}\n")

@@ -1,49 +1,57 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md on one CUDA device, in about 5 minutes on an H100:
-# capture overhead of a GPT-2-small-sized model (random init) at sequence length 512, batch 8
-# and 32, ranks 16 and 64, rows written to local disk (float32), plus the MLP for scale.
+# The GPU checks and figures of benchmarks/RESULTS.md on one CUDA device, in about 6 minutes on an H100:
+#   1. tests/test_cuda.py: rows captured on the GPU against torch.func and the CPU, the pinned
+#      side-stream copy under memory reuse, no host sync inside a capture;
+#   2. capture overhead of a GPT-2-small-sized model (random init), sequence length 512, batch 8
+#      and 32, ranks 16 and 64, rows written to local disk as float32: float32 training, then
+#      bfloat16 autocast; then the MLP for scale;
+#   3. the HuggingFace Trainer tests, which run on the GPU when there is one.
 #
-#   bash benchmarks/gpu_suite.sh                 # results in $OUT (default benchmarks/gpu_results)
-#   WHEELS=shared/wheels bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh            # logs in $OUT (default benchmarks/gpu_results)
 #
-# Written for a bare machine with torch already installed (the device tool's Python 3.12): the
-# rest of what logix and the benchmark import (h5py, tqdm, transformers, psutil...) is installed
-# from a folder of wheels if missing, made beforehand on a machine with network access:
-#   pip download h5py tqdm psutil transformers --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d shared/wheels
-# logix itself runs from this checkout (PYTHONPATH), nothing is installed for it.
-set -euo pipefail
+# Written for a bare machine whose python3 has torch, h5py, tqdm, transformers and pytest (the
+# device tool's machines do); logix runs from this checkout. Each part has its own time limit and
+# a failing part does not stop the next; the exit status says whether any failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/gpu_results}
-WHEELS=${WHEELS:-shared/wheels}
 mkdir -p "$OUT"
+# logix runs from this checkout, nothing is installed: an overlay of symlinks maps integrations/ to
+# logix.integrations, as the installed package does
+site=$(mktemp -d)
+mkdir "$site/logix"
+ln -s "$PWD"/logix/* "$site/logix/"
+ln -s "$PWD/integrations" "$site/logix/integrations"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
 
-missing=$($PY - <<'PYEOF'
-import importlib.util
-need = {"h5py": "h5py", "tqdm": "tqdm", "psutil": "psutil", "transformers": "transformers", "numpy": "numpy"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
-PYEOF
-)
-if [ -n "$missing" ]; then
-    if [ -d "$WHEELS" ]; then
-        $PY -m pip install --quiet --no-index --find-links "$WHEELS" $missing
-    else
-        echo "gpu_suite: missing Python packages ($missing) and no wheel folder at $WHEELS" >&2
-        exit 1
-    fi
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+    tail -n 25 "$OUT/$name.txt"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-} | tee "$OUT/environment.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+    $PY -c 'import torch, h5py, transformers; print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "h5py", h5py.__version__, "transformers", transformers.__version__)'
+    echo "cpu cores: $(nproc)"
+    df -h "${TMPDIR:-/tmp}" | tail -n 1
+} 2>&1 | tee "$OUT/environment.txt"
 
-# GPT-2 small at seq 512, batch 8 and 32, ranks 16 and 64 (the issue's targets are at rank 64)
-$PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 2>&1 | tee "$OUT/capture_gpt2.txt"
-# the MLP, where the fixed per-step cost dominates
-$PY benchmarks/capture_overhead.py --device cuda --models mlp --ranks 16 64 --quick 2>&1 | tee "$OUT/capture_mlp.txt"
-echo "gpu_suite: results in $OUT"
+part test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part capture_gpt2_fp32 240 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64
+part capture_gpt2_bf16 150 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --amp bf16
+part capture_mlp 60 $PY benchmarks/capture_overhead.py --device cuda --models mlp --ranks 16 64 --quick
+part test_huggingface 120 $PY -m pytest -q -p no:cacheprovider -x tests/test_huggingface.py -k "not ddp and not example"
+
+echo "gpu_suite: logs in $OUT; failed parts: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
