@@ -47,11 +47,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     df -h "${TMPDIR:-/tmp}" | tail -n 1
 } 2>&1 | tee "$OUT/environment.txt"
 
-part test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-part capture_gpt2_fp32 240 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64
-part capture_gpt2_bf16 150 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --amp bf16
-part capture_mlp 60 $PY benchmarks/capture_overhead.py --device cuda --models mlp --ranks 16 64 --quick
-part test_huggingface 120 $PY -m pytest -q -p no:cacheprovider -x tests/test_huggingface.py -k "not ddp and not example"
+part test_cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part capture_gpt2_fp32 200 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64
+part capture_gpt2_bf16 100 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --amp bf16
+part capture_mlp 40 $PY benchmarks/capture_overhead.py --device cuda --models mlp --ranks 16 64 --quick
+part test_huggingface 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_huggingface.py -k "not ddp and not example"
 
 echo "gpu_suite: logs in $OUT; failed parts: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]
