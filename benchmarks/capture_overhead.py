@@ -559,7 +559,9 @@ def main(argv: list[str] | None = None) -> None:
             for rank in args.ranks:
                 r = bench_config(name, batch, seq, rank, args, Path(tmp))
                 print(
-                    f"  done {name} batch {batch} rank {rank}: ratio {paired(r.capt, r.plain):.3f} "
+                    f"  done {name} batch {batch} rank {rank}: plain {med_ms(r.plain):.2f} ms, "
+                    f"ratio {paired(r.capt, r.plain):.3f}, +drain {paired(r.drained, r.plain):.3f}, "
+                    f"total {r.block_capt / r.block_plain:.3f} "
                     f"({time.perf_counter() - start:.0f} s elapsed, load {load()})",
                     flush=True,
                 )
