@@ -107,25 +107,55 @@ class Watched:
     def width(self) -> int:
         return self.k_in * self.k_out
 
-    def projections(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    def projections(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor | None, Tensor | None]:
         """P_in^T (d_in, k_in) and P_out^T (d_out, k_out), contiguous, on the module's device.
 
-        Transposed once here so that each hook call is a plain matmul (copied once per device).
+        Transposed once here so that each hook call is a plain matmul (copied once per device and
+        compute dtype).
         """
-        if device not in self._cache:
-            self._cache[device] = tuple(
-                None if p is None else p.T.contiguous().to(device) for p in (self.proj_in, self.proj_out)
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = tuple(
+                None if p is None else p.T.contiguous().to(device=device, dtype=dtype)
+                for p in (self.proj_in, self.proj_out)
             )
-        return self._cache[device]
+        return self._cache[key]
 
 
-def _float32_matmuls(device: torch.device):
-    """Projections run in float32 even inside the user's autocast region."""
+def _autocast_enabled(device: torch.device) -> bool:
     try:
-        enabled = torch.is_autocast_enabled(device.type)
+        return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-    return torch.autocast(device_type=device.type, enabled=False) if enabled else nullcontext()
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _explicit_dtypes(device: torch.device):
+    """Autocast off around the projections: they run in the dtype `_projection_dtype` chose."""
+    return torch.autocast(device_type=device.type, enabled=False) if _autocast_enabled(device) else nullcontext()
+
+
+def _autocast_bfloat16(device: torch.device) -> bool:
+    """Whether a matmul-type layer on this device computes in bfloat16 right now (autocast)."""
+    if not _autocast_enabled(device):
+        return False
+    try:
+        return torch.get_autocast_dtype(device.type) == torch.bfloat16
+    except AttributeError:  # torch < 2.4
+        return device.type == "cuda" and torch.get_autocast_gpu_dtype() == torch.bfloat16
+
+
+def _projection_dtype(layer_in_bfloat16: bool, device: torch.device) -> torch.dtype:
+    """bfloat16 where the layer itself ran in bfloat16 on a GPU, else float32.
+
+    The weight gradient autograd computes for such a layer already uses bfloat16 inputs and output
+    gradients, so a bfloat16 projection (float32 accumulation, result in float32 from there on)
+    loses little; it reads a fifth of the bytes of casting to float32 first, and on a GPU the
+    projections are bound by those bytes. On CPUs, and for float16 (whose range a scaled loss can
+    exceed), projections stay float32.
+    """
+    return torch.bfloat16 if layer_in_bfloat16 and device.type == "cuda" else torch.float32
 
 
 class Collector:
@@ -182,8 +212,10 @@ class Collector:
                 self.without_grad.add(w.name)
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            proj_in, proj_out = w.projections(output.device)
-            with _float32_matmuls(output.device):  # x is detached and P needs no grad: no graph is built
+            device = output.device
+            layer_in_bfloat16 = w.kind.matmul and (x.dtype == torch.bfloat16 or _autocast_bfloat16(device))
+            proj_in = w.projections(device, _projection_dtype(layer_in_bfloat16, device))[0]
+            with _explicit_dtypes(device):  # x is detached and P needs no grad: no graph is built
                 acts = w.kind.project_inputs(module, x.detach(), proj_in)
                 mask = self._mask_for(acts)
                 if mask is not None:
@@ -201,11 +233,14 @@ class Collector:
             def grad_hook(grad: Tensor) -> None:
                 if not self._active:  # a backward after the capture ended: not ours to record
                     return
-                with _float32_matmuls(grad.device):
-                    delta = w.kind.output_grads(module, grad.detach()).float()
+                with _explicit_dtypes(grad.device):
+                    delta = w.kind.output_grads(module, grad.detach())
                     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
+                    dtype = _projection_dtype(delta.dtype == torch.bfloat16, delta.device)
+                    proj_out = w.projections(delta.device, dtype)[1]
                     if proj_out is not None:
-                        delta = delta @ proj_out
+                        delta = delta.to(dtype) @ proj_out
+                    delta = delta.float()
                     if self.observer is not None:
                         self.observer(w, acts, delta, mask, examples)
                     if self.keep_rows and delta.shape[1] == 1:  # one position: an outer product, ~10x

@@ -26,6 +26,7 @@ class Kind:
     """Default behaviour: a dense layer whose activations are the layer input itself."""
 
     name = "linear"
+    matmul = True  # computed by a matrix product, so autocast runs it in its low-precision dtype
 
     def has_bias(self, module: nn.Module) -> bool:
         return getattr(module, "bias", None) is not None
@@ -48,18 +49,21 @@ class Kind:
     def project_inputs(self, module: nn.Module, x: Tensor, proj_t: Tensor | None) -> Tensor:
         """(B, *positions, k_in) in float32: P_in [a; 1], or [a; 1] itself when proj_t is None.
 
-        proj_t is P_in transposed, (d_in [+1], k_in), so the bias column is its last row.
+        proj_t is P_in transposed, (d_in [+1], k_in), so the bias column is its last row; the
+        product runs in proj_t's dtype.
         """
-        a = self.activations(module, x).float()
+        a = self.activations(module, x)
         bias = self.has_bias(module)
         if proj_t is None:
+            a = a.float()
             if bias:
                 a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
             return a
+        a = a.to(proj_t.dtype)
         d = a.shape[-1]
         if bias:
-            return torch.addmm(proj_t[d], a.reshape(-1, d), proj_t[:d]).reshape(*a.shape[:-1], -1)
-        return a @ proj_t
+            return torch.addmm(proj_t[d], a.reshape(-1, d), proj_t[:d]).reshape(*a.shape[:-1], -1).float()
+        return (a @ proj_t).float()
 
     def as_matrix(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Parameters (or their gradients) as the (d_out, d_in [+1]) matrix a full-rank row equals."""
@@ -147,6 +151,7 @@ class EmbeddingKind(Kind):
     """nn.Embedding: the input is a one-hot index, so P_in a_t is a column of P_in."""
 
     name = "embedding"
+    matmul = False  # a lookup: autocast leaves it in the weight's dtype
 
     def has_bias(self, module):
         return False

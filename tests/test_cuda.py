@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import exact_gradients
+from conftest import exact_gradients, projected
 from test_exactness import (
     TinyLM,
     _alone,
@@ -118,6 +118,29 @@ def test_autocast_bfloat16_on_cuda(tmp_path):
         assert_rows(rows, exact[name], rtol=5e-2, atol=3e-2)
         with pytest.raises(AssertionError):  # the bf16 tolerance still tells examples apart
             assert_rows(rows, other[name], rtol=5e-2, atol=3e-2)
+
+
+def test_projected_rows_under_bfloat16_autocast(tmp_path):
+    """Under bf16 autocast the projections run in bf16 (float32 accumulation): rows stay within
+    bf16 accuracy of the projected exact gradients, and still tell examples apart."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 6)).to(CUDA)
+    x, y = torch.randn(8, 48, device=CUDA), torch.randint(0, 6, (8,), device=CUDA)
+    run = logix.init(tmp_path / "log", rank=8)
+    run.watch(model)
+    with run.capture(range(8)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        ce(out.float(), y).backward()
+    run.finalize()
+    log = logix.open(tmp_path / "log")
+    exact = _on_cpu(exact_gradients(model, ce, x, y))
+    other = _on_cpu(exact_gradients(model, ce, torch.randn_like(x), y))
+    for name, (p_in, p_out) in log.projections().items():
+        rows = rows_by_id(log, name, range(8))
+        assert_rows(rows, projected(exact[name], p_in, p_out), rtol=5e-2, atol=3e-2)
+        with pytest.raises(AssertionError):
+            assert_rows(rows, projected(other[name], p_in, p_out), rtol=5e-2, atol=3e-2)
 
 
 def test_many_batches_through_the_asynchronous_copy(tmp_path):
