@@ -7,7 +7,8 @@
 #      bfloat16 autocast; then the MLP for scale;
 #   3. the HuggingFace Trainer tests, which run on the GPU when there is one.
 #
-#   bash benchmarks/gpu_suite.sh            # logs in $OUT (default benchmarks/gpu_results)
+#   bash benchmarks/gpu_suite.sh                                 # logs in $OUT (default benchmarks/gpu_results)
+#   PARTS="test_cuda capture_gpt2_bf16" bash benchmarks/gpu_suite.sh     # some parts only
 #
 # Written for a bare machine whose python3 has torch, h5py, tqdm, transformers and pytest (the
 # device tool's machines do); logix runs from this checkout. Each part has its own time limit and
@@ -29,6 +30,9 @@ failed=()
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt
     local name=$1 limit=$2
     shift 2
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+        return
+    fi
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
@@ -47,11 +51,19 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     df -h "${TMPDIR:-/tmp}" | tail -n 1
 } 2>&1 | tee "$OUT/environment.txt"
 
-part test_cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-part capture_gpt2_fp32 200 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64
-part capture_gpt2_bf16 100 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --amp bf16
+# pytest runs from the overlay's folder: `python -m` puts the working directory first on sys.path
+repo=$PWD
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+cat >"$site/pytest.sh" <<EOF
+#!/usr/bin/env bash
+cd "$site" && exec "$PY" -m pytest -q -p no:cacheprovider --rootdir "$repo" "\$@"
+EOF
+chmod +x "$site/pytest.sh"
+part test_cuda 90 "$site/pytest.sh" "$repo/tests/test_cuda.py"
+part capture_gpt2_fp32 200 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --rounds 4
+part capture_gpt2_bf16 100 $PY benchmarks/capture_overhead.py --device cuda --models gpt2 --ranks 16 64 --amp bf16 --rounds 4
 part capture_mlp 40 $PY benchmarks/capture_overhead.py --device cuda --models mlp --ranks 16 64 --quick
-part test_huggingface 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_huggingface.py -k "not ddp and not example"
+part test_huggingface 90 "$site/pytest.sh" -x "$repo/tests/test_huggingface.py" -k "not ddp and not example"
 
 echo "gpu_suite: logs in $OUT; failed parts: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]
