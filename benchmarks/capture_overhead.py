@@ -233,6 +233,8 @@ def workloads(args) -> list[tuple[str, int, int | None]]:
             out += [("gpt2", b, 512) for b in ((8, 32) if not args.quick else (8,))]
         else:
             out += [("gpt2", 8, 128)]
+    if args.batches:
+        out = [(name, b, seq) for name, _, seq in dict.fromkeys((n, None, s) for n, _, s in out) for b in args.batches]
     return out
 
 
@@ -525,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         default="none",
         help="run the forward under torch.autocast in this dtype (rows are still float32 projections)",
     )
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: per model)")
     parser.add_argument("--steps", type=int, default=None, help="interleaved repetitions per arm (all models)")
     parser.add_argument("--models", nargs="+", choices=["mlp", "gpt2"], default=["mlp", "gpt2"])
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before measuring")
