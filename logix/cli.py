@@ -1215,7 +1215,7 @@ def cmd_export(args) -> int:
         done, offset = 0, 0
         block = max(1, BLOCK_BYTES // max(1, log.width * 4))
         with _progress(args, len(all_ids), "export") as bar:
-            for block_ids, rows in log.blocks(columns=columns, block_rows=block):
+            for block_ids, rows in log.blocks(columns=columns, block_rows=block, recycle=True):
                 end = offset + len(block_ids)
                 stop = np.searchsorted(sorted_pos, end, side="left")
                 if stop > done:

@@ -219,7 +219,7 @@ def self_influences(
     """Self-influence under several preconditioners with one read of the rows."""
     ids, values = [], {name: [] for name in pres}
     with _progress(len(log), progress, "self-influence") as bar:
-        for block_ids, rows in log.blocks(block_rows=block_rows):
+        for block_ids, rows in log.blocks(block_rows=block_rows, recycle=True):
             for name, pre in pres.items():
                 values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
             ids.append(block_ids)
@@ -404,7 +404,7 @@ def score(
     kept_ids, kept_scores = [], []
     best_v, best_i = None, None
     with _progress(len(log), progress, "scoring") as bar:
-        for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range, check_finite=False):
+        for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range, check_finite=False, recycle=True):
             bar.update(len(block_ids))
             norms = None
             if train_norms is not None:

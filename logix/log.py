@@ -88,6 +88,33 @@ def default_block_rows(width: int) -> int:
     return max(64, BLOCK_BYTES // max(1, 4 * width))
 
 
+RING_SLOTS = 3  # blocks alive at once while streaming: the caller's, one queued, one being read
+
+
+class _ConversionRing:
+    """float32 buffers that float16 blocks are converted into, reused in turn.
+
+    Safe while at most `slots` blocks are alive at once: the one the caller holds, the ones queued
+    by `_prefetched` (slots - 2) and the one being converted.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.buffers: list[np.ndarray] = []
+        self.turn = 0
+
+    def convert(self, block: np.ndarray) -> np.ndarray:
+        i, self.turn = self.turn, (self.turn + 1) % self.slots
+        if i == len(self.buffers):
+            self.buffers.append(np.empty(block.shape, dtype=np.float32))
+        buffer = self.buffers[i]
+        if buffer.shape[0] < block.shape[0] or buffer.shape[1:] != block.shape[1:]:
+            buffer = self.buffers[i] = np.empty(block.shape, dtype=np.float32)
+        out = buffer[: block.shape[0]]
+        torch.from_numpy(out).copy_(torch.from_numpy(block))
+        return out
+
+
 def _prefetched(blocks, depth: int = 1):
     """Iterate `blocks` on a background thread, `depth` items ahead of the consumer.
 
@@ -249,6 +276,7 @@ class Log:
         block_rows: int | None = None,
         rows: slice | None = None,
         check_finite: bool = True,
+        recycle: bool = False,
     ):
         """Yield (ids, float32 rows) over the pass's valid rows in order, `block_rows` at a time.
 
@@ -257,15 +285,19 @@ class Log:
         disk and computing overlap; at most three blocks are in memory). block_rows defaults to
         about BLOCK_BYTES of float32 rows. `rows` restricts to a range of the pass's stored rows
         (flagged rows included in the counting). check_finite=False skips the check that valid
-        rows are finite, for callers that check their results instead.
+        rows are finite, for callers that check their results instead. recycle=True converts
+        float16 rows into three buffers used in turn instead of fresh memory each block (fresh
+        memory costs a page fault per 4 KB, most of the conversion's time): a block is then only
+        valid until the next one is asked for, so it suits callers that keep nothing of it.
         """
         if block_rows is None:
             block_rows = default_block_rows(self.width)
         if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
             raise ConfigError(f"block_rows must be a positive int, got {block_rows!r}")
-        return _prefetched(self._blocks(columns, int(block_rows), rows, check_finite))
+        ring = _ConversionRing(RING_SLOTS) if recycle else None
+        return _prefetched(self._blocks(columns, int(block_rows), rows, check_finite, ring), depth=RING_SLOTS - 2)
 
-    def _blocks(self, columns, block_rows: int, rows, check_finite: bool):
+    def _blocks(self, columns, block_rows: int, rows, check_finite: bool, ring: _ConversionRing | None = None):
         p = self._require_pass()
         columns = columns or slice(0, self.width)
         all_ids, all_flags = self._ids[p.name], self._flags[p.name]
@@ -281,7 +313,7 @@ class Log:
                     end = min(last, start + block_rows)
                     flags = all_flags[offset + start : offset + end]
                     valid = (flags & FLAG_NONFINITE) == 0
-                    block = self._grads(f, segment, start, end, columns, flags, check_finite)
+                    block = self._grads(f, segment, start, end, columns, flags, check_finite, ring)
                     ids = all_ids[offset + start : offset + end]
                     if not valid.all():  # a copy only when some rows are flagged
                         ids, block = ids[valid], block[valid]
@@ -465,6 +497,7 @@ class Log:
         columns: slice,
         flags: np.ndarray,
         check_finite: bool = True,
+        ring: _ConversionRing | None = None,
     ):
         """float32 rows [start, end) of a segment; rows not flagged must be finite (else: damage)."""
         path = self.path / segment.file
@@ -475,7 +508,7 @@ class Log:
             else:
                 block = read_rows(grads, np.s_[start:end, columns])
             if block.dtype != np.float32:  # float16 storage: torch converts several times faster than numpy
-                block = torch.from_numpy(block).float().numpy()
+                block = ring.convert(block) if ring is not None else torch.from_numpy(block).float().numpy()
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             raise LogFormatError(f"segment {path}: rows {start}..{end} cannot be read: {e}") from e
         if not check_finite:

@@ -249,7 +249,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
         acc = {n: 0 for n in log.modules}
         fisher = {n: 0 for n in raw_modules}
         count = 0
-        for _, rows in log.blocks(block_rows=block_rows):
+        for _, rows in log.blocks(block_rows=block_rows, recycle=True):
             rows = rows.double()
             count += rows.shape[0]
             for name, m in log.modules.items():

@@ -778,3 +778,34 @@ def test_blocks_read_ahead_on_a_thread_that_stops_with_the_consumer(tmp_path):
     assert readers()  # the next block is being read ahead
     stream.close()  # the consumer stops early
     assert not readers()
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 7, 64])
+def test_float16_log_streams_and_scores_like_its_rows(tmp_path, block_rows):
+    """Streaming a float16 log, with fresh or recycled conversion buffers, gives back its rows;
+    scores and self-influence computed block by block equal the dense products."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(23, 6), torch.randint(0, 3, (23,))
+    run = logix.init(tmp_path / "log", rank=4, dtype="float16")
+    run.watch(model)
+    for start in range(0, 23, 5):
+        with run.capture(range(start, min(start + 5, 23))):
+            F.cross_entropy(model(x[start : start + 5]), y[start : start + 5]).backward()
+    run.finalize()
+    log = logix.open(tmp_path / "log")
+    rows = log.rows()
+    assert rows.dtype == torch.float32 and rows.abs().sum() > 0
+    fresh = torch.cat([r.clone() for _, r in log.blocks(block_rows=block_rows)])
+    recycled = [(r.clone(), r.data_ptr()) for _, r in log.blocks(block_rows=block_rows, recycle=True)]
+    assert torch.equal(fresh, rows)
+    assert torch.equal(torch.cat([r for r, _ in recycled]), rows)
+    assert len({ptr for _, ptr in recycled}) <= 3  # the conversion buffers are reused
+    query = log.query(model)
+    with query.capture(["q0", "q1"]):
+        F.cross_entropy(model(x[:2] + 0.5), y[:2]).backward()
+    scores = log.influence(query, block_rows=block_rows).values
+    torch.testing.assert_close(scores, query.rows @ rows.T, rtol=1e-5, atol=1e-6)
+    top = log.influence(query, top_k=3, block_rows=block_rows)
+    torch.testing.assert_close(top.values, torch.topk(query.rows @ rows.T, 3, dim=1).values, rtol=1e-5, atol=1e-6)
+    values = log.self_influence("identity", block_rows=block_rows).values
+    torch.testing.assert_close(values, (rows.double() ** 2).sum(dim=1), rtol=1e-6, atol=1e-9)
