@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -268,6 +269,7 @@ class Result:
     finalize: float = 0.0
     rows: int = 0
     peak_extra: int = 0
+    write_rate: float = 0.0  # bytes/s logix's segment writer stores such rows at, alone
 
 
 class Bench:
@@ -312,6 +314,32 @@ class Bench:
         fn(*a)
         sync(self.device)
         return time.perf_counter() - t
+
+
+def write_rate(tmp: Path, width: int, dtype: str, batch: int, total: int = 128 << 20) -> float:
+    """Bytes/s at which logix's segment writer stores batches of such rows here, with nothing else
+    running (checksums included, one commit at the end): the disk side of the physical bound."""
+    from logix.storage import SegmentWriter
+
+    rows = np.random.default_rng(0).standard_normal((batch, width)).astype(dtype)
+    count = max(4, total // rows.nbytes)
+    path = tmp / f"write-rate-{width}-{batch}-{dtype}.h5"
+    writer = SegmentWriter(path, width, dtype, "int", {})
+    start = time.perf_counter()
+    for i in range(count):
+        writer.append(np.arange(i * batch, (i + 1) * batch), rows, np.zeros(batch, "i8"), np.zeros(batch, "u1"))
+    writer.commit()
+    writer.close()
+    rate = count * rows.nbytes / (time.perf_counter() - start)
+    path.unlink()
+    return rate
+
+
+def disk_bound(r: Result) -> float:
+    """The least total ratio any logger that stores every row could reach: the plain step, or the
+    time to write one step's rows at the measured rate if that is longer (full overlap assumed)."""
+    plain = statistics.median(r.plain)
+    return max(1.0, r.batch * r.bytes_per_row / r.write_rate / plain) if r.write_rate else float("nan")
 
 
 def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
@@ -361,6 +389,7 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     res.width = log.width
     res.bytes_per_row = log.width * getattr(torch, log.config.dtype).itemsize
     res.rows = len(log.ids)
+    res.write_rate = write_rate(tmp, res.width, args.dtype, batch)
     if res.rows != res.block_steps * batch:
         raise SystemExit(f"{name}: expected {res.block_steps * batch} committed rows after finalize, got {res.rows}")
 
@@ -430,6 +459,7 @@ def table(results: list[Result]) -> str:
         "ratio",
         "ratio+drain",
         "total ratio",
+        "disk bound",
         "rows/s",
         "peak extra MB",
     ]
@@ -452,6 +482,7 @@ def table(results: list[Result]) -> str:
                 f"{paired(r.capt, r.plain):.3f}",
                 f"{paired(r.drained, r.plain):.3f}",
                 f"{r.block_capt / r.block_plain:.3f}",
+                f"{disk_bound(r):.2f}",
                 f"{r.rows / r.block_capt:.0f}",
                 f"{r.peak_extra / 2**20:.1f}",
             ]
@@ -474,7 +505,8 @@ def details(results: list[Result]) -> str:
             f"IQR ms plain {iqr_ms(r.plain)}, "
             f"capt {iqr_ms(r.capt)}, +drain {iqr_ms(r.drained)}; block phase {r.block_steps} steps per arm: "
             f"plain {r.block_plain:.2f} s, captured+drain {r.block_capt:.2f} s "
-            f"(finalize {r.finalize * 1e3:.1f} ms), {r.rows} rows committed"
+            f"(finalize {r.finalize * 1e3:.1f} ms), {r.rows} rows committed; "
+            f"segment writer alone {r.write_rate / 1e6:.0f} MB/s"
         )
     return "\n".join(lines)
 
@@ -578,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
         "batch is written and committed; ms columns: medians per arm (interleaved phase); ratio(s): median over\n"
         "repetitions of capt / plain in the same repetition; total ratio: captured rounds (until committed, finalize\n"
         "included) / plain rounds (block phase); rows/s: rows committed per second of captured training in the block\n"
-        "phase; peak extra MB: see the line at the top."
+        "phase; disk bound: the least total ratio a logger that stores every row could reach here, max(1, time to\n"
+        "write one step's rows at the rate logix's segment writer alone reaches on this disk / plain step);\n"
+        "peak extra MB: see the line at the top."
     )
     print()
     print(details(results))

@@ -15,6 +15,8 @@ not projected); with batch B, T positions per example and rows stored as s-byte 
                they are gathered into, 4 B D with D = sum of k_out k_in; on a GPU also the pinned
                host copy, s B D. Up to queue_size batches of host rows (default 16) may wait for
                the writer: 16 s B D at most.
+  bf16 autocast on a GPU: the projections are also kept in bf16 on the device, 2 (k_in (d_in + b)
+               + k_out d_out) bytes per layer more.
 
 The 1B example is a Llama-3.2-1B-shaped stack (16 layers of q, k, v, o, gate, up, down; hidden
 2048, MLP 8192, grouped k/v 512; no bias). The measured check builds stacks of Linear layers on
@@ -64,6 +66,7 @@ def formula(
         "row buffer (+ pinned host copy on GPU)": rows,
         "per batch in all, at most": acts + blocks + rows,
         "writer queue at most": queue * row_bytes * batch * width,
+        "bf16 projections (GPU autocast only)": proj / 2,
     }
 
 
