@@ -64,15 +64,7 @@ def source(tmp_path_factory):
     """A finished log (int ids, EK-FAC and raw statistics) and what reading it must give."""
     path = tmp_path_factory.mktemp("faults") / "log"
     model = write_log(path, lambda b: list(range(4 * b, 4 * b + 4)))
-    log = logix.open(path)
-    q = query_of(log, model)
-    expected = {
-        "ids": log.ids.tolist(),
-        "rows": log.rows(),
-        "self": log.self_influence("ekfac").values,
-        "scores": log.influence(q, "kfac").values,
-    }
-    return path, model, expected
+    return path, model, read_everything(path, model)
 
 
 @pytest.fixture(scope="module")
@@ -346,18 +338,13 @@ def test_tampered_segment_messages_name_the_file(log_copy):
 def test_string_ids_that_are_not_utf8(str_source, tmp_path):
     path = tmp_path / "log"
     shutil.copytree(str_source, path)
-    segment = path / SEGMENT
-    with h5py.File(segment, "r") as f:
-        data = {name: f[name][()] for name in f}
-    segment.unlink()
-    with h5py.File(segment, "w") as f:
-        for name, value in data.items():
-            if name == "ids":
-                ids = [bytes(v) for v in value]
-                ids[2] = b"\xff\xfe broken"
-                f.create_dataset(name, data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            else:
-                f.create_dataset(name, data=value)
+
+    def broken(ids):
+        ids = [bytes(v) for v in ids]
+        ids[2] = b"\xff\xfe broken"
+        return np.array(ids, dtype=object)
+
+    rewrite_segment(path / SEGMENT, ids=broken)
     with pytest.raises(LogFormatError, match="p000-r0-s000.h5.*not UTF-8"):
         logix.open(path)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_faults import rewrite_segment
 from torch import nn
 
 import logix
@@ -109,15 +110,8 @@ def _plant(file: Path, key: str, sentinel: Path, how: str) -> None:
 
 def _segment_rewritten(path: Path, key: str, sentinel: Path, how: str) -> None:
     """The segment again, plain (not SWMR), with one dataset replaced by a pickle payload."""
-    segment = path / SEGMENT
-    with h5py.File(segment, "r") as f:
-        data = {name: f[name][()] for name in f}
-    segment.unlink()
-    with h5py.File(segment, "w") as f:
-        for name, value in data.items():
-            if name != key:
-                f.create_dataset(name, data=value)
-    _plant(segment, key, sentinel, how)
+    rewrite_segment(path / SEGMENT, **{key: None})
+    _plant(path / SEGMENT, key, sentinel, how)
 
 
 @pytest.mark.parametrize("how", ["opaque", "bytes", "vlen_bytes", "npy"])
