@@ -124,26 +124,23 @@ class Watched:
         return self._cache[key]
 
 
-def _autocast_enabled(device: torch.device) -> bool:
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmul-type layers in on this device right now; None when it is off."""
     try:
-        return torch.is_autocast_enabled(device.type)
+        enabled = torch.is_autocast_enabled(device.type)
     except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _explicit_dtypes(device: torch.device):
-    """Autocast off around the projections: they run in the dtype `_projection_dtype` chose."""
-    return torch.autocast(device_type=device.type, enabled=False) if _autocast_enabled(device) else nullcontext()
-
-
-def _autocast_bfloat16(device: torch.device) -> bool:
-    """Whether a matmul-type layer on this device computes in bfloat16 right now (autocast)."""
-    if not _autocast_enabled(device):
-        return False
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
     try:
-        return torch.get_autocast_dtype(device.type) == torch.bfloat16
+        return torch.get_autocast_dtype(device.type)
     except AttributeError:  # torch < 2.4
-        return device.type == "cuda" and torch.get_autocast_gpu_dtype() == torch.bfloat16
+        return torch.get_autocast_gpu_dtype() if device.type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _explicit_dtypes(autocast: torch.dtype | None, device: torch.device):
+    """Autocast off around the projections: they run in the dtype `_projection_dtype` chose."""
+    return torch.autocast(device_type=device.type, enabled=False) if autocast is not None else nullcontext()
 
 
 def _projection_dtype(layer_in_bfloat16: bool, device: torch.device) -> torch.dtype:
@@ -213,9 +210,10 @@ class Collector:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
             device = output.device
-            layer_in_bfloat16 = w.kind.matmul and (x.dtype == torch.bfloat16 or _autocast_bfloat16(device))
+            autocast = _autocast_dtype(device)
+            layer_in_bfloat16 = w.kind.matmul and torch.bfloat16 in (x.dtype, autocast)
             proj_in = w.projections(device, _projection_dtype(layer_in_bfloat16, device))[0]
-            with _explicit_dtypes(device):  # x is detached and P needs no grad: no graph is built
+            with _explicit_dtypes(autocast, device):  # x is detached and P needs no grad: no graph is built
                 acts = w.kind.project_inputs(module, x.detach(), proj_in)
                 mask = self._mask_for(acts)
                 if mask is not None:
@@ -233,7 +231,7 @@ class Collector:
             def grad_hook(grad: Tensor) -> None:
                 if not self._active:  # a backward after the capture ended: not ours to record
                     return
-                with _explicit_dtypes(grad.device):
+                with _explicit_dtypes(_autocast_dtype(grad.device), grad.device):
                     delta = w.kind.output_grads(module, grad.detach())
                     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
                     dtype = _projection_dtype(delta.dtype == torch.bfloat16, delta.device)
