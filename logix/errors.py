@@ -31,3 +31,18 @@ class LogFormatError(LogixError, OSError):
 
 class StatisticsError(LogixError, ArithmeticError):
     """A covariance is not finite or has no data; named by module, never handed to eigh."""
+
+
+class NotInLogError(LogixError, KeyError):
+    """A pass, module or id that was asked for is not in the log (also a KeyError, as a lookup miss)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class LogInUseError(LogixError, RuntimeError):
+    """Another job (or another Run in this process) is writing the log; one writer at a time."""
+
+
+class MissingExtraError(LogixError, ImportError):
+    """An integration needs a package that is not installed; the message names the extra to install."""
