@@ -86,6 +86,7 @@ class Capture:
         observer: Callable | None = None,
         discard: Callable[[], None] = lambda: None,
         keep_rows: bool = True,
+        label: str = "run.capture",
     ):
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -99,12 +100,15 @@ class Capture:
         self.scaler = scaler
         self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
         self.keep_rows = keep_rows
+        self.label = label  # how the user created it, for messages: "run.capture" or "q.capture"
+        self.entered = False  # a capture created but never entered logs nothing: its owner refuses that
         self.collector: Collector | None = None
         self.keep: list[bool] | None = None
         self.active = False  # between __enter__ and __exit__: adapters find the open capture by it
         self._backprop_scale: Tensor | None = None
 
     def __enter__(self) -> Capture:
+        self.entered = True
         if self.mask is not None:
             if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
                 shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
@@ -112,7 +116,7 @@ class Capture:
         self.keep = self._check(self.ids)
         keep = None if self.keep is None or all(self.keep) else torch.tensor(self.keep)
         self.collector = Collector(
-            self.watched, mask=self.mask, keep=keep, observer=self._observer, keep_rows=self.keep_rows
+            self.watched, mask=self.mask, keep=keep, observer=self._observer, keep_rows=self.keep_rows, label=self.label
         )
         self.collector.__enter__()
         self.active = True
@@ -175,6 +179,16 @@ class Capture:
             if measured is not None:  # no host sync; a zero shows up as flagged rows
                 factor = measured * factor
         return factor
+
+
+def refuse_unentered(cap: Capture | None) -> None:
+    """Raise if `cap` was created but its block never ran: that batch was silently not logged."""
+    if cap is not None and not cap.entered:
+        ids = cap.ids[:5]
+        raise CaptureError(
+            f"{cap.label}(ids) for ids {ids}{'...' if len(cap.ids) > 5 else ''} was created but never entered, so "
+            f"that batch was not captured: use it as `with {cap.label}(ids):` around the forward and backward"
+        )
 
 
 def running(cap: Capture | None) -> Capture | None:

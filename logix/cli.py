@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
-from .errors import ConfigError, LogFormatError, LogixError, StatisticsError
+from .errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
 from .influence import MODES, PRECONDITIONERS
+from .lock import find_writer, last_writer
 from .log import Log
 from .statistics import RAW_MAX_WIDTH, SUM_KEYS
 from .storage import FLAG_NONFINITE, FORMAT, MANIFEST, PROJECTIONS, SCHEMA_VERSION, SEGMENTS, read_manifest
@@ -181,8 +182,8 @@ def open_log(path: str, pass_name: str | None) -> Log:
     root = _log_dir(path)
     try:
         return Log(root, pass_name=pass_name)
-    except KeyError as e:
-        raise CliError(_key_message(e)) from None
+    except NotInLogError as e:
+        raise CliError(str(e)) from None
 
 
 def require_intact(log: Log) -> None:
@@ -203,10 +204,6 @@ def require_intact(log: Log) -> None:
                 f"segment {path} is truncated ({size} bytes, its data reach {reach}); run `logix verify {log.path}`",
                 1,
             )
-
-
-def _key_message(e: KeyError) -> str:
-    return str(e.args[0]) if e.args else str(e)
 
 
 def _modules_arg(log: Log, text: str | None) -> list[str] | None:
@@ -350,9 +347,35 @@ def _orphan_segments(root: Path, manifest: dict) -> list[str]:
     return sorted(f"{SEGMENTS}/{p.name}" for p in folder.glob("*.h5") if f"{SEGMENTS}/{p.name}" not in listed)
 
 
-def overview(root: Path) -> dict:
-    """Everything `logix info` reports, as plain data (the --json output)."""
+def writer_status(root: Path) -> dict:
+    """Whether a job is writing the log now: {"state": "writing" | "idle" | "unknown", ...}."""
+    try:
+        writer = find_writer(root)
+    except OSError as e:
+        return {"state": "unknown", "why": e.strerror or str(e), "writer": None}
+    if writer is None:
+        last = last_writer(root)
+        return {"state": "idle", "why": None, "writer": None, "last_writer": last and vars(last)}
+    return {"state": "writing", "why": None, "writer": vars(writer)}
+
+
+def _pass_state(p: dict, segments: list[dict], writing: bool) -> str:
+    """finalized, being written (its job holds the log now), crashed, or closed (without finalize)."""
+    if p.get("finalized"):
+        return "finalized"
+    if writing:
+        return "being written"
+    return "crashed" if any(s["recorded"] is None for s in segments) else "closed"
+
+
+def overview(root: Path, pass_name: str | None = None) -> dict:
+    """Everything `logix info` reports, as plain data (the --json output); `pass_name`: that pass only."""
     manifest = read_manifest(root)
+    status = writer_status(root)
+    writing = status["state"] == "writing"
+    names = [p.get("name") for p in manifest["passes"]]
+    if pass_name is not None and pass_name not in names:
+        raise NotInLogError(f"no pass named {pass_name!r} in {root}; passes: {names}")
     config = manifest["config"]
     modules = manifest["modules"]
     projected = {}
@@ -370,6 +393,8 @@ def overview(root: Path) -> dict:
             )
     passes = []
     for p in manifest["passes"]:
+        if pass_name is not None and p.get("name") != pass_name:
+            continue
         segments = [_segment_summary(root, s) for s in p.get("segments", [])]
         for s in segments:
             if s["error"]:
@@ -388,7 +413,7 @@ def overview(root: Path) -> dict:
                 "nonfinite": nonfinite if readable else None,
                 "valid": rows - nonfinite if readable else None,
                 "finalized": bool(p.get("finalized", False)),
-                "crashed": any(s["recorded"] is None for s in segments),
+                "state": _pass_state(p, segments, writing),
                 "meta": p.get("meta", {}),
                 "ranks": sorted({s["rank"] for s in segments}),
                 "segments": segments,
@@ -414,8 +439,20 @@ def overview(root: Path) -> dict:
         "modules": [{**m, "projected": projected.get(m["name"])} for m in modules],
         "passes": passes,
         "orphan_segments": _orphan_segments(root, manifest),
+        "writer": status,
         "problems": problems,
     }
+
+
+def _writer_text(status: dict) -> str:
+    if status["state"] == "unknown":
+        return f"unknown: cannot test the lock ({status['why']})"
+    if status["state"] == "idle":
+        return "none (no job is writing this log)"
+    w = status["writer"]
+    if w["pid"] is None:
+        return "a job that is starting (it holds the lock)"
+    return f"pid {w['pid']} on host {w['host']} since {w['started']} (being written now)"
 
 
 def _rank_text(config: dict) -> str:
@@ -498,7 +535,7 @@ def _info_tables(info: dict) -> dict[str, tuple[list[str], list[list]]]:
 
 def cmd_info(args) -> int:
     root = _log_dir(args.path)
-    info = overview(root)
+    info = overview(root, args.pass_name)
     tables = _info_tables(info)
     if args.json:
         write_json(info)
@@ -527,6 +564,7 @@ def cmd_info(args) -> int:
             ("rows", f"{total_rows} committed in {len(info['passes'])} pass(es)"),
             ("ranks", ", ".join(str(r) for r in info["ranks"]) or "-"),
             ("sessions", info["sessions"]),
+            ("writer", _writer_text(info["writer"])),
             ("size", f"{_human_bytes(info['size_bytes'])} in {info['files']} files"),
         ]
         width = max(len(k) for k, _ in header)
@@ -537,19 +575,27 @@ def cmd_info(args) -> int:
                 print(format_table(*tables[name]))
         notes = []
         for p in info["passes"]:
-            if not p["finalized"]:
+            rows = p["rows"] if p["rows"] is not None else "?"
+            if p["state"] == "being written":
+                notes.append(
+                    f"pass {p['name']!r} is being written by {_writer_text(info['writer'])}: {rows} rows committed "
+                    "so far (readable now; more will come)."
+                )
+            elif not p["finalized"]:
                 how = (
                     "its job stopped without closing a segment (crashed or killed)"
-                    if p["crashed"]
+                    if p["state"] == "crashed"
                     else "it was closed without run.finalize()"
                 )
                 notes.append(
-                    f"pass {p['name']!r} is NOT finalized: {p['rows'] if p['rows'] is not None else '?'} rows "
-                    f"committed; {how}. Its committed rows are readable; it has no curvature statistics. "
-                    "Continue it with logix.init(PATH, ..., resume=True)."
+                    f"pass {p['name']!r} is NOT finalized: {rows} rows committed; {how}. Its committed rows are "
+                    "readable; it has no curvature statistics. Continue it with logix.init(PATH, ..., resume=True)."
                 )
         for orphan in info["orphan_segments"]:
-            notes.append(f"{orphan} is on disk but not in the manifest (a crash); resume=True adopts it")
+            if info["writer"]["state"] == "writing":
+                notes.append(f"{orphan} is not in the manifest yet: the running job writes it")
+            else:
+                notes.append(f"{orphan} is on disk but not in the manifest (a crash); resume=True adopts it")
         for n in notes:
             print(f"\nnote: {n}")
         for problem in info["problems"]:
@@ -587,6 +633,10 @@ class Verifier:
             manifest = self._raw_manifest()
             if manifest is None:
                 return
+        wanted = getattr(self.args, "pass_name", None)
+        names = [p.get("name") for p in manifest["passes"] if isinstance(p, dict)]
+        if wanted is not None and wanted not in names:
+            raise NotInLogError(f"no pass named {wanted!r} in {self.root}; passes: {names}")
         try:
             self._check(manifest)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -634,8 +684,16 @@ class Verifier:
         self._check_projections(modules)
         width = manifest["width"]
         dtype = config.dtype if config else None
+        wanted = getattr(self.args, "pass_name", None)
+        status = writer_status(self.root)
+        if status["state"] == "writing":
+            self.notes.append(
+                f"the log is being written by {_writer_text(status)}: rows committed after this check are not covered"
+            )
         jobs = []
         for p in manifest["passes"]:
+            if wanted is not None and p.get("name") != wanted:
+                continue
             self.counts["passes"] += 1
             jobs.append((p, self._open_segments(p, width, dtype, manifest.get("id_kind"))))
         total = sum(n for _, segs in jobs for _, n in segs)
@@ -644,7 +702,9 @@ class Verifier:
                 valid = self._check_rows(p, segments, width, bar)
                 self._check_statistics(p, modules, config, valid)
         for orphan in _orphan_segments(self.root, manifest):
-            if orphan.endswith(".h5"):
+            if status["state"] == "writing":
+                self.notes.append(f"{orphan} is not in the manifest yet: the running job writes it")
+            else:
                 self.notes.append(f"{orphan} is on disk but not in the manifest (a crash); resume=True adopts it")
 
     def _check_modules(self, manifest: dict) -> list[dict]:
@@ -1338,7 +1398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "info",
-        parents=[common, formats],
+        parents=[common, passes, formats],
         formatter_class=_Formatter,
         help="what the log holds: passes, rows, modules, config, statistics, size",
         description="Describe a log: its config (rank, dtype, projection, seed, statistics), schema version, "
@@ -1357,7 +1417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "verify",
-        parents=[common],
+        parents=[common, passes],
         formatter_class=_Formatter,
         help="read every committed row and statistic; exit 0 if sound, 1 naming each problem",
         description="Check a log end to end: the manifest (config, module sizes and offsets, width), the "
@@ -1451,24 +1511,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at exit
+        return status
     except CliError as e:
         return _fail(str(e), e.status)
-    except KeyError as e:
-        return _fail(_key_message(e), 2)
-    except ConfigError as e:
+    except (ConfigError, NotInLogError) as e:
         return _fail(str(e), 2)
     except (LogFormatError, StatisticsError) as e:
         return _fail(str(e), 1)
     except LogixError as e:
         return _fail(str(e), 1)
     except BrokenPipeError:
-        try:  # the reader (head, less) went away: stop quietly
+        try:  # the reader (head, less) went away: it has what it wanted, so stop quietly and succeed
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         except (OSError, ValueError):
             pass
-        return 1
+        return 0
     except OSError as e:
         return _fail(f"{e}", 1)
     except KeyboardInterrupt:

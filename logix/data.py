@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from .errors import ConfigError
+
 
 class WithIds(Dataset):
     """`WithIds(dataset)[i]` is `(i, *dataset[i])` for tuple items, `{**dataset[i], key: i}` for dicts.
@@ -24,7 +26,7 @@ class WithIds(Dataset):
         item = self.dataset[index]
         if isinstance(item, dict):
             if self.key in item:
-                raise KeyError(f"dataset items already have a {self.key!r} field; pass WithIds(ds, key=...)")
+                raise ConfigError(f"dataset items already have a field {self.key!r}; pass WithIds(ds, key=...)")
             return {**item, self.key: index}
         if isinstance(item, (tuple, list)):
             return (index, *item)

@@ -172,8 +172,10 @@ class Collector:
         keep: Tensor | None = None,
         observer: Callable | None = None,
         keep_rows: bool = True,
+        label: str = "run.capture",
     ):
         self.watched = watched
+        self.label = label
         self.keep_rows = keep_rows
         self.mask = mask
         self.keep = keep
@@ -296,11 +298,11 @@ class Collector:
             if self.forwards == 0:
                 raise CaptureError(
                     "no watched module ran a forward with gradients inside the capture block; "
-                    "run the forward pass inside `with run.capture(ids):` (and not under torch.no_grad())"
+                    f"run the forward pass inside `with {self.label}(ids):` (and not under torch.no_grad())"
                 )
             raise CaptureError(
                 "no gradient reached the watched modules inside the capture block; "
-                "call loss.backward() inside `with run.capture(ids):`"
+                f"call loss.backward() inside `with {self.label}(ids):`"
             )
         if self.mask is not None and self.masked_calls == 0:
             raise CaptureError(

@@ -8,6 +8,7 @@ writing; it sees exactly the rows below each segment's `committed` counter at op
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ import torch
 
 from .config import Config
 from .distributed import World
-from .errors import ConfigError, LogFormatError
+from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, Scores, SelfInfluence, score, self_influence_values
+from .lock import Writer, find_writer
 from .query import Query
 from .storage import (
     FLAG_NONFINITE,
@@ -33,6 +35,8 @@ from .storage import (
     read_projections,
     read_rows,
 )
+
+logger = logging.getLogger("logix")
 
 
 @dataclass(frozen=True)
@@ -170,8 +174,10 @@ class Log:
 
     def __init__(self, path: str | Path, pass_name: str | None = None):
         self.path = Path(path)
+        if not self.path.exists():
+            raise LogFormatError(f"{self.path}: no such directory; give the path that logix.init wrote")
         if not self.path.is_dir():
-            raise LogFormatError(f"{self.path} is not a logix log directory")
+            raise LogFormatError(f"{self.path} is a file, not a logix log directory")
         self._pass_name = pass_name
         self.refresh()
 
@@ -216,7 +222,7 @@ class Log:
         for p in self.passes:
             if p.name == name:
                 return p
-        raise KeyError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
+        raise NotInLogError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
 
     def select(self, pass_name: str) -> Log:
         """The same log, reading another pass."""
@@ -381,7 +387,7 @@ class Log:
         if not across_ranks or not world.distributed:
             return result
         parts = world.gather(result)
-        if any(part.query_ids != parts[0].query_ids for part in parts):
+        if any(not np.array_equal(part.query_ids, parts[0].query_ids) for part in parts):
             raise ConfigError("across_ranks: the ranks scored different queries; capture the same query on every rank")
         return type(result).merge(parts, largest) if top_k is not None else Scores.merge(parts)
 
@@ -435,6 +441,19 @@ class Log:
             raise LogFormatError(f"statistics {path}: self_influence/{preconditioner} holds non-finite numbers")
         return SelfInfluence(values, self.ids)
 
+    @property
+    def writer(self) -> Writer | None:
+        """The job writing this log now (pid, host, start time), or None when none is.
+
+        A pass that is not finalized while no job writes the log was left by a crash (or by
+        run.close()); `logix.init(path, ..., resume=True)` continues it. Needs only read access.
+        """
+        try:
+            return find_writer(self.path)
+        except OSError as e:
+            logger.warning("logix: cannot tell whether a job is writing %s: %s", self.path, e)
+            return None
+
     def projections(self) -> dict[str, tuple]:
         """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""
         path = self.path / PROJECTIONS
@@ -444,14 +463,16 @@ class Log:
 
     def __repr__(self) -> str:
         name = self.current.name if self.current else None
-        state = "" if self.current is None or self.current.finalized else ", NOT finalized"
+        state = ""
+        if self.current is not None and not self.current.finalized:
+            state = ", being written" if self.writer is not None else ", NOT finalized"
         return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)}{state})"
 
     # -- reading segments ------------------------------------------------------------------------
 
     def _module(self, name: str) -> ModuleInfo:
         if name not in self.modules:
-            raise KeyError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
+            raise NotInLogError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
         return self.modules[name]
 
     def _open(self, segment: SegmentInfo) -> h5py.File:

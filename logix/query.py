@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, running
+from .capture import Capture, refuse_unentered, running
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
+from .influence import as_ids
 from .kinds import kind_of
 
 
@@ -70,6 +72,7 @@ class Query:
         scaler: Any = None,
     ) -> Capture:
         """Capture query examples' gradients; same arguments and loss conventions as Run.capture."""
+        self._refuse_unentered()
         self._last_capture = Capture(
             self.watched,
             ids,
@@ -78,8 +81,16 @@ class Query:
             scale=scale,
             scaler=scaler,
             accept=self._accept,
+            label="q.capture",
         )
         return self._last_capture
+
+    def _refuse_unentered(self) -> None:
+        """Raise (once) if the last capture was created but never entered."""
+        cap = self._last_capture
+        if cap is not None and not cap.entered:
+            self._last_capture = None
+            refuse_unentered(cap)
 
     @property
     def active_capture(self) -> Capture | None:
@@ -97,13 +108,15 @@ class Query:
     @property
     def rows(self) -> Tensor:
         """(Q, D) float32 query rows, in capture order."""
+        self._refuse_unentered()  # scoring reads these: a batch never captured must not go missing silently
         if not self._rows:
             return torch.zeros(0, self.log.width)
         return torch.cat(self._rows)
 
     @property
-    def ids(self) -> list:
-        return list(self._ids)
+    def ids(self) -> np.ndarray:
+        """Query ids in capture order, aligned with `rows`: int64, or an object array of str (as `Log.ids`)."""
+        return as_ids(self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .capture import Capture, id_kind, running
+from .capture import Capture, id_kind, refuse_unentered, running
 from .config import Config
 from .distributed import World, reduce_sums
-from .errors import CaptureError, ConfigError, DuplicateIdError, LogixError, ModelMismatchError
+from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
+from .lock import LOCK_FILE, WriterLock
 from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
 from .statistics import CovarianceSums, factors, finalize_pass, read_sums_attrs, save_sums
 from .storage import (
@@ -161,6 +162,8 @@ class Run:
         self._failed_passes: set[str] = set()
         self._closed = False
         self._last_capture: Capture | None = None
+        self._created: Capture | None = None  # the latest capture handed out, to check it was entered
+        self._lock: WriterLock | None = None  # rank 0's hold on the log, from here to close
         self._check_ranks_agree()
         self._manifest = self._open_on_rank0()
         self.session = self._manifest["sessions"] - 1
@@ -169,8 +172,7 @@ class Run:
     # -- the log directory -----------------------------------------------------------------------
 
     def _open_or_create(self) -> dict:
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"{self.path} is a file; a log is a directory: choose another path")
+        """The manifest of the log at `path`, or a new one; called with the writer lock held."""
         if (self.path / MANIFEST).exists():
             manifest = read_manifest(self.path)
             logged = Config.from_json(manifest["config"])
@@ -180,14 +182,9 @@ class Run:
                     "open it with the same settings or write to a new path"
                 )
             return manifest
-        if self.path.is_dir():
-            for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # a crash while writing the first manifest
-                leftover.unlink(missing_ok=True)
-            if any(self.path.iterdir()):
-                raise ConfigError(
-                    f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it"
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # a crash while writing the first manifest
+            leftover.unlink(missing_ok=True)
+        self._refuse_foreign_directory()
         return {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -200,6 +197,17 @@ class Run:
             "sessions": 0,
             "passes": [],
         }
+
+    def _refuse_foreign_directory(self) -> None:
+        """A path that is a file, or a directory holding anything but a log, is not written into."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file; a log is a directory: choose another path")
+        if not self.path.is_dir() or (self.path / MANIFEST).exists():
+            return
+        ours = {LOCK_FILE}
+        foreign = [p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith(f".{MANIFEST}.")]
+        if foreign:
+            raise ConfigError(f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it")
 
     def _check_ranks_agree(self) -> None:
         configs = self.world.gather(self.config.to_json())
@@ -216,18 +224,31 @@ class Run:
         outcome, error = None, None
         if self.rank == 0:
             try:
+                self._refuse_foreign_directory()
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._lock = WriterLock.acquire(self.path)
                 manifest = self._open_or_create()
                 manifest["sessions"] += 1
                 write_json_atomic(self.path / MANIFEST, manifest)
                 outcome = manifest
             except LogixError as e:
                 error = e
+                self._release_lock()
+            except BaseException:
+                self._release_lock()
+                raise
         outcome = self.world.broadcast(outcome if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         if isinstance(outcome, str):
-            raise ConfigError(f"rank 0 could not open {self.path}: {outcome}")
+            kind = LogInUseError if outcome.startswith(LogInUseError.__name__) else ConfigError
+            raise kind(f"rank 0 could not open {self.path}: {outcome}")
         return outcome
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _save_manifest(self) -> None:
         """Rank 0 owns the manifest; the other ranks keep their copy in memory only."""
@@ -300,13 +321,9 @@ class Run:
             )
         if self._manifest["modules"]:
             if modules != self._manifest["modules"]:
-                logged = {m["name"]: (m["d_out"], m["d_in"]) for m in self._manifest["modules"]}
-                asked = {m["name"]: (m["d_out"], m["d_in"]) for m in modules}
                 raise ModelMismatchError(
                     f"the model does not match the modules logged in {self.path}: "
-                    f"missing {sorted(set(logged) - set(asked))}, new {sorted(set(asked) - set(logged))}, "
-                    f"different shapes {sorted(n for n in set(logged) & set(asked) if logged[n] != asked[n])}"
-                    " (or a different include/exclude selection)"
+                    f"{_module_differences(self._manifest['modules'], modules)}"
                 )
         self.watched = watched
         self._new_modules = None
@@ -356,6 +373,7 @@ class Run:
         self._fitting = (fit_watched, CovarianceSums())
         try:
             yield self
+            self._refuse_unentered()
             sums = reduce_sums(self.world, self._fitting[1].to_host())
         finally:
             self._fitting = None
@@ -400,6 +418,7 @@ class Run:
         Under torch.distributed every rank calls this together.
         """
         self._check_open()
+        self._refuse_unentered()
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
         existing = next((p for p in self._manifest["passes"] if p["name"] == name), None)
@@ -612,11 +631,12 @@ class Run:
         step: the training step recorded with the rows (default: the run's step counter).
         """
         self._check_open()
+        self._refuse_unentered()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
         if self._fitting is not None:
             fit_watched, sums = self._fitting
-            return Capture(
+            self._created = Capture(
                 fit_watched,
                 ids,
                 mask=mask,
@@ -628,6 +648,7 @@ class Run:
                 discard=sums.discard_batch,
                 keep_rows=False,
             )
+            return self._created
         if self._pca_pending:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
         if self._pass is None:
@@ -644,7 +665,13 @@ class Run:
             observer=self._sums.observe if self._sums is not None else None,
             discard=self._sums.discard_batch if self._sums is not None else lambda: None,
         )
+        self._created = self._last_capture
         return self._last_capture
+
+    def _refuse_unentered(self) -> None:
+        """The last capture must have been entered: one that never ran its block logged nothing."""
+        cap, self._created = self._created, None
+        refuse_unentered(cap)
 
     @property
     def active_capture(self) -> Capture | None:
@@ -745,15 +772,25 @@ class Run:
         """Wait until every captured row is written and committed, and checkpoint the pass's statistics
         (the pass stays open)."""
         self._check_open()
+        self._refuse_unentered()
         if self._writer is not None:
             self._writer.flush()
         if self._pass is not None:
             self._checkpoint_sums()
 
     def finalize(self) -> None:
-        """Write out every row and mark this session's passes complete. Idempotent."""
+        """Write out every row and mark this session's passes complete. Idempotent.
+
+        If the last capture was never entered, its batch is missing: the run is closed without
+        finalizing (committed rows kept; resume=True continues the pass) and CaptureError raised.
+        """
         if self._closed:
             return
+        try:
+            self._refuse_unentered()
+        except CaptureError as e:
+            self.close()
+            raise CaptureError(f"{e}. The run is closed without finalizing; its committed rows are kept") from None
         self.close(finalized=True)
 
     def close(self, finalized: bool = False) -> None:
@@ -772,6 +809,7 @@ class Run:
                     self._finalize_on_rank0()
             finally:
                 self._save_manifest()
+                self._release_lock()
                 _open_runs.discard(self)
                 self.world.barrier()  # no rank returns before rank 0 has written the final manifest
 
@@ -806,11 +844,36 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(finalized=exc_type is None)
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
 
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
+
+
+def _module_differences(logged: list[dict], asked: list[dict]) -> str:
+    """What differs between the logged modules and the watched ones, with their shapes."""
+
+    def shape(m: dict) -> str:  # the gradient matrix logix logs, a bias column included
+        return f"{m['kind']} {m['d_out']}x{m['d_in']}"
+
+    before, now = {m["name"]: m for m in logged}, {m["name"]: m for m in asked}
+    parts = [f"missing {n} {shape(m)}" for n, m in before.items() if n not in now][:5]
+    parts += [f"new {n} {shape(m)}" for n, m in now.items() if n not in before][:5]
+    parts += [
+        f"{n} logged as {shape(before[n])}, now {shape(now[n])}"
+        for n in before
+        if n in now and shape(before[n]) != shape(now[n])
+    ][:5]
+    if not parts and list(before) != list(now):
+        parts.append(f"the same modules in another order (logged {list(before)[:5]}, now {list(now)[:5]})")
+    if not parts:
+        parts.append("the projected sizes differ (another rank= or the same model with other include/exclude)")
+    advice = "Watch the same model with the same include/exclude, or write to a new path"
+    return "; ".join(parts) + f" (gradient shapes d_out x d_in). {advice}"
 
 
 def _session_of(file: str) -> int:

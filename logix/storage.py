@@ -19,7 +19,7 @@ import logging
 import os
 import queue
 import re
-import tempfile
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -43,8 +43,13 @@ FLAG_NONFINITE = 1  # the row holds NaN or Inf (or overflowed float16): never a 
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half.
+
+    The temporary file is created with mode 0666 less the umask, like every other file of the log,
+    so the manifest is as readable as the rest (mkstemp would make it private to the writer).
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)

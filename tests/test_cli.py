@@ -512,3 +512,36 @@ def test_console_script_in_a_subprocess(tmp_path, logs):
     result = json.loads(done.stdout)
     assert done.returncode == 1 and not result["ok"] and result["checked"]["rows"] == 48
     assert done.stderr.startswith("logix: error:") and "Traceback" not in done.stderr
+
+
+def test_info_and_verify_take_pass(capsys, logs):
+    train, _, _ = logs
+    code, out, _ = run_cli(capsys, "info", train, "--pass", "epoch1", "--json")
+    info = json.loads(out)
+    assert code == 0 and [p["name"] for p in info["passes"]] == ["epoch1"] and info["passes"][0]["nonfinite"] == 1
+    code, out, _ = run_cli(capsys, "info", train, "--pass", "epoch0")
+    assert code == 0 and "epoch0" in out and "epoch1" not in out
+    code, out, _ = run_cli(capsys, "verify", train, "--pass", "epoch0")
+    assert code == 0 and "checked 1 pass(es), 1 segment(s), 24 committed rows" in out
+    for command in ("info", "verify"):
+        code, _, err = run_cli(capsys, command, train, "--pass", "epoch7")
+        assert code == 2 and err.count("\n") == 1
+        assert "no pass named 'epoch7'" in err and "['epoch0', 'epoch1']" in err, err
+
+
+def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
+    """`logix export ... --out - | head` stops quietly with status 0: a closed pipe is not a damaged log."""
+    path = tmp_path / "big"  # megabytes of CSV: far more than a pipe buffers
+    model = nn.Sequential(nn.Linear(6, 200))
+    with logix.init(path, rank="full") as run:
+        run.watch(model)
+        for start in range(0, 600, 100):
+            with run.capture(list(range(start, start + 100))):
+                model(torch.randn(100, 6)).pow(2).sum().backward()
+    script = Path(sys.executable).with_name("logix")
+    logix_cmd = str(script) if script.exists() else f"{sys.executable} -m logix"
+    for command in (f"export {path} --all --out -", f"export {path} --all --module 0 --out -"):
+        pipeline = f"{logix_cmd} {command} 2>{tmp_path}/err | head -c 10; exit ${{PIPESTATUS[0]}}"
+        done = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=300)
+        err = (tmp_path / "err").read_text()
+        assert done.returncode == 0 and len(done.stdout) == 10 and err == "", (command, done.returncode, err)

@@ -521,20 +521,57 @@ def test_later_session_with_another_model(setup):
     run.finalize()
     later = logix.init(path, rank="full")
     other = nn.Sequential(nn.Linear(D_IN, D_HID + 1), nn.Tanh(), nn.Linear(D_HID + 1, D_OUT))
-    with pytest.raises(ModelMismatchError, match=r"different shapes \['0', '2'\]"):
+    shapes = (  # gradient shapes, the bias column included
+        f"0 logged as linear {D_HID}x{D_IN + 1}, now linear {D_HID + 1}x{D_IN + 1}; "
+        f"2 logged as linear {D_OUT}x{D_HID + 1}, now linear {D_OUT}x{D_HID + 2}"
+    )
+    with pytest.raises(ModelMismatchError, match=shapes):
         later.watch(other)
-    with pytest.raises(ModelMismatchError, match=r"missing \['2'\]"):
+    with pytest.raises(ModelMismatchError, match=f"missing 2 linear {D_OUT}x{D_HID + 1}"):
         later.watch(model, exclude=["2"])
     later.finalize()
     assert_log_holds(path, model, [first])
 
 
 def test_open_something_that_is_not_a_log(tmp_path):
-    with pytest.raises(LogFormatError, match="not a logix log"):
+    with pytest.raises(LogFormatError, match="missing: no such directory"):
         logix.open(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LogFormatError, match="is a file, not a logix log directory"):
+        logix.open(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(LogFormatError, match="manifest.json is missing"):
         logix.open(tmp_path / "empty")
+
+
+def test_names_not_in_the_log_are_logix_errors_and_key_errors(setup):
+    """A pass or module that is not there is a LogixError (as every misuse is) and still a KeyError."""
+    path, model, run, first = setup
+    run.finalize()
+    log = logix.open(path)
+    misses = {
+        "open": lambda: logix.open(path, pass_name="x"),
+        "select": lambda: log.select("x"),
+        "pass_info": lambda: log.pass_info("x"),
+        "gradients": lambda: log.gradients("zzz"),
+        "influence": lambda: log.self_influence(modules=["zzz"]),
+    }
+    for what, call in misses.items():
+        with pytest.raises(logix.NotInLogError) as miss:
+            call()
+        assert isinstance(miss.value, LogixError) and isinstance(miss.value, KeyError), what
+        message = str(miss.value)
+        assert not message.startswith(("'", '"')), f"{what}: KeyError's quoting leaked into {message!r}"
+        assert ("'x'" in message and "['pass0']" in message) or ("'zzz'" in message and "['0', '2']" in message), (
+            what,
+            message,
+        )
+    assert_log_holds(path, model, [first])
+
+
+def test_with_ids_on_items_that_have_the_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="already have a field 'id'"):
+        logix.WithIds([{"id": 3, "x": 1}])[0]
 
 
 @pytest.mark.parametrize("rank", [1, "full", (2, 3), [2, "full"], ("full", 1)])
@@ -669,3 +706,91 @@ def test_a_module_broadcast_over_the_batch_is_named_with_the_fix(tmp_path):
         model(input_ids=tokens, position_ids=positions, labels=tokens).loss.backward()
     run.finalize()
     assert len(logix.open(tmp_path / "log")) == 3
+
+
+# -- a capture that is created but never entered ---------------------------------------------------
+
+
+def test_a_capture_never_entered_is_an_error_at_the_next_capture(setup):
+    path, model, run, first = setup
+    x, y = batch_for(6, seed=2)
+    run.capture([10, 11, 12, 13, 14, 15])  # forgot `with`
+    example_losses(model, x, y).mean().backward()
+    never = r"run.capture\(ids\) for ids \[10, 11, 12, 13, 14\]... was created but never entered"
+    with pytest.raises(CaptureError, match=never):
+        run.capture([20, 21])
+    second = ([20, 21, 22, 23, 24, 25], x, y)
+    log_batch(run, model, *second)  # the next, well-formed capture works
+    run.finalize()
+    assert_log_holds(path, model, [first, second])
+
+
+@pytest.mark.parametrize("ending", ["finalize", "with", "start_pass", "flush"])
+def test_a_capture_never_entered_is_an_error_at_the_end(setup, ending):
+    path, model, run, first = setup
+    run.capture([6, 7])
+    with pytest.raises(CaptureError, match=r"ids \[6, 7\] was created but never entered"):
+        if ending == "with":
+            with run:
+                pass
+        else:
+            getattr(run, ending)()
+    if ending in ("finalize", "with"):  # closed without finalizing: the committed rows are kept
+        assert not logix.open(path).passes[0].finalized and logix.open(path).writer is None
+    else:
+        run.finalize()
+        assert logix.open(path).passes[0].finalized
+    assert_log_holds(path, model, [first])
+
+
+def test_a_capture_never_entered_in_fit_projections(tmp_path):
+    run = logix.init(tmp_path / "log", rank=2, projection="pca")
+    run.watch(make_model())
+    with pytest.raises(CaptureError, match="never entered"):
+        with run.fit_projections():
+            run.capture([0, 1])
+    run.close()
+
+
+def test_a_query_capture_never_entered_is_an_error_before_scoring(setup):
+    path, model, run, first = setup
+    run.finalize()
+    log = logix.open(path)
+    x, y = batch_for(2, seed=3)
+    with log.query(model) as q:
+        q.capture([50, 51])  # forgot `with`
+        example_losses(model, x, y).mean().backward()
+    with pytest.raises(CaptureError, match=r"q.capture\(ids\) for ids \[50, 51\] was created but never entered"):
+        log.influence(q)
+    assert len(q) == 0
+    with q.capture([50, 51]):  # told once; capturing it properly now works
+        example_losses(model, x, y).mean().backward()
+    assert log.influence(q).values.shape == (2, 4)
+
+
+def test_query_messages_name_q_capture(setup):
+    path, model, run, first = setup
+    run.finalize()
+    log = logix.open(path)
+    x, y = batch_for(2, seed=3)
+    with log.query(model) as q:
+        with pytest.raises(CaptureError, match=r"call loss.backward\(\) inside `with q.capture\(ids\):`"):
+            with q.capture([50, 51]):
+                model(x)
+        with pytest.raises(CaptureError, match=r"forward pass inside `with q.capture\(ids\):`"):
+            with q.capture([50, 51]):
+                pass
+
+
+def test_entered_captures_raise_nothing_extra(setup):
+    """The check never fires on the ordinary loop, including `cap = run.capture(...)` then `with cap:`."""
+    path, model, run, first = setup
+    x, y = batch_for(4, seed=2)
+    cap = run.capture([4, 5, 6, 7])
+    with cap:
+        example_losses(model, x, y).mean().backward()
+    with pytest.raises(CaptureError):  # a batch refused inside its block was entered: no complaint about that
+        with run.capture([8]):
+            pass
+    run.finalize()
+    assert_log_holds(path, model, [first, ([4, 5, 6, 7], x, y)])

@@ -299,7 +299,7 @@ def test_passes_metadata_selection_and_repeated_ids(tmp_path):
         assert list(first.steps) == [10, 10, 10]
         assert_close(first.gradients("0"), exact(model, x1, y1)["0"])
         assert_close(first.gradients("2"), exact(model, x1, y1)["2"])
-    with pytest.raises(KeyError):
+    with pytest.raises(logix.NotInLogError, match=r"no pass named 'epoch9'.*passes: \['epoch0', 'epoch1'\]"):
         log.select("epoch9")
 
 
