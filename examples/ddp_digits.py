@@ -79,7 +79,7 @@ def main() -> None:
         accelerator.print(f"test digit {row} (label {int(y_test[row])}): most helpful training digits {helpful}")
     si = log.self_influence("ekfac")
     n_top = len(si.ids) // 10
-    caught = int(is_flipped[si.top_k(n_top)[0]].sum())
+    caught = int(is_flipped[si.top_k(n_top).ids].sum())
     accelerator.print(f"flipped labels among the top 10% by self-influence: {caught} of {n_top}")
 
 

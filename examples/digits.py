@@ -135,7 +135,7 @@ def find_mislabeled(log: logix.Log, is_flipped: np.ndarray, label):
     if not is_flipped.any():
         return top_ids, top_values
     n_top = len(si.ids) // 10
-    caught = int(is_flipped[si.top_k(n_top)[0]].sum())
+    caught = int(is_flipped[si.top_k(n_top).ids].sum())
     print(
         f"flipped among the top 10% by self-influence: {caught} of {n_top} ({caught / n_top:.0%}; "
         f"{is_flipped.mean():.0%} of all labels are flipped), i.e. {caught} of {is_flipped.sum()} flipped labels found"

@@ -24,7 +24,9 @@ import weakref
 from typing import Any
 
 from logix.errors import ConfigError
+from logix.extras import require_installed
 
+require_installed(__name__, "hf", "accelerate")  # the adapter wraps an Accelerator; it imports nothing of accelerate
 _WRAPPED = "_logix_backward"
 
 

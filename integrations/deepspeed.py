@@ -39,7 +39,9 @@ from typing import Any
 import torch
 
 from logix.errors import CaptureError, ConfigError
+from logix.extras import require_installed
 
+require_installed(__name__, "deepspeed", "deepspeed")  # checked, not imported: the user's import picks the accelerator
 _STATE = "_logix_deepspeed"  # engine attribute holding the attachment
 
 

@@ -42,11 +42,9 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 import logix
 from logix.errors import CaptureError, ConfigError
+from logix.extras import require
 
-try:
-    from transformers import TrainerCallback
-except ImportError as e:  # pragma: no cover - the extra is missing
-    raise ImportError("logix.integrations.huggingface needs transformers: pip install 'logix-tda[hf]'") from e
+TrainerCallback = require(__name__, "hf", "transformers").TrainerCallback
 
 __all__ = [
     "DEFAULT_EXCLUDE",

@@ -21,11 +21,11 @@ from typing import Any
 import logix
 from logix.capture import normalize_ids
 from logix.errors import CaptureError
+from logix.extras import require
 
-try:
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # the standalone package
-    from pytorch_lightning.callbacks import Callback
+# lightning's unified package, else the standalone pytorch_lightning
+_callbacks = require(__name__, "lightning", "lightning", "lightning.pytorch.callbacks", "pytorch_lightning.callbacks")
+Callback = _callbacks.Callback
 
 logger = logging.getLogger("logix")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, LogFormatError
+from .errors import ConfigError, LogFormatError, NotInLogError
 
 logger = logging.getLogger("logix")
 
@@ -184,7 +185,7 @@ class Preconditioner:
         names = list(log.modules) if modules is None else _module_names(modules)
         for n in names:
             if n not in log.modules:
-                raise KeyError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
+                raise NotInLogError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
         curv = load_curvature(log, preconditioner, damping, damping_factor, names)
         self.parts = [(log.modules[n].columns, curv[n]) for n in names]
         self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
@@ -230,24 +231,49 @@ def self_influences(
     return np.concatenate(ids), {name: torch.cat(v) for name, v in values.items()}
 
 
+def as_ids(ids) -> np.ndarray:
+    """ids in the results' convention, as `Log.ids` gives them: int64, or an object array of str."""
+    if isinstance(ids, Tensor):
+        ids = ids.numpy()
+    array = np.asarray(ids)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind == "U":  # a list of str: numpy picks fixed-width unicode; ids stay Python str
+        return array.astype(object)
+    if array.size == 0:
+        return array if array.dtype.kind == "O" else array.astype(np.int64)
+    if array.dtype.kind == "O" and isinstance(array.flat[0], str):  # Log.ids' form for string ids
+        return array
+    if array.dtype.kind == "O" and isinstance(array.flat[0], (int, np.integer)):
+        return array.astype(np.int64)
+    raise TypeError(f"ids must be ints or strings, got an array of {array.dtype}")
+
+
+def _values(values) -> Tensor:
+    return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
+
+
 def _ids_for_hdf5(ids) -> np.ndarray:
-    ids = np.asarray(ids)
+    ids = as_ids(ids)
     if ids.dtype.kind in "iu":
-        return ids.astype("i8")
-    return ids.astype(object).astype(h5py.string_dtype("utf-8"))
+        return ids
+    return ids.astype(h5py.string_dtype("utf-8"))
 
 
 def _ids_from_hdf5(dataset) -> np.ndarray:
-    return dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()]
+    return as_ids(dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()])
 
 
 class _Saved:
-    """save(path) / load(path): results as plain HDF5 datasets, one per field."""
+    """save(path) / load(path): a result as plain HDF5 datasets, one per field ("values" a float array)."""
+
+    def _saved_fields(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
     def save(self, path) -> None:
         with h5py.File(path, "w") as f:
             f.attrs["logix_result"] = type(self).__name__
-            for name, value in vars(self).items():
+            for name, value in self._saved_fields().items():
                 data = value.numpy() if isinstance(value, Tensor) else _ids_for_hdf5(value)
                 f.create_dataset(name, data=data)
 
@@ -259,65 +285,116 @@ class _Saved:
             fields = {}
             for name, dataset in f.items():
                 fields[name] = torch.from_numpy(dataset[()]) if name == "values" else _ids_from_hdf5(dataset)
-        if "query_ids" in fields:
-            fields["query_ids"] = fields["query_ids"].tolist()
         return cls(**fields)
 
 
-@dataclass
-class TopK(_Saved):
-    """Per query, the k train ids with the largest (or smallest) scores, best first."""
+def _same_queries(parts) -> np.ndarray | None:
+    """The query ids every part shares; parts scored for different queries cannot be merged."""
+    first = parts[0].query_ids
+    for part in parts[1:]:
+        same = part.query_ids is None if first is None else np.array_equal(part.query_ids, first)
+        if not same:
+            raise ConfigError("the parts were scored for different queries: merge parts of the same query only")
+    return first
 
-    values: Tensor  # (Q, k)
-    ids: np.ndarray  # (Q, k) train ids
-    query_ids: list
+
+class _TopKFields(NamedTuple):
+    ids: np.ndarray
+    values: Tensor
+
+
+class TopK(_Saved, _TopKFields):
+    """The k best train ids and their scores, best first: a named tuple, so `ids, values = top` unpacks.
+
+    ids: numpy (int64, or object str, as `Log.ids`), values: a torch tensor of the same shape,
+    (Q, k) per query (row q for query_ids[q]) or (k,) from `SelfInfluence.top_k`. `query_ids`
+    (numpy, or None for a self-influence top-k) is an attribute, not a field, so unpacking gives two.
+    """
+
+    query_ids: np.ndarray | None = None  # also the value when a tuple method builds one without __new__
+
+    def __new__(cls, ids, values, query_ids=None):
+        self = super().__new__(cls, as_ids(ids), _values(values))
+        self.query_ids = None if query_ids is None else as_ids(query_ids)
+        return self
+
+    def _saved_fields(self) -> dict:
+        fields = {"ids": self.ids, "values": self.values, "query_ids": self.query_ids}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def _replace(self, **changes) -> TopK:  # the tuple's own would drop query_ids
+        return type(self)(changes.get("ids", self.ids), changes.get("values", self.values), self.query_ids)
 
     def __repr__(self) -> str:
-        return f"TopK(queries={len(self.query_ids)}, k={self.values.shape[1]})"
+        k = self.values.shape[-1]
+        if self.query_ids is None:
+            return f"TopK(k={k})"
+        return f"TopK(queries={len(self.query_ids)}, k={k})"
 
     @classmethod
     def merge(cls, parts: list[TopK], largest: bool = True) -> TopK:
         """The top-k over all parts (shards of the train rows scored separately for the same queries)."""
-        k = max(part.values.shape[1] for part in parts)
-        values = torch.cat([part.values for part in parts], dim=1)
-        ids = np.concatenate([np.asarray(part.ids) for part in parts], axis=1)
-        values, index = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest)
-        return cls(values, np.take_along_axis(ids, index.numpy(), axis=1), list(parts[0].query_ids))
+        query_ids = _same_queries(parts)
+        k = max(part.values.shape[-1] for part in parts)
+        values = torch.cat([part.values for part in parts], dim=-1)
+        ids = np.concatenate([part.ids for part in parts], axis=-1)
+        values, index = torch.topk(values, min(k, values.shape[-1]), dim=-1, largest=largest)
+        return cls(np.take_along_axis(ids, index.numpy(), axis=-1), values, query_ids)
 
 
-@dataclass
+@dataclass(repr=False)
 class Scores(_Saved):
-    """values[q, i]: influence of train example train_ids[i] on query query_ids[q] (+ = helps)."""
+    """values[q, i]: influence of train example train_ids[i] on query query_ids[q] (+ = helps).
+
+    values: a (Q, N) float32 torch tensor; query_ids, train_ids: numpy (int64, or object str, as `Log.ids`).
+    """
 
     values: Tensor  # (Q, N) float32
-    query_ids: list
+    query_ids: np.ndarray
     train_ids: np.ndarray
+
+    def __post_init__(self):
+        self.values = _values(self.values)
+        self.query_ids, self.train_ids = as_ids(self.query_ids), as_ids(self.train_ids)
+
+    def __repr__(self) -> str:
+        return f"Scores(queries={len(self.query_ids)}, train={len(self.train_ids)})"
 
     @classmethod
     def merge(cls, parts: list[Scores]) -> Scores:
         """The scores of all parts side by side (shards of the train rows, in shard order)."""
+        query_ids = _same_queries(parts)
         values = torch.cat([part.values for part in parts], dim=1)
-        return cls(values, list(parts[0].query_ids), np.concatenate([part.train_ids for part in parts]))
+        return cls(values, query_ids, np.concatenate([part.train_ids for part in parts]))
 
     def top_k(self, k: int, largest: bool = True) -> TopK:
         """The k most helpful train ids per query (largest=False: the k most harmful)."""
         k = min(k, self.values.shape[1])
         values, index = torch.topk(self.values, k, dim=1, largest=largest)
-        return TopK(values, self.train_ids[index.numpy()], self.query_ids)
+        return TopK(self.train_ids[index.numpy()], values, self.query_ids)
 
 
-@dataclass
+@dataclass(repr=False)
 class SelfInfluence(_Saved):
-    """values[i] = g_i^T (F + lambda I)^{-1} g_i for train id ids[i]: high = atypical or mislabeled."""
+    """values[i] = g_i^T (F + lambda I)^{-1} g_i for train id ids[i]: high = atypical or mislabeled.
+
+    values: an (N,) float64 torch tensor; ids: numpy (int64, or object str, as `Log.ids`).
+    """
 
     values: Tensor  # (N,) float64
     ids: np.ndarray
 
-    def top_k(self, k: int, largest: bool = True) -> tuple[np.ndarray, Tensor]:
-        """(ids, values) of the k highest (or lowest) self-influences."""
+    def __post_init__(self):
+        self.values, self.ids = _values(self.values), as_ids(self.ids)
+
+    def __repr__(self) -> str:
+        return f"SelfInfluence(train={len(self.ids)})"
+
+    def top_k(self, k: int, largest: bool = True) -> TopK:
+        """TopK (ids, values) of the k highest (or lowest) self-influences; its query_ids is None."""
         k = min(k, len(self.ids))
         values, index = torch.topk(self.values, k, largest=largest)
-        return self.ids[index.numpy()], values
+        return TopK(self.ids[index.numpy()], values)
 
 
 def _module_names(modules) -> list[str]:
@@ -382,7 +459,7 @@ def score(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k must be a positive int, got {top_k!r}")
-    q_rows, q_ids = query.rows, query.ids
+    q_rows, q_ids = query.rows, as_ids(query.ids)
     if q_rows.shape[0] == 0:
         raise ConfigError("the query holds no rows: capture query gradients with q.capture(ids) first")
     if q_rows.shape[1] != log.width:
@@ -440,8 +517,8 @@ def score(
             best_i = np.take_along_axis(cand_i, index.numpy(), axis=1)
     if top_k is not None:
         if best_v is None:
-            return TopK(torch.zeros(len(q_ids), 0), np.zeros((len(q_ids), 0)), list(q_ids))
-        return TopK(best_v, best_i, list(q_ids))
+            return TopK(np.zeros((len(q_ids), 0), dtype=log.ids.dtype), torch.zeros(len(q_ids), 0), q_ids)
+        return TopK(best_i, best_v, q_ids)
     values = torch.cat(kept_scores, dim=1) if kept_scores else torch.zeros(len(q_ids), 0)
     train = np.concatenate(kept_ids) if kept_ids else np.zeros(0, dtype=log.ids.dtype)
-    return Scores(values, list(q_ids), train)
+    return Scores(values, q_ids, train)

@@ -19,11 +19,12 @@ from torch import nn
 
 import logix
 from logix import kinds
-from logix.integrations.deepspeed import attach, detach
 
 if "deepspeed" not in sys.modules:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
+
+from logix.integrations.deepspeed import attach, detach  # noqa: E402 - needs deepspeed, skipped above without it
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # DeepSpeed's own deprecation chatter
 
