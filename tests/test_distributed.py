@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,30 @@ def free_port() -> int:
 
 
 def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120) -> list[dict]:
-    """Run `scenario` on `world` ranks; each rank's JSON result, in rank order."""
+    """Run `scenario` on `world` ranks; each rank's JSON result, in rank order.
+
+    The port is free when chosen but another process may take it before rank 0 listens: then the
+    scenario runs again on another port."""
+    for attempt in range(3):
+        try:
+            return _launch(scenario, out, world, timeout)
+        except PortTaken:
+            for rank in range(world):
+                (out / f"rank{rank}.json").unlink(missing_ok=True)
+            if attempt == 2:
+                raise
+
+
+class PortTaken(Exception):
+    pass
+
+
+def _read(log) -> str:
+    log.flush()
+    return Path(log.name).read_text()
+
+
+def _launch(scenario: str, out: Path, world: int, timeout: float) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -45,15 +69,27 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120) -> li
             "OMP_NUM_THREADS": "1",
         }
         cmd = [sys.executable, str(WORKER), scenario, str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
+        log = open(out / f"rank{rank}.out", "w+")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            taken = any(p.poll() is not None and "EADDRINUSE" in _read(log) for p, log in procs)
+            if taken or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        outputs = [_read(log) for _, log in procs]
+        if any("EADDRINUSE" in output for output in outputs):
+            raise PortTaken(outputs)
+        if any(p.poll() is None for p, _ in procs):
             pytest.fail(f"scenario {scenario!r} hung; output so far: {outputs}")
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    procs = [p for p, _ in procs]
     results = []
     for rank, (p, output) in enumerate(zip(procs, outputs)):
         file = out / f"rank{rank}.json"
