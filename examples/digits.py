@@ -13,6 +13,12 @@ process would, and, in the last epoch's pass, the script prints:
   * the training digits with the highest self-influence, and how many of the flipped labels the
     top 10% by self-influence catch;
   * with matplotlib, a PNG of all that (default <out>/attribution.png).
+
+It also leaves what the command line needs for `logix top`: the trained weights (<out>-model.pt)
+and a query log of the test digits' gradients at those weights (<out>-test), written like the
+training log:
+
+    logix top runs/digits --query runs/digits-test --top 5 -p ekfac
 """
 
 from __future__ import annotations
@@ -87,6 +93,23 @@ def train_and_log(model: nn.Module, train: TensorDataset, test: TensorDataset, o
                 accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
             print(f"epoch {epoch}: last batch loss {loss.item():.3f}, test accuracy {accuracy:.3f}")
     # leaving the `with` finalizes the run: every pass complete, its EK-FAC statistics derived
+
+
+def log_test_digits(model: nn.Module, test: TensorDataset, out: str, rank: int) -> None:
+    """A query log for the command line: the test digits' gradients at the trained weights.
+
+    Same rank (and default dtype, projection and seed) as the training log, so `logix top` can
+    score one against the other. No optimizer step: the weights stay as trained."""
+    shutil.rmtree(out, ignore_errors=True)
+    model.eval()
+    loader = DataLoader(logix.WithIds(test), batch_size=100)
+    with logix.init(out, rank=rank) as run:  # logix: a second log, of query examples
+        run.watch(model)
+        run.start_pass("test")
+        for ids, x, y in loader:
+            with run.capture(ids):
+                F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
 
 
 def describe_log(log: logix.Log, label) -> None:
@@ -209,6 +232,9 @@ def main() -> None:
     start = time.perf_counter()
     train_and_log(model, train, test, args.out, args.epochs, args.rank)
     print(f"trained and logged in {time.perf_counter() - start:.1f} s")
+    torch.save(model.state_dict(), f"{args.out}-model.pt")
+    log_test_digits(model, test, f"{args.out}-test", args.rank)
+    print(f"saved {args.out}-model.pt and the test digits' query log {args.out}-test")
 
     log = logix.open(args.out)  # logix: read-only, the last epoch's pass; any later process can do this
     describe_log(log, label)

@@ -63,14 +63,3 @@ def test_ddp_digits_example_on_two_processes(tmp_path):
     assert top == 129 and caught / top > 0.3
     log = logix.open(out)
     assert sorted(log.ids.tolist()) == list(range(1297)) and log.current.finalized
-
-
-def test_readme_several_processes_snippet_is_the_example_that_runs():
-    """Every line of the README's multi-process snippet is a line of examples/ddp_digits.py."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Several processes")[1]
-    snippet = section.split("```python")[1].split("```")[0]
-    example = {line.strip() for line in (ROOT / "examples" / "ddp_digits.py").read_text().splitlines()}
-    lines = [line.strip() for line in snippet.splitlines() if line.strip()]
-    assert len(lines) > 10
-    assert [line for line in lines if line not in example] == []
