@@ -2,6 +2,7 @@
 
     python benchmarks/attribution_quality.py            # full: 100 halves x 3 seeds, ranks 8 16 32 full
     python benchmarks/attribution_quality.py --quick    # 20 halves x 1 seed, ranks 16 full (< 2 min)
+    python benchmarks/attribution_quality.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
     python benchmarks/attribution_quality.py --ranks 16 full --halves 50 --seeds 2 --threads 2
 
 Setup (everything is built from code; nothing is downloaded):
@@ -56,6 +57,11 @@ curvature, both models); "score s" = query capture + influence scores + self-inf
 by finalize at the default damping, so usually read back) for that row. Retraining time is
 reported separately. The machine's load average is printed: other processes on the cores slow
 everything down (small matrix products run faster on one thread then, hence --threads 1).
+
+--smoke shrinks the task itself (200 train / 20 query examples, hidden width 8 so 610 parameters,
+50 training steps: SMOKE below), retrains 6 halves x 1 seed, logs at ranks 16 and full with 1
+sampled label per example, and neither reads nor writes the retraining cache: a seconds-long run
+that checks every path of the benchmark works and prints its tables; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -112,6 +118,16 @@ class Setup:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --smoke: the same recipe on a smaller task, so that a smoke run takes seconds (and its Setup, the
+# cache key, can never be a real run's; smoke runs do not touch the cache anyway)
+SMOKE = {"n_train": 200, "n_query": 20, "hidden": 8, "steps": 50}
+
+
+def make_setup(args) -> Setup:
+    """The Setup of a run with these arguments (split_seed, half_seed, smoke)."""
+    return Setup(split_seed=args.split_seed, half_seed=args.half_seed, **(SMOKE if args.smoke else {}))
 
 
 def load_data(setup: Setup):
@@ -197,12 +213,15 @@ def make_halves(setup: Setup, count: int) -> np.ndarray:
     return masks
 
 
-def retrain_outcomes(setup, data, masks, n_seeds, cache_dir: Path, chunk: int) -> tuple[dict, float, int]:
-    """{"loss": (H, S, Q), "margin": ...} for every half and seed, from the cache where possible."""
+def retrain_outcomes(setup, data, masks, n_seeds, cache_dir: Path | None, chunk: int) -> tuple[dict, float, int]:
+    """{"loss": (H, S, Q), "margin": ...} for every half and seed, from the cache where possible
+    (cache_dir None: nothing read or written, everything retrained)."""
     xtr, ytr, xq, yq = data
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"lds-{setup.key()}.npz"
-    stored = dict(np.load(path)) if path.exists() else {}
+    path = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = cache_dir / f"lds-{setup.key()}.npz"
+    stored = dict(np.load(path)) if path is not None and path.exists() else {}
     todo = [(h, s) for h in range(len(masks)) for s in range(n_seeds) if f"loss_h{h}_s{s}" not in stored]
     start = time.perf_counter()
     for i in range(0, len(todo), chunk):
@@ -212,9 +231,10 @@ def retrain_outcomes(setup, data, masks, n_seeds, cache_dir: Path, chunk: int) -
         loss, margin = query_outcomes(params, xq, yq)
         for j, (h, s) in enumerate(part):
             stored[f"loss_h{h}_s{s}"], stored[f"margin_h{h}_s{s}"] = loss[j], margin[j]
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **stored)
-        tmp.replace(path)
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, **stored)
+            tmp.replace(path)
         print(f"  retrained {min(i + chunk, len(todo))}/{len(todo)} models", file=sys.stderr, flush=True)
     out = {
         kind: np.stack([np.stack([stored[f"{kind}_h{h}_s{s}"] for s in range(n_seeds)]) for h in range(len(masks))])
@@ -476,12 +496,20 @@ def exact_scores(curv, grads, factor: float):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 halves x 1 seed, ranks 16 and full")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: 200 train / 20 query "
+        "examples, hidden width 8, 50 training steps, 6 halves x 1 seed, ranks 16 and full, 1 sampled label per "
+        "example; the retraining cache is neither read nor written (--cache is ignored); options given "
+        "explicitly still apply; wins over --quick",
+    )
     parser.add_argument("--halves", type=int, help="number of random halves (default 100, quick 20)")
     parser.add_argument("--seeds", type=int, help="retraining seeds per half (default 3, quick 1)")
     parser.add_argument("--ranks", nargs="+", help="logix ranks (ints or 'full'; default 8 16 32 full, quick 16 full)")
     parser.add_argument("--outcome", choices=("loss", "margin"), default="loss", help="LDS outcome (default: -loss)")
     parser.add_argument("--damping-factor", type=float, default=0.1, help="lambda = f x mean eigenvalue (0.1)")
-    parser.add_argument("--cache", default="benchmarks/.cache", help="retraining cache directory")
+    parser.add_argument("--cache", default="benchmarks/.cache", help="retraining cache directory (not with --smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--chunk", type=int, default=50, help="models trained at once while retraining")
     parser.add_argument("--batch", type=int, default=250, help="logging batch size")
@@ -491,8 +519,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--fisher-samples",
         type=int,
-        default=4,
-        help="labels drawn per example for the sampled-label (true Fisher) diagnostic; 0 skips it",
+        default=None,
+        help="labels drawn per example for the sampled-label (true Fisher) diagnostic (default 4, smoke 1); 0 skips it",
     )
     parser.add_argument("--no-pca", action="store_true", help="skip PCA projections even where available")
     parser.add_argument(
@@ -502,9 +530,14 @@ def parse_args(argv=None):
         help="also print LDS at these damping factors (a diagnostic; default list 0.001 0.01 0.1 1 10)",
     )
     args = parser.parse_args(argv)
-    args.halves = args.halves or (20 if args.quick else 100)
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.ranks = args.ranks or (["16", "full"] if args.quick else ["8", "16", "32", "full"])
+    if args.smoke:
+        args.quick = False  # --smoke wins over --quick
+        args.cache = None  # a smoke run's outcomes are never cached
+    args.halves = args.halves or (6 if args.smoke else 20 if args.quick else 100)
+    args.seeds = args.seeds or (1 if args.quick or args.smoke else 3)
+    args.ranks = args.ranks or (["16", "full"] if args.quick or args.smoke else ["8", "16", "32", "full"])
+    if args.fisher_samples is None:
+        args.fisher_samples = 1 if args.smoke else 4
     args.ranks = [r if r == "full" else int(r) for r in args.ranks]
     if args.damping_sweep is not None and not args.damping_sweep:
         args.damping_sweep = [0.001, 0.01, 0.1, 1.0, 10.0]
@@ -519,10 +552,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     wall = time.perf_counter()
     torch.set_num_threads(args.threads)
-    setup = Setup(split_seed=args.split_seed, half_seed=args.half_seed)
+    setup = make_setup(args)
     pca = "pca" in logix.config.PROJECTIONS and not args.no_pca
     factor = args.damping_factor
     print("command:", shlex.join(["python"] + sys.argv))
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end on a smaller task; its numbers mean nothing")
     print(
         f"torch {torch.__version__}, logix {logix.__version__}, threads {torch.get_num_threads()}, "
         f"load average {load()}"
@@ -563,12 +598,13 @@ def main(argv=None) -> None:
     )
 
     masks = make_halves(setup, args.halves)
-    outcomes, retrain_s, trained = retrain_outcomes(setup, data, masks, args.seeds, Path(args.cache), args.chunk)
+    cache = None if args.cache is None else Path(args.cache)
+    outcomes, retrain_s, trained = retrain_outcomes(setup, data, masks, args.seeds, cache, args.chunk)
     sign = -1.0 if args.outcome == "loss" else 1.0
     outcome = sign * outcomes[args.outcome].mean(axis=1)  # (H, Q), higher is better
     print(
         f"retraining: {trained} models trained in {retrain_s:.1f} s, "
-        f"{args.halves * args.seeds - trained} read from {args.cache}"
+        + (f"{args.halves * args.seeds - trained} read from {args.cache}" if cache else "not cached (--smoke)")
     )
 
     # rows: (method, projection, rank, LDS, se, AUC, top share, log s, score s[, note])

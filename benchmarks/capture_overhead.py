@@ -2,15 +2,17 @@
 
     python benchmarks/capture_overhead.py            # full run (a few minutes on 2 CPU cores)
     python benchmarks/capture_overhead.py --quick    # about a minute
+    python benchmarks/capture_overhead.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
     python benchmarks/capture_overhead.py --device cuda --ranks 16 64 --dtype float16
 
 Two workloads, both built from code with random weights (nothing is downloaded):
   mlp   64 -> 256 -> 256 -> 10 on digits-shaped inputs (64 features in [0, 1], 10 classes),
         cross-entropy averaged over the batch (capture's default reduction="mean").
   gpt2  a transformers GPT2LMHeadModel from a GPT2Config (CPU: 4 layers, width 256, 8k vocab,
-        seq 128; CUDA: GPT-2-small size, seq 512), right-padded sequences of random length,
-        every Linear/Conv1D/Embedding watched except lm_head; the HF loss is the mean over all
-        label tokens, so capture gets reduction="sum", scale=1/num_label_tokens.
+        seq 128; CUDA: GPT-2-small size, seq 512; --smoke: 2 layers, width 64, 1k vocab, seq 32),
+        right-padded sequences of random length, every Linear/Conv1D/Embedding watched except
+        lm_head; the HF loss is the mean over all label tokens, so capture gets reduction="sum",
+        scale=1/num_label_tokens.
 
 For each workload and rank, on one freshly built model and optimizer (AdamW), all in one process:
   1. block phase ("total ratio", rows/s, memory): rounds of m plain steps back to back and m
@@ -184,10 +186,12 @@ def make_mlp(batch: int, device: torch.device, pool: int = 8) -> Workload:
     return Workload("mlp", model, batches, batch, None)
 
 
-def gpt2_config(device: torch.device):
+def gpt2_config(device: torch.device, tiny: bool = False):
     from transformers import GPT2Config
 
-    if device.type == "cuda":  # GPT-2 small
+    if tiny:  # --smoke: the same code path at a size that runs in milliseconds
+        size = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1024, n_positions=32)
+    elif device.type == "cuda":  # GPT-2 small
         size = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     else:
         size = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128)
@@ -195,13 +199,13 @@ def gpt2_config(device: torch.device):
     return GPT2Config(**size, bos_token_id=eos, eos_token_id=eos, pad_token_id=0)
 
 
-def make_gpt2(batch: int, seq: int, device: torch.device, pool: int = 4) -> Workload:
+def make_gpt2(batch: int, seq: int, device: torch.device, pool: int = 4, tiny: bool = False) -> Workload:
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = gpt2_config(device)
+    config = gpt2_config(device, tiny)
     model = GPT2LMHeadModel(config).to(device).train()
     gen = torch.Generator().manual_seed(1)
     batches = []
@@ -226,21 +230,25 @@ def make_gpt2(batch: int, seq: int, device: torch.device, pool: int = 4) -> Work
 
 def workloads(args) -> list[tuple[str, int, int | None]]:
     """(model, batch, seq) to run."""
-    out = []
-    if "mlp" in args.models:
-        out += [("mlp", b, None) for b in ((64, 256) if not args.quick else (64,))]
-    if "gpt2" in args.models:
-        if args.device.type == "cuda":
-            out += [("gpt2", b, 512) for b in ((8, 32) if not args.quick else (8,))]
-        else:
-            out += [("gpt2", 8, 128)]
+    if args.smoke:  # one small configuration per model (the tiny GPT-2 on any device)
+        sizes = {"mlp": [(64, None)], "gpt2": [(4, 32)]}
+    elif args.device.type == "cuda":
+        sizes = {"mlp": [(b, None) for b in (64, 256)], "gpt2": [(b, 512) for b in (8, 32)]}
+    else:
+        sizes = {"mlp": [(b, None) for b in (64, 256)], "gpt2": [(8, 128)]}
+    if args.quick and not args.smoke:
+        sizes = {name: configs[:1] for name, configs in sizes.items()}
+    out = [(name, batch, seq) for name in ("mlp", "gpt2") if name in args.models for batch, seq in sizes[name]]
     if args.batches:
         out = [(name, b, seq) for name, _, seq in dict.fromkeys((n, None, s) for n, _, s in out) for b in args.batches]
     return out
 
 
-def build(name: str, batch: int, seq: int | None, device: torch.device, amp: torch.dtype | None = None) -> Workload:
-    wl = make_mlp(batch, device) if name == "mlp" else make_gpt2(batch, seq, device)
+def build(
+    name: str, batch: int, seq: int | None, device: torch.device, amp: torch.dtype | None = None, tiny: bool = False
+) -> Workload:
+    """tiny: the --smoke GPT-2 (2 layers, width 64, seq <= 32) instead of the benchmark's."""
+    wl = make_mlp(batch, device) if name == "mlp" else make_gpt2(batch, seq, device, tiny=tiny)
     wl.amp = amp
     lr = 1e-3 if name == "mlp" else 1e-4
     wl.optimizer = torch.optim.AdamW(wl.model.parameters(), lr=lr)
@@ -344,7 +352,7 @@ def disk_bound(r: Result) -> float:
 
 def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     device = args.device
-    wl = build(name, batch, seq, device, args.amp)
+    wl = build(name, batch, seq, device, args.amp, tiny=args.smoke)
     bench = Bench(wl, device, tmp)
     res = Result(name, wl.params, batch, seq, rank)
     steps = args.steps or (args.mlp_steps if name == "mlp" else args.gpt2_steps)
@@ -389,7 +397,7 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     res.width = log.width
     res.bytes_per_row = log.width * getattr(torch, log.config.dtype).itemsize
     res.rows = len(log.ids)
-    res.write_rate = write_rate(tmp, res.width, args.dtype, batch)
+    res.write_rate = write_rate(tmp, res.width, args.dtype, batch, total=(4 if args.smoke else 128) << 20)
     if res.rows != res.block_steps * batch:
         raise SystemExit(f"{name}: expected {res.block_steps * batch} committed rows after finalize, got {res.rows}")
 
@@ -543,8 +551,16 @@ def load() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and configurations (~1 min on CPU)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: rank 16, the MLP at "
+        "batch 64 and a tiny GPT-2 (2 layers, width 64, seq 32, batch 4), 2 rounds of 2 steps, 4 interleaved "
+        "repetitions after 1 warm-up, a 4 MB write-rate probe, 1 torch thread (options given explicitly "
+        "still apply; wins over --quick)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="default 16 64 (--smoke: 16)")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype of rows")
     parser.add_argument(
         "--statistics",
@@ -562,20 +578,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: per model)")
     parser.add_argument("--steps", type=int, default=None, help="interleaved repetitions per arm (all models)")
     parser.add_argument("--models", nargs="+", choices=["mlp", "gpt2"], default=["mlp", "gpt2"])
-    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before measuring")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed repetitions before measuring (default 3, quick 2, smoke 1)"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds in the block phase")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; --smoke: 1)"
+    )
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     args.amp = {"none": None, "bf16": torch.bfloat16}[args.amp]
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
+    if args.smoke:
+        args.quick = False  # --smoke wins over --quick
+        # one thread: tiny matrices gain nothing from more, and on a busy machine threads that wait
+        # for one another can make a millisecond step take hundreds
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.mlp_steps, args.gpt2_steps = (60, 6) if args.quick else (300, 20)
-    if args.quick:
-        args.warmup = min(args.warmup, 2)
-    args.rounds = args.rounds or (3 if args.quick else 10)
+    args.ranks = args.ranks or ([16] if args.smoke else [16, 64])
+    args.mlp_steps, args.gpt2_steps = (4, 4) if args.smoke else (60, 6) if args.quick else (300, 20)
+    if args.warmup is None:
+        args.warmup = 1 if args.smoke else 2 if args.quick else 3
+    args.rounds = args.rounds or (2 if args.smoke else 3 if args.quick else 10)
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
@@ -585,6 +611,8 @@ def main(argv: list[str] | None = None) -> None:
         f"forward autocast {args.amp or 'off'}, statistics {args.statistics or 'none'}"
     )
     print(f"peak extra memory: {PeakMemory(args.device).what}")
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end; its numbers mean nothing")
     print(f"load average at start: {load()}\n")
 
     results = []

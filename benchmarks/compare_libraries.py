@@ -2,6 +2,7 @@
 
     python benchmarks/compare_libraries.py            # 100 halves x 3 seeds, 3 runs per row (~2.5 min)
     python benchmarks/compare_libraries.py --quick    # 20 halves x 1 seed, 1 run per row (~1.5 min)
+    python benchmarks/compare_libraries.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
     python benchmarks/compare_libraries.py --only logix trak     # some libraries only
 
 One table: LDS, mislabel AUC (and the share of flipped labels in the top 10%), the wall time of
@@ -53,6 +54,11 @@ resident set during the measured section (VmHWM from /proc/self/status, reset th
 getrusage's ru_maxrss, which Linux carries over from the parent through fork + exec); "+MiB" = that
 peak minus the resident set at the start of the section (what the library added on top of Python,
 torch, its own import and the data).
+
+--smoke runs every installed library on attribution_quality's smaller --smoke task (200 train / 20
+query examples, hidden width 8, 50 training steps), 6 halves x 1 seed, 1 run per row, and neither
+reads nor writes the retraining cache: a seconds-long run (plus each library's start-up) that checks
+every row's path works and prints the table; its numbers mean nothing.
 
 Installing the other libraries (none of this is in scripts/setup.sh; CI does not need it):
   kronfluence, TRAK:  .venv/bin/pip install -e ".[bench]" "torchvision==0.28.0"
@@ -301,6 +307,14 @@ def worker_main(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="20 halves x 1 seed (same rows)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: the same rows on "
+        "attribution_quality's --smoke task (200 train / 20 query examples, hidden 8, 50 steps), 6 halves x "
+        "1 seed, 1 run per row; the retraining cache is neither read nor written (--cache is ignored); options "
+        "given explicitly still apply; wins over --quick",
+    )
     p.add_argument("--halves", type=int, help="random halves for LDS (default 100, quick 20)")
     p.add_argument("--seeds", type=int, help="retraining seeds per half (default 3, quick 1)")
     p.add_argument("--ranks", nargs="+", default=["16", "full"], help="logix and logix-ai ranks (default 16 full)")
@@ -315,7 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads in every process (default 1)")
     p.add_argument("--repeat", type=int, help="subprocess runs per row; time = the fastest (default 3, quick 1)")
     p.add_argument("--timeout", type=int, default=600, help="seconds before a library's subprocess is stopped")
-    p.add_argument("--cache", default=str(HERE / ".cache"), help="retraining cache (attribution_quality's)")
+    p.add_argument(
+        "--cache", default=str(HERE / ".cache"), help="retraining cache (attribution_quality's; not with --smoke)"
+    )
     p.add_argument("--logixai-python", default=str(DEFAULT_LOGIXAI_PYTHON), help="python of the logix-ai venv")
     p.add_argument("--flip-seed", type=int, default=7)
     p.add_argument("--half-seed", type=int, default=12345)
@@ -326,9 +342,12 @@ def parse_args(argv=None):
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--rank", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.halves = args.halves or (20 if args.quick else 100)
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.repeat = args.repeat or (1 if args.quick else 3)
+    if args.smoke:
+        args.quick = False  # --smoke wins over --quick
+        args.cache = None  # a smoke run's outcomes are never cached
+    args.halves = args.halves or (6 if args.smoke else 20 if args.quick else 100)
+    args.seeds = args.seeds or (1 if args.quick or args.smoke else 3)
+    args.repeat = args.repeat or (1 if args.quick or args.smoke else 3)
     return args
 
 
@@ -398,9 +417,11 @@ def main(argv=None) -> None:
     wall = time.perf_counter()
     torch.set_num_threads(args.threads)
     want = set(args.only or ("logix", "logix-ai", "kronfluence", "trak", "exact"))
-    setup = aq.Setup(split_seed=args.split_seed, half_seed=args.half_seed)
+    setup = aq.make_setup(args)  # attribution_quality's task (its smaller one with --smoke)
     factor = args.damping_factor
     print("command:", shlex.join(["python"] + sys.argv))
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end on a smaller task; its numbers mean nothing")
     print(f"torch {torch.__version__}, threads {args.threads} per process, load average {aq.load()}")
     print(f"logix from {provenance()}")
     print(f"LDS: {args.halves} halves x {args.seeds} seeds, outcome = minus query cross-entropy (attribution_quality)")
@@ -420,9 +441,11 @@ def main(argv=None) -> None:
         noisy_losses = F.cross_entropy(noisy_model(xtr), noisy_y, reduction="none").numpy()
 
     masks = aq.make_halves(setup, args.halves)
-    outcomes, retrain_s, trained = aq.retrain_outcomes(setup, data, masks, args.seeds, Path(args.cache), 50)
+    cache = None if args.cache is None else Path(args.cache)
+    outcomes, retrain_s, trained = aq.retrain_outcomes(setup, data, masks, args.seeds, cache, 50)
     outcome = -outcomes["loss"].mean(axis=1)  # (H, Q), higher is better
-    print(f"retraining: {trained} models trained in {retrain_s:.1f} s, {args.halves * args.seeds - trained} from cache")
+    cached = f"{args.halves * args.seeds - trained} from cache" if cache else "not cached (--smoke)"
+    print(f"retraining: {trained} models trained in {retrain_s:.1f} s, {cached}")
 
     dims = [(m.in_features + 1, m.out_features) for m in model if isinstance(m, torch.nn.Linear)]
     proj_dim = args.proj_dim or logix_row_width(16, dims)
@@ -569,7 +592,7 @@ def main(argv=None) -> None:
         print(line)
     print()
     print(
-        "LDS: mean Spearman over the 100 queries (se across queries); dLDS = LDS - exact GGN; AUC / top10%: "
+        f"LDS: mean Spearman over the {len(xq)} queries (se across queries); dLDS = LDS - exact GGN; AUC / top10%: "
         "self-influence on the model trained with 10% flipped labels."
     )
     print(

@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py            # formula for a 1B model at rank 64 + measured check
     python benchmarks/memory.py --quick    # smaller measured model
+    python benchmarks/memory.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
 
 For watched linear layers (d_in -> d_out, bias b = 0 or 1) at rank k, each side keeps
 k_in = min(k, d_in + b) and k_out = min(k, d_out) numbers (a side at least as wide as its layer is
@@ -137,15 +138,24 @@ def measure(width: int, depth: int, k: int, batch: int, positions: int) -> tuple
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller measured model")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: the measured model "
+        "is 2 Linear(128, 128) layers at batch 4 x 16 (the formula is printed as always; wins over --quick)",
+    )
     parser.add_argument("--rank", type=int, default=64)
     args = parser.parse_args(argv)
     k = args.rank
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end; its numbers mean nothing")
 
     print(f"Llama-3.2-1B-shaped linear layers at rank {k} (112 layers), batch 8 x 2048 tokens, float32 rows:")
     for name, value in formula(llama_1b_linears(), k, batch=8, positions=2048).items():
         print(f"  {name:<42}{value:>14,.0f}" if name == "row width D" else f"  {name:<42}{value / MB:>11,.1f} MB")
 
-    width, depth, batch, positions = (256, 4, 8, 64) if args.quick else (1024, 8, 16, 256)
+    sizes = (128, 2, 4, 16) if args.smoke else (256, 4, 8, 64) if args.quick else (1024, 8, 16, 256)
+    width, depth, batch, positions = sizes
     predicted = formula([(width, width, 1)] * depth, k, batch, positions, queue=1, gpu=False)
     held, per_batch = measure(width, depth, k, batch, positions)
     rows = [

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --device cuda --amp bf16 --batch 8 --rank 64
     python benchmarks/profile_step.py --steps 3             # CPU, the small GPT-2 of capture_overhead
+    python benchmarks/profile_step.py --smoke               # seconds: checks it works; its numbers mean nothing
 
 A step on a GPU is bound by the slower of two sides: the CPU issuing kernels (Python, dispatch,
 launches) or the GPU running them. For the plain step and the hooks-only step (logix's Collector:
@@ -45,23 +46,41 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", choices=["gpt2", "mlp"], default="gpt2")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="default 8 (--smoke: 4)")
+    parser.add_argument("--rank", type=int, default=None, help="default 64 (--smoke: 16)")
     parser.add_argument("--amp", choices=["none", "bf16"], default="none")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per arm (profiled: a third of them)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per arm (profiled: a third of them; default 10)"
+    )
     parser.add_argument("--quick", action="store_true", help="3 steps per arm")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: capture_overhead's "
+        "tiny --smoke GPT-2 (2 layers, width 64, seq 32) at batch 4, rank 16, 1 warm-up and 2 timed steps per "
+        "arm, 1 torch thread (options given explicitly still apply; wins over --quick)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    steps = 3 if args.quick else args.steps
-    seq = (512 if device.type == "cuda" else 128) if args.model == "gpt2" else None
-    wl = build(args.model, args.batch, seq, device, torch.bfloat16 if args.amp == "bf16" else None)
+    if args.smoke:
+        args.threads = args.threads or 1  # tiny steps; threads waiting on a busy machine would dominate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch = args.batch or (4 if args.smoke else 8)
+    args.rank = args.rank or (16 if args.smoke else 64)
+    steps = args.steps or (2 if args.smoke else 3 if args.quick else 10)
+    warmup = 1 if args.smoke else 3
+    seq = (32 if args.smoke else 512 if device.type == "cuda" else 128) if args.model == "gpt2" else None
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    wl = build(args.model, args.batch, seq, device, amp, tiny=args.smoke)
     cuda = device.type == "cuda"
 
     with tempfile.TemporaryDirectory(prefix="logix-profile-") as tmp:
         bench = Bench(wl, device, Path(tmp))
         run = bench.new_run(args.rank, "float32")
         pool = wl.batches
-        for i in range(3):  # warm-up: kernels, allocator, projections on the device
+        for i in range(warmup):  # warm-up: kernels, allocator, projections on the device
             bench.plain(pool[i % len(pool)])
             bench.hooks(run, pool[i % len(pool)])
         rows = []
@@ -80,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         run.finalize()
 
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end; its numbers mean nothing")
     print(
         f"{args.model} batch {args.batch} rank {args.rank} autocast {args.amp} on {device} ({name}), "
         f"torch {torch.__version__}, {steps} timed steps per arm\n"

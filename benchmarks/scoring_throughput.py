@@ -2,6 +2,7 @@
 
     python benchmarks/scoring_throughput.py            # ~8 GB float32 + ~4 GB float16 logs
     python benchmarks/scoring_throughput.py --quick    # ~1 GB + 0.5 GB, about a minute
+    python benchmarks/scoring_throughput.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
     python benchmarks/scoring_throughput.py --gb 16 --queries 16 256 --blocks 1024 8192 32768
 
 block_rows defaults to logix's own choice (about 64 MB of float32 rows: 1,024 rows here), then
@@ -152,18 +153,37 @@ def human_bytes(n: float) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~1 GB log, fewer configurations (about a minute)")
-    parser.add_argument("--gb", type=float, default=None, help="size of the float32 log in GB (default 8, quick 1)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the benchmark works; its numbers mean nothing: 512 rows (a 32 MB "
+        "float32 log), Q = 4, block_rows 128 and logix's default, 1 torch thread (options given explicitly "
+        "still apply; wins over --quick)",
+    )
+    parser.add_argument(
+        "--gb", type=float, default=None, help="size of the float32 log in GB (default 8, quick 1, smoke 1/32)"
+    )
     parser.add_argument("--queries", type=int, nargs="+", default=None, help="query counts Q (default 16 256)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None, help="block_rows values")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--dir", default=None, help="where to write the logs (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the logs afterwards")
     args = parser.parse_args(argv)
-    gb = args.gb if args.gb is not None else (1.0 if args.quick else 8.0)
-    queries = args.queries or ([16] if args.quick else [16, 256])
+    if args.smoke:
+        args.quick = False  # --smoke wins over --quick
+        args.threads = args.threads or 1  # small products; threads waiting on a busy machine would dominate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gb = args.gb if args.gb is not None else (1 / 32 if args.smoke else 1.0 if args.quick else 8.0)
+    queries = args.queries or ([4] if args.smoke else [16] if args.quick else [16, 256])
     default = default_block_rows(WIDTH * WIDTH)  # what log.influence uses when block_rows is not given
-    blocks = args.blocks or ([default] if args.quick else [default, 2048, 8192, 32768])
+    # smoke: 128 rows per block scores the 512 rows in several blocks, the default in one
+    sizes = [default, 128] if args.smoke else [default] if args.quick else [default, 2048, 8192, 32768]
+    blocks = args.blocks or sizes
     row_bytes = WIDTH * WIDTH * 4
     rows = int(gb * (1 << 30) // row_bytes)
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end; its numbers mean nothing")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()}")
     print(f"rows: {rows:,} of D = {WIDTH * WIDTH:,} numbers; float32 log {human_bytes(rows * row_bytes)}")
 
