@@ -7,7 +7,10 @@ walks the same passes and batches; a restarted job therefore continues where the
 
 It reports its progress as lines on stdout (flushed at once), so that a test can kill it at a
 chosen moment: `started`, `ready` (init done), `logging`, `pass <name>` (just before
-start_pass), `flushed <name>` (every row of the pass committed), `paused`, `finalizing`, `done`.
+start_pass), `first batch` (its first capture is over), `flushed <name>` (every row of the pass
+committed), `paused`, `finalizing`, `done`. A test can also make it wait at a chosen point
+(`hold_before`, `pause_at`), so that whether the job is still there to be killed, or has not yet
+gone past a point, does not depend on how fast the machine is.
 
 Two ways to run it:
 
@@ -17,9 +20,11 @@ Two ways to run it:
 `--serve` is a fork server for the tests: it imports torch and logix once, then for each JSON
 line {"path": ..., "out": ..., options...} on stdin it forks a child that runs the job with its
 stdout/stderr sent to the file `out`, and answers `pid N`. `wait N` answers `status S` once child
-N has ended (S: its exit code, or minus the signal that killed it). Forking from a process that
-has only imported torch (no thread pool started yet) saves the seconds an import costs, so a
-test can kill many jobs within its time budget; the children are real processes all the same.
+N has ended (S: its exit code, or minus the signal that killed it); `poll N` answers the same,
+or `running` at once (each child is reaped once: ask no more about it after its `status`).
+Forking from a process that has only imported torch (no thread pool started yet) saves the
+seconds an import costs, so a test can kill many jobs within its time budget; the children are
+real processes all the same.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ DEFAULTS = {
     "hold": 0.0,
     "stop_after": None,
     "pause_at": None,
+    "hold_before": None,
+    "gate": None,
 }
 
 
@@ -65,6 +72,19 @@ def build(n_ids: int = DEFAULTS["ids"]):
 def say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def hold_on(seconds: float, gate: str | None) -> None:
+    """Wait `seconds`, or until the file `gate` appears (it is removed, so that the next wait needs a
+    new one). A job whose fork server is gone exits: no job outlives the test that started it."""
+    parent, end = os.getppid(), time.monotonic() + seconds
+    while time.monotonic() < end:
+        if gate is not None and os.path.exists(gate):
+            os.unlink(gate)
+            return
+        if os.getppid() != parent:
+            os._exit(3)
+        time.sleep(0.002)
 
 
 def finalized_passes(path) -> set:
@@ -87,13 +107,21 @@ def work(
     hold=0.0,
     stop_after=None,
     pause_at=None,
+    hold_before=None,
+    gate=None,
 ) -> None:
     """Log `passes` passes over ids 0..ids-1 in batches of `batch`, then finalize.
 
     stop_after: end (without finalizing, the way a crash would) after that many passes.
-    hold: seconds to sleep after each `flushed` or `paused` line (a test kills the job then).
-    pause_at: after that many batches (counted over all passes), flush, say `paused`, sleep `hold`.
+    hold: seconds to wait after each `flushed` or `paused` line (a test kills the job then).
+    pause_at: after that many batches (counted over all passes; an int or a list), flush, say
+        `paused`, wait `hold`.
+    hold_before: "logging" or "finalizing": wait `hold` before saying that line (and going on).
+    gate: a file whose appearance ends a wait early (see hold_on).
     """
+    if hold_before not in (None, "logging", "finalizing"):
+        raise ValueError(f"hold_before must be 'logging' or 'finalizing', got {hold_before!r}")
+    pauses = {pause_at} if isinstance(pause_at, int) else set(pause_at or ())
     torch.set_num_threads(1)
     say("started")
     net, x, y = build(ids)
@@ -101,6 +129,8 @@ def work(
     say("ready")
     run.watch(net)
     done = finalized_passes(path)
+    if hold_before == "logging":
+        hold_on(hold, gate)
     say("logging")
     batches = 0
     for p in range(passes):
@@ -117,17 +147,21 @@ def work(
                 F.cross_entropy(net(x[chunk]), y[chunk]).backward()
             net.zero_grad()
             batches += 1
-            if batches == pause_at:
+            if batches == 1:
+                say("first batch")
+            if batches in pauses:
                 run.flush()
                 say("paused")
-                time.sleep(hold)
+                hold_on(hold, gate)
             if delay:
                 time.sleep(delay)
         if flush_each_pass:
             run.flush()
             say(f"flushed {name}")
             if hold:
-                time.sleep(hold)
+                hold_on(hold, gate)
+    if hold_before == "finalizing":
+        hold_on(hold, gate)
     say("finalizing")
     run.finalize()
     say("done")
@@ -139,10 +173,13 @@ def serve() -> None:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("wait "):
-            _, status = os.waitpid(int(line.split()[1]), 0)
-            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            say(f"status {code}")
+        if line.startswith(("wait ", "poll ")):  # a child is reaped once: the test keeps its status
+            command, pid = line.split()
+            done, status = os.waitpid(int(pid), os.WNOHANG if command == "poll" else 0)
+            if done == 0:
+                say("running")
+            else:
+                say(f"status {-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}")
             continue
         job = json.loads(line)
         pid = os.fork()

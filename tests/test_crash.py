@@ -6,6 +6,11 @@ The jobs are tests/crash_worker.py, forked from a server that has imported torch
 costs seconds on a loaded CI machine; a fork costs milliseconds), so each test kills many real
 processes well within its time budget. The row of id i depends only on i, so every committed row
 is compared with the row a clean run wrote for that id. Set LOGIX_CRASH_SEED to replay a run.
+
+Only the delay between a job reaching a point and its kill is random. Whether the point is reached
+does not depend on the machine's speed: a test waits for the job's own report of it, and where a
+job could otherwise run past a point before the kill, the job is told to wait there. The only time
+limit (HANG) catches a hung job, not a slow one.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import crash_worker  # noqa: E402
 N_IDS, PASSES = crash_worker.DEFAULTS["ids"], crash_worker.DEFAULTS["passes"]
 ALL_PASSES = [f"p{p}" for p in range(PASSES)]
 SEED = int(os.environ.get("LOGIX_CRASH_SEED", random.SystemRandom().randrange(2**31)))
+HANG = 300.0  # seconds without the awaited report: the job is hung, however loaded the machine
 
 
 class ForkServer:
@@ -74,7 +80,7 @@ class ForkServer:
                 job.kill()
                 job.wait()
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=HANG)
 
 
 class Job:
@@ -86,36 +92,51 @@ class Job:
     def lines(self) -> list[str]:
         return self.out.read_text().splitlines() if self.out.exists() else []
 
-    def wait_for(self, prefix: str, timeout: float = 20.0) -> bool:
-        """Poll until the job printed a line starting with `prefix`; False if it ended first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.lines()
-            if any(line.startswith(prefix) for line in lines):
-                return True
-            if "done" in lines or any("Traceback" in line for line in lines):
-                return False
+    def text(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+    def wait_for(self, prefix: str, timeout: float = HANG) -> None:
+        """Poll until the job printed a line starting with `prefix`. A job that ends without it was
+        asked for a point it never passes (a bug of the test or of logix): that fails at once."""
+        deadline, next_poll = time.monotonic() + timeout, 0.0
+        while True:
+            ended = False
+            if time.monotonic() >= next_poll:  # asking the server costs more than reading the file
+                ended, next_poll = self.poll() is not None, time.monotonic() + 0.02
+            if any(line.startswith(prefix) for line in self.lines()):
+                return
+            if ended:
+                raise AssertionError(f"job {self.pid} ended (status {self.status}) before {prefix!r}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {self.pid} hung: no {prefix!r} within {timeout} s:\n{self.text()}")
             time.sleep(0.0005)
-        raise AssertionError(f"job {self.pid} printed no {prefix!r} within {timeout} s:\n{self.out.read_text()}")
+
+    def poll(self) -> int | None:
+        """The job's status once it has ended (the server reaps it then), else None."""
+        if self.status is None:
+            answer = self.server._ask(f"poll {self.pid}")
+            if answer != "running":
+                self.status = int(answer.split()[1])
+        return self.status
 
     def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)  # a zombie (job already over) takes it silently
+        if self.status is None:  # not reaped yet: alive or a zombie (which takes it silently)
+            os.kill(self.pid, signal.SIGKILL)
 
     def wait(self) -> int:
         if self.status is None:
             self.status = int(self.server._ask(f"wait {self.pid}").split()[1])
         return self.status
 
-    def finish(self, timeout: float = 30.0) -> None:
+    def finish(self, timeout: float = HANG) -> None:
         """Let the job run to its end; it must succeed."""
         deadline = time.monotonic() + timeout
-        while not any(line == "done" or "Traceback" in line for line in self.lines()):
+        while self.poll() is None:
             if time.monotonic() > deadline:
                 self.kill()
-                break
+                raise AssertionError(f"job {self.pid} hung: not over within {timeout} s:\n{self.text()}")
             time.sleep(0.01)
-        status = self.wait()
-        assert status == 0, f"job {self.pid} failed (status {status}):\n{self.out.read_text()}"
+        assert self.status == 0, f"job {self.pid} failed (status {self.status}):\n{self.text()}"
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +178,10 @@ def check_committed(path: Path, reference: dict, context: str) -> dict[str, int]
         assert info.rows == part.current.rows == len(ids) == len(part), f"{context}: pass {info.name} counts"
         assert f"rows={len(ids)}" in repr(part), f"{context}: {part!r}"
         assert set(ids) <= set(reference), f"{context}: unknown ids in pass {info.name}"
-        rows = part.rows(include_flagged=True).numpy()
+        try:
+            rows = part.rows(include_flagged=True).numpy()
+        except logix.LogixError as e:  # a committed row that cannot be read is a lost row
+            raise AssertionError(f"{context}: pass {info.name}: committed rows cannot be read: {e}") from e
         assert rows.shape == (len(ids), log.width)
         for i, row in zip(ids, rows):
             if not np.array_equal(row, reference[i]):
@@ -177,53 +201,67 @@ def check_complete(path: Path, reference: dict, context: str) -> None:
 
 
 PHASES = ("startup", "logging", "pass", "finalize")
+MAX_CYCLES = 100  # the hang guard of the loop below: it counts cycles, not seconds
 
 
 def test_sigkill_at_random_moments_leaves_committed_rows_intact_and_resume_completes(server, reference, tmp_path):
     rng = random.Random(SEED)
     started = time.monotonic()
     logs, kills, cycles, log_index = [], 0, 0, 0
+    kills_in = dict.fromkeys(PHASES, 0)
     path = tmp_path / "log0"
     previous: dict[str, int] = {}
     finalized: set = set()  # passes finalized by earlier cycles on this log
     history = []  # what happened in each cycle, for the failure messages
-    while cycles < 12 or kills < 10:
-        assert time.monotonic() - started < 45, f"too slow: {cycles} cycles, {kills} kills (seed {SEED})"
+    while cycles < 12 or kills < 10 or not all(kills_in.values()):
+        assert cycles < MAX_CYCLES, f"seed {SEED}: {cycles} cycles, {kills} kills, by phase {kills_in}: {history}"
         cycles += 1
-        phase = PHASES[cycles % len(PHASES)] if cycles <= len(PHASES) else rng.choice(PHASES)
-        job = server.start(path, delay=0.003)
-        reached = True
-        if phase == "startup":
+        # a job skips the passes finalized before it: only a pass it will start can be waited for
+        ahead = [f"p{p}" for p in range(1, PASSES) if f"p{p}" not in finalized]
+        possible = [phase for phase in PHASES if phase != "pass" or ahead]
+        unkilled = [phase for phase in possible if not kills_in[phase]]
+        if cycles <= len(PHASES) and PHASES[cycles % len(PHASES)] in possible:
+            phase = PHASES[cycles % len(PHASES)]
+        else:  # past the first 12 cycles, a phase without a kill yet goes first
+            phase = rng.choice(unkilled if cycles > 12 and unkilled else possible)
+        if phase == "startup":  # the job waits before logging: the kill lands in startup on any machine
+            job = server.start(path, delay=0.003, hold_before="logging", hold=HANG)
             time.sleep(rng.uniform(0, 0.03))
-        elif phase == "logging":
-            reached = job.wait_for("logging")
+        else:
+            job = server.start(path, delay=0.003)
+        if phase == "logging":
+            job.wait_for("logging")
             time.sleep(rng.uniform(0, 0.5))
         elif phase == "pass":
-            reached = job.wait_for(f"pass p{rng.randrange(1, PASSES)}")
+            job.wait_for(f"pass {rng.choice(ahead)}")
             time.sleep(rng.uniform(0, 0.004))
-        else:
-            reached = job.wait_for("finalizing")
+        elif phase == "finalize":
+            job.wait_for("finalizing")
             time.sleep(rng.uniform(0, 0.01))
         job.kill()
         status = job.wait()
         lines = job.lines()
         context = f"seed {SEED}, cycle {cycles} ({phase}), {path.name}, job said {lines}, history {history}"
-        assert status in (0, -signal.SIGKILL), f"{context}: status {status}\n{job.out.read_text()}"
+        assert status in (0, -signal.SIGKILL), f"{context}: status {status}\n{job.text()}"
         history.append((phase, status, lines[-1] if lines else None))
         if status == 0:  # the job ended before the kill: the log is complete
-            assert reached, context
+            assert phase != "startup", context
             check_complete(path, reference, context)
             logs.append(path)
             log_index += 1
             path, previous, finalized = tmp_path / f"log{log_index}", {}, set()
             continue
         kills += 1
+        kills_in[phase] += 1
+        if phase == "startup":
+            assert "logging" not in lines, context
         if not (path / "manifest.json").exists():
-            # killed before the log existed: nothing was committed, so nothing may be there but
-            # the directory and (see test_a_kill_during_the_first_manifest_write...) temp files
+            # killed before the log existed: nothing was committed, so nothing may be there but the
+            # directory, the writer's lock file and (see test_a_kill_during_the_first_manifest_write...)
+            # temp files
             assert "logging" not in lines, context
             leftovers = [p.name for p in path.iterdir()] if path.exists() else []
-            assert all(name.startswith(".") for name in leftovers), f"{context}: {leftovers}"
+            assert all(name.startswith(".") or name == "writer.lock" for name in leftovers), f"{context}: {leftovers}"
             continue
         counts = check_committed(path, reference, context)
         for name, n in previous.items():  # committed rows are never lost
@@ -241,47 +279,60 @@ def test_sigkill_at_random_moments_leaves_committed_rows_intact_and_resume_compl
     logs.append(path)
     segments = sum(len(p.segments) for p in logix.open(path).passes)
     print(
-        f"seed {SEED}: {cycles} cycles, {kills} kills, {len(logs)} logs completed, "
+        f"seed {SEED}: {cycles} cycles, {kills} kills (by phase {kills_in}), {len(logs)} logs completed, "
         f"{time.monotonic() - started:.1f} s; last log: {segments} segments, history {history}"
     )
-    assert kills >= 10
+    assert kills >= 10 and all(kills_in.values()), kills_in
 
 
 def test_consecutive_kills_in_every_pass_then_resume(server, reference, tmp_path):
-    """Kill, resume, kill, ...: each job is killed in the middle of a pass; the segments add up."""
+    """Kill, resume, kill, ...: each job is killed in the middle of a pass; the segments add up.
+
+    The jobs wait before finalizing, so that none can finalize before its kill on any machine."""
     rng = random.Random(SEED + 1)
     path = tmp_path / "log"
     previous = {}
+    killed_segments: set[str] = set()  # segment files the killed sessions left listed
     for k in range(6):
-        job = server.start(path, delay=0.004)
-        assert job.wait_for("logging")
+        job = server.start(path, delay=0.004, hold_before="finalizing", hold=HANG)
+        job.wait_for("first batch")  # the first job has a segment listed by then
         time.sleep(rng.uniform(0.05, 0.25))
         job.kill()
-        assert job.wait() == -signal.SIGKILL, job.out.read_text()
+        assert job.wait() == -signal.SIGKILL, job.text()
         counts = check_committed(path, reference, f"seed {SEED}, kill {k}")
         assert all(counts.get(name, 0) >= n for name, n in previous.items()), (previous, counts)
-        assert not any(p.finalized for p in logix.open(path).passes)
+        log = logix.open(path)
+        assert not any(p.finalized for p in log.passes)
+        killed_segments |= {s.file for p in log.passes for s in p.segments}
         previous = counts
     server.start(path).finish()
     check_complete(path, reference, f"seed {SEED}, after 6 kills")
     log = logix.open(path)
-    assert sum(len(p.segments) for p in log.passes) > PASSES  # the killed sessions' segments stay
+    kept = {s.file for p in log.passes for s in p.segments}
+    assert killed_segments and killed_segments <= kept, (killed_segments, kept)  # the killed sessions' segments stay
 
 
 def test_a_second_process_reads_and_scores_committed_rows_while_training_writes(server, reference, tmp_path):
+    """The job also waits at three points in the middle of a pass, once each pass's rows so far are
+    committed, until the reader has read and scored them: at least three reads of a pass being
+    written, however slow the reader is next to the writer."""
     path = tmp_path / "log"
-    job = server.start(path, delay=0.03)  # about 3 s of logging, committed every 0.02 s
+    gate = tmp_path / "go"
+    pauses = [16, 16 + N_IDS // 8, 16 + 2 * N_IDS // 8]  # 16 batches into each pass
+    # about 3 s of logging, committed every 0.02 s
+    job = server.start(path, delay=0.03, pause_at=pauses, hold=HANG, gate=str(gate))
     net, x, y = crash_worker.build(N_IDS)
     query_ids = [3, 100, 200]
     ref_rows = torch.from_numpy(np.stack([reference[i] for i in range(N_IDS)]))
     seen: dict[str, int] = {}
     held = None  # one Log kept open and refreshed, beside fresh opens
-    reads = partial_reads = scored = 0
+    reads = partial_reads = scored = released = 0
     complete: set[str] = set()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG
     while "done" not in job.lines():
-        assert time.monotonic() < deadline, job.out.read_text()
-        assert not any("Traceback" in line for line in job.lines()), job.out.read_text()
+        assert time.monotonic() < deadline, f"the job hung:\n{job.text()}"
+        assert job.poll() is None or "done" in job.lines(), f"the job failed:\n{job.text()}"
+        paused = job.lines().count("paused")  # the job waits for the gate: what follows reads a still log
         if not (path / "manifest.json").exists():
             time.sleep(0.005)
             continue
@@ -322,6 +373,10 @@ def test_a_second_process_reads_and_scores_committed_rows_while_training_writes(
             # (not torch.testing.assert_close: its first call imports sympy, seconds the writer won't wait)
             assert torch.allclose(scores.values.double(), want, rtol=1e-4, atol=1e-5), (scores.values, want)
             scored += 1
+        if paused > released:
+            gate.touch()  # the job removes it and goes on
+            released += 1
+    assert released == len(pauses), (released, job.text())
     job.finish()
     check_complete(path, reference, "the concurrently read log")
     print(f"{reads} pass reads ({partial_reads} of a pass being written), {scored} scorings")
@@ -345,8 +400,8 @@ def test_a_kill_during_the_first_manifest_write_does_not_block_resume(tmp_path):
 @pytest.mark.parametrize("pause_at", [N_IDS // 16, N_IDS // 8], ids=["half-committed", "all-committed"])
 def test_statistics_of_a_resumed_pass_cover_the_rows_committed_before_the_kill(server, tmp_path, pause_at):
     path = tmp_path / "log"
-    job = server.start(path, passes=1, statistics="kfac", pause_at=pause_at, hold=30)
-    assert job.wait_for("paused")  # pause_at batches of 8 are committed; the job sleeps
+    job = server.start(path, passes=1, statistics="kfac", pause_at=pause_at, hold=HANG)
+    job.wait_for("paused")  # pause_at batches of 8 are committed; the job waits
     job.kill()
     assert job.wait() == -signal.SIGKILL
     assert len(logix.open(path)) == pause_at * 8
