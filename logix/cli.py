@@ -34,7 +34,16 @@ from .influence import MODES, PRECONDITIONERS
 from .lock import find_writer, last_writer
 from .log import Log
 from .statistics import RAW_MAX_WIDTH, SUM_KEYS
-from .storage import FLAG_NONFINITE, FORMAT, MANIFEST, PROJECTIONS, SCHEMA_VERSION, SEGMENTS, read_manifest
+from .storage import (
+    FLAG_NONFINITE,
+    FORMAT,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    SEGMENTS,
+    read_manifest,
+    read_rows,
+)
 
 BLOCK_BYTES = 64 << 20  # rows read per block in verify / export: about this many bytes
 
@@ -276,7 +285,7 @@ def _segment_summary(root: Path, entry: dict) -> dict:
         with h5py.File(path, "r", libver="latest", swmr=True) as f:
             n = int(f["committed"][0])
             out["committed"] = n
-            out["nonfinite"] = int(((f["flags"][:n] & FLAG_NONFINITE) != 0).sum())
+            out["nonfinite"] = int(((read_rows(f["flags"], np.s_[:n]) & FLAG_NONFINITE) != 0).sum())
     except (OSError, KeyError, ValueError, IndexError) as e:
         out["error"] = f"cannot be read ({e})"
     return out
@@ -830,10 +839,10 @@ class Verifier:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
                 with h5py.File(self.root / entry["file"], "r", libver="latest", swmr=True) as f:
-                    ids = f["ids"][:n]
-                    if h5py.check_string_dtype(f["ids"].dtype) is not None:
-                        ids = f["ids"].asstr()[:n]
-                    flags = f["flags"][:n]
+                    torn: list = []
+                    string_ids = h5py.check_string_dtype(f["ids"].dtype) is not None
+                    ids = read_rows(f["ids"].asstr() if string_ids else f["ids"], np.s_[:n], torn=torn)
+                    flags = read_rows(f["flags"], np.s_[:n], torn=torn)
                     if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
                         self.problem(f"{where}: flags hold values other than 0 and {FLAG_NONFINITE}")
                     flagged = (flags & FLAG_NONFINITE) != 0
@@ -843,11 +852,17 @@ class Verifier:
                         seen[i] = True
                     unflagged_bad, flagged_good, corrupt = [], [], []
                     grads = f["grads"]
-                    for start, end, rows in _readable_blocks(grads, n, block, corrupt):
+                    for start, end, rows in _readable_blocks(grads, n, block, corrupt, torn):
                         finite = np.isfinite(rows).all(axis=1)
                         unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
                         flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
                         bar.update(end - start)
+                    read_rows(f["step"], np.s_[:n], torn=torn)
+                    for name, chunk in sorted(set(torn)):
+                        self.notes.append(
+                            f"{where}: chunk {chunk} of {name!r} was torn by an interrupted write (a crash); its "
+                            "committed rows match the checksum of the last complete write"
+                        )
                     if corrupt:
                         bad = [i for a, b in corrupt for i in range(a, b)]
                         self.problem(
@@ -1002,19 +1017,19 @@ def _data_extent(f: h5py.File) -> int:
     return reach
 
 
-def _readable_blocks(grads, n: int, block: int, corrupt: list):
+def _readable_blocks(grads, n: int, block: int, corrupt: list, torn: list):
     """(start, end, rows) over the committed rows; ranges whose checksum fails go to `corrupt`,
-    narrowed down to the HDF5 chunks that hold them."""
+    narrowed down to the HDF5 chunks that hold them (a torn chunk whose committed rows verify is read)."""
     chunk = grads.chunks[0] if grads.chunks else block
     for start in range(0, n, block):
         end = min(n, start + block)
         try:
-            yield start, end, grads[start:end]
+            yield start, end, read_rows(grads, np.s_[start:end], torn=torn)
         except OSError:
             for a in range(start, end, chunk):
                 b = min(end, a + chunk)
                 try:
-                    yield a, b, grads[a:b]
+                    yield a, b, read_rows(grads, np.s_[a:b], torn=torn)
                 except OSError:
                     corrupt.append((a, b))
 

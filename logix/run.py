@@ -173,6 +173,8 @@ class Run:
 
     def _open_or_create(self) -> dict:
         """The manifest of the log at `path`, or a new one; called with the writer lock held."""
+        for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # left by a crash; no writer is active but us
+            leftover.unlink(missing_ok=True)
         if (self.path / MANIFEST).exists():
             manifest = read_manifest(self.path)
             logged = Config.from_json(manifest["config"])
@@ -182,8 +184,6 @@ class Run:
                     "open it with the same settings or write to a new path"
                 )
             return manifest
-        for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # a crash while writing the first manifest
-            leftover.unlink(missing_ok=True)
         self._refuse_foreign_directory()
         return {
             "format": FORMAT,

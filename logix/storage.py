@@ -59,6 +59,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # the rename itself survives a power loss once the directory is on disk
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def read_manifest(root: Path) -> dict:
@@ -251,19 +256,33 @@ def open_segment(path: Path) -> h5py.File:
 
     A closed segment opens plainly, so a damaged one fails at once (in SWMR mode HDF5 retries a
     metadata block whose checksum fails, with back-off, for a very long time). A segment that a
-    writer holds (or held when it was killed) refuses a plain open and is read in SWMR mode.
+    writer holds (or held when it was killed) refuses a plain open and is read in SWMR mode. A
+    growing segment can also look truncated to a plain open (its end moves while HDF5 checks it):
+    that one is read in SWMR mode while its log's writer lock is held, and is damage otherwise
+    (SWMR mode would read the missing bytes as zeros).
     """
     if not path.is_file():
         raise LogFormatError(f"segment {path} listed in the manifest is missing; the log is incomplete")
     try:
         return h5py.File(path, "r")
     except (OSError, RuntimeError, ValueError) as e:
-        if "already open for write" not in str(e):
+        growing = "truncated file" in str(e) and _being_written(path)
+        if "already open for write" not in str(e) and not growing:
             raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
     try:
         return h5py.File(path, "r", libver="latest", swmr=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
+
+
+def _being_written(segment: Path) -> bool:
+    """Whether a job holds the writer lock of the log this segment belongs to."""
+    from .lock import find_writer  # noqa: PLC0415 - lock imports errors only; keeps this module's imports light
+
+    try:
+        return find_writer(segment.parent.parent) is not None
+    except OSError:
+        return False
 
 
 SEGMENT_DATASETS = ("committed", "ids", "grads", "flags", "step")
@@ -330,21 +349,109 @@ def self_contained(dataset: h5py.Dataset) -> bool:
 SWMR_READ_RETRIES = 8
 
 
-def read_rows(dataset: h5py.Dataset, selection, retries: int = SWMR_READ_RETRIES):
-    """dataset[selection], retrying a checksum failure while a writer holds the file.
+def read_rows(dataset, selection, retries: int = SWMR_READ_RETRIES, torn: list | None = None):
+    """dataset[selection] (rows, or rows and columns, as slices), surviving a torn last chunk.
 
-    The last chunk of a segment being written is rewritten in place as rows are appended; a reader
-    that catches it halfway sees a checksum mismatch, though the committed rows in it are sound.
-    A closed file gets no retry: there a mismatch is damage.
+    The last chunk of a segment is rewritten in place as rows are appended, all of it, its
+    fletcher32 checksum last. A reader that catches the rewrite halfway sees a checksum mismatch
+    and retries while a writer holds the file. A job killed during the rewrite leaves the chunk
+    torn for good, though its committed rows were written correctly before: such a chunk is read
+    raw and accepted only if its first rows, with zeros after them (as the last complete write
+    left them), match the stored checksum (`verified_prefix`). Anything else is damage: the
+    original error is raised. `torn` collects (dataset name, chunk index) of recovered chunks.
     """
+    base = getattr(dataset, "_dset", dataset)  # an .asstr() view reads through its dataset
     for attempt in range(retries + 1):
         try:
             return dataset[selection]
         except OSError:
-            if not dataset.file.swmr_mode or attempt == retries:
+            if base.file.swmr_mode and attempt < retries:
+                time.sleep(0.01 * (attempt + 1))
+                base.refresh()
+                continue
+            recovered = _read_recovering(dataset, base, selection, torn)
+            if recovered is None:
                 raise
-            time.sleep(0.01 * (attempt + 1))
-            dataset.refresh()
+            return recovered
+
+
+def _read_recovering(view, dataset: h5py.Dataset, selection, torn: list | None):
+    """The selection read chunk by chunk, verified torn chunks included; None if one is damaged."""
+    rows, columns = (selection, None) if isinstance(selection, slice) else (selection[0], selection[1:])
+    if not isinstance(rows, slice) or dataset.chunks is None or not dataset.fletcher32 or dataset.compression:
+        return None
+    start, stop, step = rows.indices(dataset.shape[0])
+    size = dataset.chunks[0]
+    if step != 1 or stop <= start or dataset.chunks[1:] != dataset.shape[1:]:
+        return None
+    pieces = []
+    for chunk in range(start // size, (stop - 1) // size + 1):
+        a, b = max(start, chunk * size), min(stop, (chunk + 1) * size)
+        try:
+            pieces.append(view[a:b])
+            continue
+        except OSError:
+            pass
+        block = verified_prefix(dataset, chunk, b - chunk * size)
+        if block is None or h5py.check_string_dtype(dataset.dtype) is not None:
+            return None
+        pieces.append(block[a - chunk * size :])
+        if torn is not None:
+            torn.append((dataset.name.lstrip("/"), chunk))
+        logger.warning(
+            "logix: %s: chunk %d of %r was torn by an interrupted write; its first %d rows match the checksum "
+            "of the last complete write and are used",
+            dataset.file.filename,
+            chunk,
+            dataset.name.lstrip("/"),
+            b - chunk * size,
+        )
+    out = np.concatenate(pieces)
+    return out[(slice(None), *columns)] if columns else out
+
+
+def verified_prefix(dataset: h5py.Dataset, chunk: int, rows: int) -> np.ndarray | None:
+    """The first `rows` rows of a chunk whose checksum fails as a whole, if some prefix of k >= rows
+    rows, followed by zeros (the fill value), matches the stored fletcher32 checksum; else None.
+
+    A chunk's last complete write held the rows committed then, zeros after them; a torn rewrite
+    changed only bytes beyond those (rewriting the committed bytes with the same values), so the
+    prefix that matches is exactly that write's content.
+    """
+    size = dataset.chunks[0]
+    origin = (chunk * size,) + (0,) * (dataset.ndim - 1)
+    try:
+        mask, raw = dataset.id.read_direct_chunk(origin)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.chunks[1:], dtype=np.int64))
+    if mask != 0 or len(raw) != size * row_bytes + 4:
+        return None
+    data, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+    padded = np.frombuffer(data + b"\0" * (len(data) % 2), dtype=">u2").astype(np.int64)
+    n = len(padded)
+    s1 = np.concatenate([[0], np.cumsum(padded)])  # prefix sums of the 16-bit words, and of i * word
+    si = np.concatenate([[0], np.cumsum(np.arange(n, dtype=np.int64) * padded)])
+    raw_bytes = np.frombuffer(data, dtype=np.uint8)
+    for k in range(rows, size + 1):
+        kept = k * row_bytes  # bytes kept; the rest is taken as zeros
+        words, partial = kept // 2, (int(raw_bytes[kept - 1]) << 8) if kept % 2 else 0
+        t1 = int(s1[words]) + partial
+        t2 = n * t1 - int(si[words]) - words * partial
+        if fletcher32_from_sums(t1, t2) == stored:
+            values = np.frombuffer(data, dtype=dataset.dtype)
+            return values.reshape((size, *dataset.chunks[1:]))[:rows].copy()
+    return None
+
+
+def fletcher32_from_sums(t1: int, t2: int) -> int:
+    """HDF5's fletcher32 of 16-bit big-endian words w_0..w_{n-1}, from t1 = sum w_i and
+    t2 = sum (n - i) w_i: each half is its sum folded into 1..65535 (0 only for an all-zero chunk)."""
+
+    def fold(t: int) -> int:
+        return 0 if t == 0 else (t - 1) % 65535 + 1
+
+    return (fold(t2) << 16) | fold(t1)
 
 
 def read_ids(dataset: h5py.Dataset, n: int, path: Path) -> np.ndarray:
