@@ -55,15 +55,18 @@ class ModuleCurvature:
 
     def apply(self, rows: Tensor) -> Tensor:
         """(n, k_out*k_in) -> (F + lambda I)^{-1} rows, in float64."""
-        g = rows.double()
         if self.kind == "identity":
-            return g
+            return rows.double()
+        return self.apply_function(rows, 1.0 / (self.values + self.damping))
+
+    def apply_function(self, rows: Tensor, multipliers: Tensor) -> Tensor:
+        """(n, k_out*k_in) -> f(F) rows in float64, f given by its value at each eigenvalue of F
+        (`multipliers`, shaped like `values`): the block's eigenbasis, scaled, and back."""
+        g = rows.double()
         if self.kind == "raw":
-            rotated = g @ self.vec_f
-            return (rotated / (self.values + self.damping)) @ self.vec_f.T
+            return ((g @ self.vec_f) * multipliers) @ self.vec_f.T
         g = g.reshape(-1, self.k_out, self.k_in)
-        rotated = self.vec_s.T @ g @ self.vec_a
-        rotated = rotated / (self.values + self.damping)
+        rotated = (self.vec_s.T @ g @ self.vec_a) * multipliers
         return (self.vec_s @ rotated @ self.vec_a.T).reshape(rows.shape[0], -1)
 
 

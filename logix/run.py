@@ -395,8 +395,18 @@ class Run:
         self._new_modules = None
         logger.info("logix: PCA projections fitted for %d modules", len(self.watched))
 
-    def _on_optimizer_step(self, *args) -> None:
+    def _on_optimizer_step(self, optimizer, *args) -> None:
+        """Count the step, and add it to the open pass's training record (attribution across
+        training weighs each pass by the learning rate it trained with)."""
         self.step += 1
+        if self._pass is None:
+            return
+        group = optimizer.param_groups[0]
+        record = self._pass["meta"].setdefault(
+            "training", {"steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": _momentum(group)}
+        )
+        record["steps"] += 1
+        record["lr_sum"] += float(group["lr"])
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -450,11 +460,7 @@ class Run:
 
     def _continue_pass(self, p: dict) -> None:
         """Resume a pass: adopt segments a crash left out of the manifest, skip ids already committed."""
-        listed = {s["file"] for s in p["segments"]}
-        for entry in pass_segments(self.path, p["index"]):
-            if entry["file"] not in listed and entry["session"] != self.session:
-                p["segments"].append({**entry, "rows": None})
-        covered_rows = self._adopt_partial_sums(p)
+        covered_rows = self._adopt_crashed(p)
         covered, uncovered = set(), set()
         for entry in p["segments"]:
             if (self.path / entry["file"]).is_file():
@@ -470,6 +476,15 @@ class Run:
             len(covered | uncovered),
         )
         self._begin_pass(covered, uncovered - covered)
+
+    def _adopt_crashed(self, p: dict) -> dict[tuple[int, int], int]:
+        """What crashed sessions left of a pass: segments the manifest never listed, and their
+        checkpointed statistics; {(rank, session): rows the statistics cover}."""
+        listed = {s["file"] for s in p["segments"]}
+        for entry in pass_segments(self.path, p["index"]):
+            if entry["file"] not in listed and entry["session"] != self.session:
+                p["segments"].append({**entry, "rows": None})
+        return self._adopt_partial_sums(p)
 
     def _adopt_partial_sums(self, p: dict) -> dict[tuple[int, int], int]:
         """Count the statistics crashed sessions checkpointed; {(rank, session): rows they cover}.
@@ -818,8 +833,14 @@ class Run:
         error = None
         if self.rank == 0:
             try:
+                ours = [p["index"] for p in self._manifest["passes"] if p["name"] in self._session_passes]
+                resumed_at = min(ours, default=len(self._manifest["passes"]))
                 for p in self._manifest["passes"]:
                     if p["name"] in self._session_passes - self._failed_passes:
+                        self._finalize_pass(p)
+                    elif self.resume and not p["finalized"] and p["index"] < resumed_at:
+                        # ended by the crashed job before the point this job resumed from: complete
+                        self._adopt_crashed(p)
                         self._finalize_pass(p)
             except Exception as e:
                 error = e
@@ -889,6 +910,15 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_post_hooks"):
         raise ConfigError(f"watch(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return inner
+
+
+def _momentum(group: dict) -> float | None:
+    """The momentum of an optimizer's parameter group: SGD's `momentum`, Adam's first beta."""
+    if "momentum" in group:
+        return float(group["momentum"] or 0.0)
+    if "betas" in group:
+        return float(group["betas"][0])
+    return None
 
 
 def _warn_if_compiled(model: nn.Module) -> None:

@@ -1,0 +1,332 @@
+"""Attribution across training: every pass of the log, each taken where training used it.
+
+A log written during training holds each example's gradient at the parameters of the step that
+used it, pass after pass (an epoch, or any segment of training), and each pass's curvature. A
+single-checkpoint influence uses one pass as if the model had been trained to convergence at
+once. These methods use all of them (positive = the training example helps, as everywhere):
+
+    tracin   sum_p  eta_p  g_q(theta_p)^T  P_p  g_i^p
+             eta_p the pass's effective learning rate per step, g_q(theta_p) the query gradient at
+             the pass's checkpoint, P_p identity (TracIn-CP) or the pass's damped inverse curvature.
+    source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l  g_i^l / K_l * uses_l
+             E_l = exp(-a_l H_l): the later segments' training, propagated back to segment l
+             R_l = (I - exp(-a_l H_l)) H_l^{-1}: segment l's own steps, averaged over where in the
+                   segment the example came (K_l steps, a_l = their summed effective learning rate)
+             H_l the pass's curvature (raw, kfac or ekfac statistics, no damping needed: R_l stays
+             bounded by a_l as an eigenvalue goes to 0), g_q(theta_T) at the final model.
+    checkpoint   the last pass alone, preconditioned, at the final model (single-checkpoint
+             influence, for comparison).
+
+Both follow from unrolling SGD, theta_{k+1} = theta_k - eta_k grad(batch mean loss), and asking
+how the final query loss moves with a weight eps on example i's loss at each step that used it
+(score = -dL_q/d eps, per unit weight on the example's own loss, the batch's 1/B left out):
+
+    -dL_q(theta_T)/d eps = sum_k eta_k g_q(theta_T)^T [prod_{k' > k} (I - eta_k' H_k')] g_i(theta_k)
+
+TracIn drops the Hessian products and moves the query gradient to theta_k (exact when every pass
+is one step and its checkpoint the parameters that step started from). Source (Bae et al., 2024)
+holds H and eta constant within a segment, (I - eta H)^K ~ exp(-eta K H), and averages the product
+over the example's unknown position in its segment. SGD with heavy-ball momentum m is treated as
+SGD with learning rate eta / (1 - m); Adam(W)'s per-parameter scaling is not modelled (its passes
+are weighted by their learning rate like SGD's): prefer tracin there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, LogFormatError, NotInLogError
+from .influence import (
+    DEFAULT_DAMPING_FACTOR,
+    Preconditioner,
+    Scores,
+    SelfInfluence,
+    as_ids,
+    load_curvature,
+    self_influence_values,
+)
+
+METHODS = ("tracin", "source", "checkpoint")
+CURVATURES = ("raw", "kfac", "ekfac")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What one pass contributes: its optimizer steps K and the learning rates it trained with."""
+
+    name: str
+    steps: int  # K: optimizer steps taken during the pass
+    lr_sum: float  # the learning rates of those steps, summed
+    momentum: float = 0.0  # SGD heavy-ball momentum (its steps count 1 / (1 - momentum) times)
+    uses: int = 1  # how many of the K steps each of the pass's rows stands for
+
+    @property
+    def total(self) -> float:
+        """a: the segment's summed effective learning rate."""
+        return self.lr_sum / (1.0 - self.momentum)
+
+    @property
+    def rate(self) -> float:
+        """eta: the effective learning rate of one step, on average over the segment."""
+        return self.total / self.steps
+
+
+def segments(log, passes: Sequence[str]) -> list[Segment]:
+    """The Segment of each pass, from the training record `watch(optimizer=...)` keeps, or else
+    from the pass's `lr` metadata and the steps its rows record."""
+    out = []
+    for name in passes:
+        info = log.pass_info(name)
+        meta = info.meta
+        record = meta.get("training") or {}
+        steps, lr_sum = record.get("steps"), record.get("lr_sum")
+        momentum = record.get("momentum") or 0.0
+        if record.get("optimizer", "SGD") != "SGD":
+            momentum = 0.0  # Adam's first moment averages, it does not accumulate steps
+        if not steps:
+            steps = len(np.unique(log.select(name).steps)) if info.rows else 0
+            lr = meta.get("lr")
+            if lr is None:
+                raise ConfigError(
+                    f"pass {name!r} records no learning rate: log with run.watch(model, optimizer=opt), "
+                    "or give run.start_pass(name, lr=...)"
+                )
+            lr_sum = float(lr) * steps
+        if not steps or lr_sum is None or not math.isfinite(lr_sum) or lr_sum < 0:
+            raise ConfigError(f"pass {name!r} records no optimizer steps: it cannot be weighed by its training")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ConfigError(f"pass {name!r}: momentum {momentum!r} is not in [0, 1)")
+        uses = meta.get("uses", 1)
+        uses = steps if uses == "all" else uses
+        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= steps:
+            raise ConfigError(f"pass {name!r}: uses must be 'all' or an int in 1..{steps}, got {meta.get('uses')!r}")
+        out.append(Segment(name, int(steps), float(lr_sum), float(momentum), uses))
+    return out
+
+
+def training_passes(log, passes: Sequence[str] | None) -> list[str]:
+    """The passes to attribute over, in log order: those named, or every pass that holds rows."""
+    names = [p.name for p in log.passes]
+    if passes is None:
+        chosen = [p.name for p in log.passes if p.rows]
+    else:
+        if isinstance(passes, str) or not all(isinstance(n, str) for n in passes):
+            raise ConfigError(f"passes must be a list of pass names, got {passes!r}")
+        unknown = [n for n in passes if n not in names]
+        if unknown:
+            raise NotInLogError(f"passes {unknown} are not in {log.path}; passes: {names}")
+        chosen = [n for n in names if n in set(passes)]
+    if not chosen:
+        raise ConfigError(f"{log.path} holds no pass with rows to attribute over")
+    return chosen
+
+
+class _Accumulator:
+    """Scores of several passes added up by train id (an id may appear in several passes)."""
+
+    def __init__(self, queries: int):
+        self.queries = queries
+        self.columns: dict = {}
+        self.parts: list[tuple[np.ndarray, Tensor]] = []
+
+    def add(self, ids: np.ndarray, values: Tensor) -> None:
+        index = np.empty(len(ids), dtype=np.int64)
+        for j, i in enumerate(ids.tolist()):
+            index[j] = self.columns.setdefault(i, len(self.columns))
+        self.parts.append((index, values))
+
+    def result(self, dtype) -> tuple[np.ndarray, Tensor]:
+        values = torch.zeros(self.queries, len(self.columns), dtype=torch.float64)
+        for index, part in self.parts:
+            values.index_add_(1, torch.from_numpy(index), part.double())
+        ids = np.empty(len(self.columns), dtype=object if dtype.kind in "OUS" else np.int64)
+        for i, j in self.columns.items():
+            ids[j] = i
+        return ids, values
+
+
+def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, scale: float = 1.0) -> None:
+    """Add scale * query_side @ rows^T over the pass's rows (one GEMM per block)."""
+    for ids, rows in view.blocks(block_rows=block_rows, check_finite=False, recycle=True):
+        values = (query_side @ rows.T) * scale
+        if not bool(torch.isfinite(values).all()):
+            raise LogFormatError(f"{view.path}: pass {view.current.name!r} gives non-finite scores (damaged rows?)")
+        accumulator.add(np.asarray(ids), values.clone())
+
+
+def _capture(log, model: nn.Module, queries: Callable) -> tuple[Tensor, np.ndarray]:
+    """Query rows of `queries(q, model)` at the model's current parameters."""
+    q = log.query(model)
+    with q:
+        queries(q, model)
+    model.zero_grad(set_to_none=True)
+    rows = q.rows
+    if rows.shape[0] == 0:
+        raise ConfigError("queries(q, model) captured nothing: call q.capture(ids) around forward and backward")
+    return rows, as_ids(q.ids)
+
+
+def _default_loader(pass_info) -> Callable[[nn.Module], None]:
+    path = pass_info.meta.get("checkpoint")
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise ConfigError(
+            f"pass {pass_info.name!r} names no checkpoint file to load (meta checkpoint={path!r}): pass "
+            "load=fn(pass_info, model) or models={pass name: model}"
+        )
+
+    def load(model: nn.Module) -> None:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    return load
+
+
+def influence_across_training(
+    log,
+    model: nn.Module | None,
+    queries: Callable,
+    *,
+    method: str = "source",
+    load: Callable | None = None,
+    models: Mapping[str, nn.Module] | None = None,
+    passes: Sequence[str] | None = None,
+    preconditioner: str | None = None,
+    damping=None,
+    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    top_k: int | None = None,
+    largest: bool = True,
+    block_rows: int | None = None,
+):
+    """See Log.influence_across_training."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if not callable(queries):
+        raise ConfigError("queries must be a function queries(q, model) that captures the query examples")
+    names = training_passes(log, passes)
+    if method == "tracin":
+        values, query_ids, train_ids = _tracin(
+            log, names, model, queries, load, models, preconditioner or "identity", damping, damping_factor, block_rows
+        )
+    else:
+        if model is None:
+            raise ConfigError(f"method {method!r} needs the final model: influence_across_training(model, ...)")
+        q_rows, query_ids = _capture(log, model, queries)
+        if method == "source":
+            values, train_ids = _source(log, names, q_rows, preconditioner or "ekfac", damping, block_rows)
+        else:
+            view = log.select(names[-1])
+            pre = Preconditioner(view, preconditioner or "ekfac", damping, damping_factor)
+            accumulator = _Accumulator(len(query_ids))
+            _stream(view, pre.apply(q_rows).float(), accumulator, block_rows)
+            train_ids, values = accumulator.result(log.ids.dtype)
+    scores = Scores(values, query_ids, train_ids)
+    return scores if top_k is None else scores.top_k(top_k, largest=largest)
+
+
+def _tracin(log, names, model, queries, load, models, preconditioner, damping, damping_factor, block_rows):
+    """sum over passes of eta_p x (that pass's scores, query gradients at the pass's checkpoint)."""
+    if models is not None and load is not None:
+        raise ConfigError("pass load= or models=, not both")
+    if models is not None:
+        missing = [n for n in names if n not in models]
+        if missing:
+            raise ConfigError(f"models has no model for passes {missing}")
+    elif model is None:
+        raise ConfigError("method 'tracin' needs the model (to load each pass's checkpoint into) or models=")
+    weights = segments(log, names)
+    saved = copy.deepcopy(model.state_dict()) if models is None else None
+    accumulator, query_ids = None, None
+    try:
+        for segment in weights:
+            view = log.select(segment.name)
+            if models is not None:
+                at = models[segment.name]
+            else:
+                at = model
+                if load is None:
+                    _default_loader(view.current)(model)
+                else:
+                    load(view.current, model)
+            q_rows, ids = _capture(log, at, queries)
+            if query_ids is None:
+                query_ids, accumulator = ids, _Accumulator(len(ids))
+            elif not np.array_equal(ids, query_ids):
+                raise ConfigError(f"queries(q, model) captured other query ids at pass {segment.name!r}")
+            side = q_rows.double() if preconditioner == "identity" else Preconditioner(
+                view, preconditioner, damping, damping_factor
+            ).apply(q_rows)
+            _stream(view, side.float(), accumulator, block_rows, scale=segment.rate)
+    finally:
+        if saved is not None:
+            model.load_state_dict(saved)  # the model is left as the caller gave it
+    train_ids, values = accumulator.result(log.ids.dtype)
+    return values, query_ids, train_ids
+
+
+def source_factors(curvature, segment: Segment) -> tuple[dict, dict]:
+    """{module: multipliers} of E = exp(-a H) and of R = (I - exp(-a H)) H^{-1} * uses / K, per
+    eigenvalue of each module's curvature (damping, if any, added to the eigenvalues)."""
+    a = segment.total
+    propagate, own = {}, {}
+    for name, c in curvature.items():
+        lam = (c.values + c.damping).clamp_min(0)
+        decay = torch.exp(-a * lam)
+        # (1 - e^{-a lam}) / lam, with its limit a as lam -> 0 (expm1 keeps small lam exact)
+        ratio = torch.where(lam * a > 1e-12, -torch.expm1(-a * lam) / lam.clamp_min(1e-300), torch.full_like(lam, a))
+        propagate[name] = decay
+        own[name] = ratio * (segment.uses / segment.steps)
+    return propagate, own
+
+
+def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows):
+    """Segments from the last to the first: score with R_l, then carry the query side through E_l."""
+    if preconditioner not in CURVATURES:
+        raise ConfigError(f"method 'source' needs curvature: a preconditioner of {CURVATURES}, got {preconditioner!r}")
+    accumulator = _Accumulator(q_rows.shape[0])
+    side = q_rows.double()
+    for segment in reversed(segments(log, names)):
+        view = log.select(segment.name)
+        curvature = load_curvature(view, preconditioner, 0.0 if damping is None else damping)
+        propagate, own = source_factors(curvature, segment)
+        scored, carried = [], []
+        for name, c in curvature.items():
+            block = side[:, view.modules[name].columns]
+            scored.append(c.apply_function(block, own[name]))
+            carried.append(c.apply_function(block, propagate[name]))
+        _stream(view, torch.cat(scored, dim=1).float(), accumulator, block_rows)
+        side = torch.cat(carried, dim=1)
+    train_ids, values = accumulator.result(log.ids.dtype)
+    return values, train_ids
+
+
+def self_influence_across_training(
+    log,
+    *,
+    passes: Sequence[str] | None = None,
+    preconditioner: str = "identity",
+    damping=None,
+    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    block_rows: int | None = None,
+    progress: bool | None = None,
+) -> SelfInfluence:
+    """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high)."""
+    names = training_passes(log, passes)
+    totals: dict = {}
+    for segment in segments(log, names):
+        view = log.select(segment.name)
+        if preconditioner == "identity":
+            pre = Preconditioner(view, "identity")
+        else:
+            pre = Preconditioner(view, preconditioner, damping, damping_factor)
+        ids, values = self_influence_values(view, pre, block_rows, progress)
+        for i, v in zip(ids.tolist(), (values * segment.rate).tolist()):
+            totals[i] = totals.get(i, 0.0) + v
+    ids = as_ids(list(totals)) if totals else np.zeros(0, dtype=log.ids.dtype)
+    return SelfInfluence(torch.tensor(list(totals.values()), dtype=torch.float64), ids)
