@@ -14,7 +14,8 @@ process would, and, in the last epoch's pass, the script prints:
     top 10% by self-influence catch;
   * with matplotlib, a PNG of all that (default <out>/attribution.png).
 
-It also leaves what the command line needs for `logix top`: the trained weights (<out>-model.pt)
+It keeps each epoch's weights (<out>-ckpt/epochN.pt, named in its pass) for attribution across
+training. It also leaves what the command line needs for `logix top`: the trained weights (<out>-model.pt)
 and a query log of the test digits' gradients at those weights (<out>-test), written like the
 training log:
 
@@ -75,11 +76,13 @@ def train_and_log(model: nn.Module, train: TensorDataset, test: TensorDataset, o
     loader = DataLoader(logix.WithIds(train), batch_size=64, shuffle=True)  # logix: items become (id, x, y)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}-ckpt", ignore_errors=True)
     # logix: a log directory; statistics="ekfac" gathers the curvature that influence scores use
     with logix.init(out, rank=rank, statistics="ekfac") as run:
         run.watch(model, optimizer=opt)  # logix: every Linear; rows record the optimizer step
         for epoch in range(epochs):
-            run.start_pass(f"epoch{epoch}", lr=0.1)  # logix: one pass per epoch
+            checkpoint = f"{out}-ckpt/epoch{epoch}.pt"  # saved at the epoch's end, for TracIn across training
+            run.start_pass(f"epoch{epoch}", lr=0.1, checkpoint=checkpoint)  # logix: one pass per epoch
             model.train()
             for ids, x, y in loader:
                 with run.capture(ids):  # logix: around forward and backward
@@ -87,6 +90,8 @@ def train_and_log(model: nn.Module, train: TensorDataset, test: TensorDataset, o
                     loss.backward()
                 opt.step()
                 opt.zero_grad()
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), checkpoint)
             model.eval()
             with torch.no_grad():
                 x_test, y_test = test.tensors
@@ -146,6 +151,23 @@ def explain_test_digits(log: logix.Log, model: nn.Module, test: TensorDataset, l
             for i, v in zip(top.ids[row].tolist(), top.values[row].tolist()):
                 print(f"    {label(i):<40}score {v:+.3g}")
     return query_ids, predicted, helpful, harmful
+
+
+def explain_across_training(log: logix.Log, model: nn.Module, test: TensorDataset, query_ids) -> None:
+    """(a') The same test digits over the whole of training: every epoch's rows, each at the
+    parameters it was taken at, propagated to the end by each epoch's curvature (Source)."""
+    x_test, y_test = test.tensors
+
+    def queries(q, model):  # logix: called with the model at the checkpoint the method needs
+        with q.capture(query_ids):
+            F.cross_entropy(model(x_test[query_ids]), y_test[query_ids]).backward()
+
+    model.eval()
+    top = log.influence_across_training(model, queries, top_k=K)  # logix: Source over every pass
+    print(f"\nacross all {len(log.passes)} epochs (Source), the most helpful training digits:")
+    for row, t in enumerate(query_ids):
+        shown = ", ".join(f"{int(i)} ({v:+.2g})" for i, v in zip(top.ids[row].tolist(), top.values[row].tolist()))
+        print(f"  test digit {t}: {shown}")
 
 
 def find_mislabeled(log: logix.Log, is_flipped: np.ndarray, label):
@@ -240,6 +262,7 @@ def main() -> None:
     describe_log(log, label)
     start = time.perf_counter()
     query_ids, predicted, helpful, harmful = explain_test_digits(log, model, test, label)
+    explain_across_training(log, model, test, query_ids)
     top_self = find_mislabeled(log, is_flipped, label)
     print(f"attribution in {time.perf_counter() - start:.2f} s")
 

@@ -375,7 +375,9 @@ class LogIXCallback(TrainerCallback):
         try:
             unfinished = self._unfinished_epochs(self._epoch(state)) if resumed else []
             self.run = logix.init(self.path, self.rank, statistics=self.statistics, resume=resumed, **self.init_kwargs)
-            self.modules = self.run.watch(model, self.include, self.exclude, self.include_frozen)
+            self.modules = self.run.watch(
+                model, self.include, self.exclude, self.include_frozen, optimizer=_plain_optimizer(kwargs)
+            )
             for name in unfinished:  # continued in this session, so that its finalize completes them
                 self.run.start_pass(name)
         except BaseException:
@@ -587,6 +589,16 @@ class LogIXCallback(TrainerCallback):
 
 
 LogixCallback = LogIXCallback
+
+
+def _plain_optimizer(kwargs: dict):
+    """The Trainer's torch optimizer (inside Accelerate's wrapper), so each pass records its steps and
+    learning rates; None where there is none to hook (DeepSpeed's own optimizers)."""
+    optimizer = kwargs.get("optimizer")
+    inner = optimizer
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer):
+        inner = getattr(inner, "optimizer", None)
+    return inner
 
 
 def _learning_rate(optimizer, lr_scheduler) -> float | None:

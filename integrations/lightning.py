@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
 import logix
 from logix.capture import normalize_ids
 from logix.errors import CaptureError
@@ -69,7 +71,10 @@ class LogIXCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.run = logix.init(self.path, **self.init_kwargs)
-        self.run.watch(pl_module, include=self.include, exclude=self.exclude)
+        optimizers = [o for o in getattr(trainer, "optimizers", []) if isinstance(o, torch.optim.Optimizer)]
+        # one optimizer: each pass records its steps and learning rates (attribution across training)
+        optimizer = optimizers[0] if len(optimizers) == 1 else None
+        self.run.watch(pl_module, include=self.include, exclude=self.exclude, optimizer=optimizer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         opts = trainer.optimizers

@@ -54,7 +54,7 @@ from .influence import (
     self_influence_values,
 )
 
-METHODS = ("tracin", "source", "checkpoint")
+METHODS = ("source", "tracin", "checkpoint")
 CURVATURES = ("raw", "kfac", "ekfac")
 
 
@@ -259,9 +259,10 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
                 query_ids, accumulator = ids, _Accumulator(len(ids))
             elif not np.array_equal(ids, query_ids):
                 raise ConfigError(f"queries(q, model) captured other query ids at pass {segment.name!r}")
-            side = q_rows.double() if preconditioner == "identity" else Preconditioner(
-                view, preconditioner, damping, damping_factor
-            ).apply(q_rows)
+            if preconditioner == "identity":
+                side = q_rows.double()
+            else:
+                side = Preconditioner(view, preconditioner, damping, damping_factor).apply(q_rows)
             _stream(view, side.float(), accumulator, block_rows, scale=segment.rate)
     finally:
         if saved is not None:
@@ -295,13 +296,11 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
         view = log.select(segment.name)
         curvature = load_curvature(view, preconditioner, 0.0 if damping is None else damping)
         propagate, own = source_factors(curvature, segment)
-        scored, carried = [], []
-        for name, c in curvature.items():
-            block = side[:, view.modules[name].columns]
-            scored.append(c.apply_function(block, own[name]))
-            carried.append(c.apply_function(block, propagate[name]))
+        scored = [c.apply_function(side[:, view.modules[n].columns], own[n]) for n, c in curvature.items()]
         _stream(view, torch.cat(scored, dim=1).float(), accumulator, block_rows)
-        side = torch.cat(carried, dim=1)
+        side = torch.cat(
+            [c.apply_function(side[:, view.modules[n].columns], propagate[n]) for n, c in curvature.items()], dim=1
+        )
     train_ids, values = accumulator.result(log.ids.dtype)
     return values, train_ids
 

@@ -8,6 +8,7 @@ writing; it sees exactly the rows below each segment's `committed` counter at op
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -226,8 +227,12 @@ class Log:
         raise NotInLogError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
 
     def select(self, pass_name: str) -> Log:
-        """The same log, reading another pass."""
-        return Log(self.path, pass_name=pass_name)
+        """The same log, reading another pass (from the index read at open or refresh: no re-read)."""
+        view = copy.copy(self)
+        view._pass_name = pass_name
+        view.current = self.pass_info(pass_name)
+        view._self_influence_cache = {}
+        return view
 
     # -- the chosen pass -------------------------------------------------------------------------
 

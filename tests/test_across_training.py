@@ -222,10 +222,7 @@ def test_source_equals_its_formula_evaluated_densely(tmp_path):
 
 
 def query_rows(log, model) -> torch.Tensor:
-    q = log.query(model)
-    queries(q, model)
-    model.zero_grad()
-    return q.rows.double()
+    return query_at(log, model).rows.double()
 
 
 def test_source_with_full_batch_gradient_descent_and_uses_all(tmp_path):
@@ -338,3 +335,48 @@ def test_misuse_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="captured nothing"):
         log.influence_across_training(model, lambda q, m: None, method="tracin", models=starts)
     assert isinstance(Segment("x", 4, 1.0, 0.5).rate, float)
+
+
+def test_two_stages_with_an_id_namespace_per_dataset(tmp_path):
+    """Pre-training on one dataset, fine-tuning on another, one log: ids 'pre/i' and 'ft/i' are kept
+    apart, and each id's score is the sum over the passes that hold it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    stages = {"pre/": TensorDataset(X[:8], Y[:8]), "ft/": TensorDataset(X[8:], Y[8:])}
+    starts = {}
+    with logix.init(tmp_path / "log", rank="full", statistics="ekfac") as run:
+        run.watch(model, optimizer=opt)
+        for prefix, dataset in stages.items():
+            for epoch in range(2):
+                name = f"{prefix[:-1]}{epoch}"
+                run.start_pass(name)
+                starts[name] = copy.deepcopy(model)
+                for ids, x, y in DataLoader(logix.WithIds(dataset, prefix=prefix), batch_size=4):
+                    with run.capture(ids):
+                        F.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+    log = logix.open(tmp_path / "log")
+    want_ids = {f"pre/{i}" for i in range(8)} | {f"ft/{i}" for i in range(8)}
+    source = log.influence_across_training(model, queries)
+    assert set(source.train_ids.tolist()) == want_ids and source.values.shape == (Q, 16)
+    tracin = log.influence_across_training(model, queries, method="tracin", models=starts)
+    expected = {}
+    for segment in segments(log, [p.name for p in log.passes]):
+        view = log.select(segment.name)
+        per_pass = view.influence(query_at(log, starts[segment.name]))
+        for j, i in enumerate(per_pass.train_ids.tolist()):
+            expected[i] = expected.get(i, 0) + segment.rate * per_pass.values[:, j].double()
+    for j, i in enumerate(tracin.train_ids.tolist()):
+        torch.testing.assert_close(tracin.values[:, j], expected[i], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ConfigError, match="prefix must be a string"):
+        logix.WithIds(stages["ft/"], prefix=3)
+
+
+def query_at(log, model):
+    q = log.query(model)
+    queries(q, model)
+    model.zero_grad()
+    return q

@@ -219,6 +219,11 @@ def test_steps_and_pass_metadata(tmp_path):
     e0, e1 = log.passes
     assert (e0.meta["step"], e1.meta["step"]) == (0, 3)  # 12 examples, 2 x 2 per step: 3 steps per epoch
     assert e0.meta["lr"] == pytest.approx(1e-3) and e1.meta["lr"] < e0.meta["lr"]
+    # each pass records the optimizer steps it took and their learning rates (linear decay over 6 steps)
+    assert [p.meta["training"]["steps"] for p in (e0, e1)] == [3, 3]
+    assert e0.meta["training"]["lr_sum"] == pytest.approx(1e-3 * (6 + 5 + 4) / 6)
+    assert e1.meta["training"]["lr_sum"] == pytest.approx(1e-3 * (3 + 2 + 1) / 6)
+    assert e0.meta["training"]["optimizer"] == "AdamW"
     steps = log.select("epoch0").steps.tolist()
     assert sorted(steps) == [0] * 4 + [1] * 4 + [2] * 4  # rows record the step whose parameters they saw
     assert len(log.self_influence("ekfac").values) == N  # EK-FAC gathered by default

@@ -85,6 +85,9 @@ def test_rows_are_exact_per_example_gradients(tmp_path, accum, dict_batch):
     fit(model, train, [LogIXCallback(tmp_path / "log", rank="full")], val=val, accumulate_grad_batches=accum)
     log = logix.open(tmp_path / "log")
     assert [p.name for p in log.passes] == ["epoch0", "epoch1"]
+    # each pass records its optimizer steps (N / 4 batches, accum of them per step, rounded up)
+    assert [p.meta["training"]["steps"] for p in log.passes] == [-(-(N // 4) // accum)] * 2  # a last, short step
+    assert log.passes[0].meta["training"]["optimizer"] == "SGD"
     for name in ("epoch0", "epoch1"):
         log.select(name)
         assert sorted(log.ids) == list(range(N))  # complete, unique, and no validation ids

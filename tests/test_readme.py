@@ -165,6 +165,7 @@ CONTEXT = {
     "PyTorch Lightning": (LIGHTNING, False),
     "Reading a log": ("", True),
     "Attribution: which training examples mattered": (DIGITS, True),
+    "Attribution across training": (DIGITS, True),
     "Command line": (DIGITS, True),
 }
 

@@ -1,0 +1,291 @@
+"""Attribution across training on scikit-learn's digits: does using every pass of the log beat one checkpoint?
+
+    python benchmarks/across_training.py            # 100 halves, ranks full and 16, three variants
+    python benchmarks/across_training.py --quick    # 30 halves (about 5 minutes on 2 cores)
+    python benchmarks/across_training.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
+
+Task: digits (pixels / 16), 1,000 train and 100 query examples (the split of attribution_quality.py),
+an MLP 64 -> 32 -> ReLU -> 10 from init seed 0, trained with minibatch SGD (batch 50, momentum 0.9,
+learning rate 0.05 with a cosine decay to 0 over the whole run, a fixed batch order per epoch). Variants:
+
+  trained    40 epochs (converged)
+  short      5 epochs (far from converged)
+  two-stage  20 epochs on the digits 0-4, then 20 on 5-9, one optimizer and one schedule
+
+logix logs one pass per epoch (EK-FAC statistics) while the model trains; the checkpoints at the end of
+each epoch are kept for TracIn. LDS: for each of H random halves of the train set, the same recipe is run
+again (same init, same batches and schedule) with the other half's losses set to zero in their batches;
+the outcome is minus each query's cross-entropy; LDS = Spearman over halves of (sum of the half's scores,
+outcome), averaged over queries (se: across queries).
+
+Rows, each at rank full and 16 where it is logix's:
+  checkpoint ekfac   the last pass alone (EK-FAC), at the final model: single-checkpoint influence
+  exact IF           dense damped GGN of all 2,410 parameters at the final model (lambda = 0.1 x mean eig)
+  tracin identity    TracIn-CP: each pass's rows against the query gradients at the epoch's end checkpoint,
+                     weighted by the pass's effective learning rate
+  tracin ekfac       the same, each pass preconditioned by its own EK-FAC
+  source ekfac       Source: every pass's curvature and learning rate, query gradients at the final model
+  exact unrolled     -dL_q(theta_T)/d eps_i differentiated through the whole optimisation (float64)
+
+Mislabel detection (trained variant, 10% of labels flipped): self-influence of the last pass against the
+learning-rate-weighted sum over passes; ROC-AUC and the share of flipped labels in the top 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).parent))
+import attribution_quality as aq  # noqa: E402 - the shared data, metrics and exact curvature
+
+import logix  # noqa: E402
+
+HIDDEN, BATCH, LR, MOMENTUM = 32, 50, 0.05, 0.9
+VARIANTS = {"trained": (40, None), "short": (5, None), "two-stage": (40, 20)}
+
+
+# -- the recipe ----------------------------------------------------------------------------------------
+
+
+def schedule(variant: str, y: torch.Tensor, epochs: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Per epoch, the index batches of the recipe (the same for every retraining)."""
+    total, split = VARIANTS[variant]
+    if split is not None:
+        split = split * epochs // total  # the same halfway point in a shortened (smoke) run
+    rng = torch.Generator().manual_seed(seed)
+    low = torch.nonzero(y < 5).flatten()
+    high = torch.nonzero(y >= 5).flatten()
+    out = []
+    for epoch in range(epochs):
+        pool = torch.arange(len(y)) if split is None else (low if epoch < split else high)
+        order = pool[torch.randperm(len(pool), generator=rng)]
+        out.append(list(order.split(BATCH)))
+    return out
+
+
+def lr_at(step: int, total_steps: int) -> float:
+    return LR * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def train_masked(x, y, masks: torch.Tensor, epochs: list) -> list[torch.Tensor]:
+    """Train M models at once, model m with masks[m] (0 = the example's loss is zeroed in its batch)."""
+    m = masks.shape[0]
+    params = [p.requires_grad_() for p in aq.init_params([0] * m, HIDDEN)]
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    total = sum(len(e) for e in epochs)
+    step = 0
+    for batches in epochs:
+        for idx in batches:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total)
+            logits = aq.forward_batched(params, x[idx].expand(m, -1, -1))
+            losses = F.cross_entropy(logits.reshape(-1, 10), y[idx].repeat(m), reduction="none").reshape(m, -1)
+            (losses * masks[:, idx]).sum(dim=1).div(len(idx)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+    return [p.detach() for p in params]
+
+
+def train_and_log(path, x, y, epochs: list, rank) -> tuple:
+    """The attributed model, trained with the recipe while logix logs a pass per epoch; also the
+    model at the end of each epoch, for TracIn's query gradients."""
+    model = aq.to_module(aq.init_params([0], HIDDEN))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    total = sum(len(e) for e in epochs)
+    ends, step = {}, 0
+    with logix.init(path, rank=rank, statistics=["ekfac", "raw"]) as run:
+        run.watch(model, optimizer=opt)
+        for epoch, batches in enumerate(epochs):
+            run.start_pass(f"epoch{epoch}")
+            for idx in batches:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total)
+                with run.capture(idx):
+                    F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+                step += 1
+            ends[f"epoch{epoch}"] = _copy(model)
+    return model, ends
+
+
+def _copy(model):
+    clone = aq.to_module(aq.init_params([0], HIDDEN))
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+# -- references ------------------------------------------------------------------------------------------
+
+
+def exact_unrolled(x, y, xq, yq, epochs: list) -> np.ndarray:
+    """(Q, N): -dL_q(theta_T)/d eps_i, with eps_i * loss_i added to each batch loss that holds i."""
+    model = aq.to_double(aq.to_module(aq.init_params([0], HIDDEN)))
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    eps = torch.zeros(len(x), dtype=torch.float64, requires_grad=True)
+    x, xq = x.double(), xq.double()
+    velocity = None
+    total = sum(len(e) for e in epochs)
+    step = 0
+    for batches in epochs:
+        for idx in batches:
+            losses = F.cross_entropy(functional_call(model, params, (x[idx],)), y[idx], reduction="none")
+            total_loss = losses.mean() + (eps[idx] * losses).sum()
+            grads = torch.autograd.grad(total_loss, list(params.values()), create_graph=True)
+            velocity = list(grads) if velocity is None else [MOMENTUM * v + g for v, g in zip(velocity, grads)]
+            params = {k: p - lr_at(step, total) * v for (k, p), v in zip(params.items(), velocity)}
+            step += 1
+    out = np.zeros((len(xq), len(x)))
+    for q in range(len(xq)):
+        loss = F.cross_entropy(functional_call(model, params, (xq[q : q + 1],)), yq[q : q + 1])
+        out[q] = -torch.autograd.grad(loss, eps, retain_graph=True)[0].numpy()
+    return out
+
+
+def exact_influence(model, x, y, xq, yq, factor: float = 0.1) -> np.ndarray:
+    g_train, jac, probs = aq.per_example(model, x, y)
+    g_query, _, _ = aq.per_example(model, xq, yq)
+    curvature = aq.Damped(aq.ggn(jac, probs))
+    return (curvature.solve(g_query.T, factor).T @ g_train.T).numpy()
+
+
+def dense(scores, n: int) -> np.ndarray:
+    """(Q, n) in example order; an example no pass holds has no influence (0)."""
+    return np.nan_to_num(aq.in_order(scores.train_ids, scores.values, n), nan=0.0)
+
+
+def queries_for(xq, yq):
+    def queries(q, model):
+        with q.capture(list(range(len(xq)))):
+            F.cross_entropy(model(xq), yq).backward()
+
+    return queries
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+def run_variant(variant: str, data, masks, ranks, tmp: Path, unrolled: bool) -> list[tuple]:
+    xtr, ytr, xq, yq = data
+    n = len(xtr)
+    epochs = schedule(variant, ytr, VARIANTS[variant][0] if not SMOKE else 3)
+    start = time.perf_counter()
+    params = train_masked(xtr, ytr, torch.from_numpy(masks).float(), epochs)
+    loss, _ = aq.query_outcomes(params, xq, yq)
+    outcome = -loss
+    print(f"  {variant}: {len(masks)} retrained in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    rows = []
+    queries = queries_for(xq, yq)
+    model = None
+    for rank in ranks:
+        path = tmp / f"{variant}-{rank}"
+        start = time.perf_counter()
+        model, ends = train_and_log(path, xtr, ytr, epochs, rank)
+        log_s = time.perf_counter() - start
+        log = logix.open(path)
+        for label, kw in (
+            ("checkpoint ekfac", dict(method="checkpoint", preconditioner="ekfac")),
+            ("tracin identity", dict(method="tracin", models=ends)),
+            ("tracin ekfac", dict(method="tracin", preconditioner="ekfac", models=ends)),
+            ("source ekfac", dict(method="source", preconditioner="ekfac")),
+            ("source raw", dict(method="source", preconditioner="raw")),
+        ):
+            start = time.perf_counter()
+            scores = dense(log.influence_across_training(model, queries, **kw), n)
+            rows.append((variant, label, rank, *aq.lds(scores, masks, outcome), log_s, time.perf_counter() - start))
+            print(f"  {variant} {label} {rank}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
+    with torch.no_grad():
+        accuracy = (model(xq).argmax(1) == yq).float().mean().item()
+    start = time.perf_counter()
+    scores = exact_influence(model, xtr, ytr, xq, yq)
+    rows.append((variant, "exact IF", "all", *aq.lds(scores, masks, outcome), None, time.perf_counter() - start))
+    if unrolled:
+        start = time.perf_counter()
+        scores = exact_unrolled(xtr, ytr, xq, yq, epochs)
+        secs = time.perf_counter() - start
+        rows.append((variant, "exact unrolled", "all", *aq.lds(scores, masks, outcome), None, secs))
+    print(f"  {variant}: query accuracy {accuracy:.3f}", file=sys.stderr, flush=True)
+    return rows, accuracy
+
+
+def mislabel_rows(data, ranks, tmp: Path, flip_seed: int = 7) -> list[tuple]:
+    xtr, ytr, _, _ = data
+    n = len(xtr)
+    rng = np.random.default_rng(flip_seed)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, n // 10, replace=False)] = True
+    noisy = ytr.clone()
+    noisy[flipped] = (ytr[flipped] + torch.from_numpy(rng.integers(1, 10, flipped.sum()))) % 10
+    epochs = schedule("trained", noisy, VARIANTS["trained"][0] if not SMOKE else 3)
+    rows = []
+    for rank in ranks:
+        path = tmp / f"noisy-{rank}"
+        train_and_log(path, xtr, noisy, epochs, rank)
+        log = logix.open(path)
+        for label, values in (
+            ("last pass identity", log.self_influence("identity")),
+            ("last pass ekfac", log.self_influence("ekfac")),
+            ("across identity", log.self_influence_across_training("identity")),
+            ("across ekfac", log.self_influence_across_training("ekfac")),
+        ):
+            rows.append((label, rank, *aq.mislabel(aq.in_order(values.ids, values.values, n), flipped)))
+    return rows
+
+
+SMOKE = False
+
+
+def main(argv=None) -> None:
+    global SMOKE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="30 halves (about 5 minutes)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 200 train / 20 queries, 3 epochs, 6 halves")
+    parser.add_argument("--halves", type=int, help="random halves (default 100, quick 30)")
+    parser.add_argument("--ranks", nargs="+", default=["full", "16"], help="logix ranks (default full 16)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-unrolled", action="store_true", help="skip the exact unrolled influence")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    SMOKE = args.smoke
+    torch.set_num_threads(args.threads)
+    halves = args.halves or (6 if args.smoke else 30 if args.quick else 100)
+    ranks = [r if r == "full" else int(r) for r in args.ranks]
+    print("command:", shlex.join(["python"] + sys.argv))
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end on a smaller task; its numbers mean nothing")
+    print(f"torch {torch.__version__}, logix {logix.__version__}, threads {torch.get_num_threads()}, load {aq.load()}")
+    setup = aq.Setup(**(aq.SMOKE if args.smoke else {}))
+    data = aq.load_data(setup)
+    masks = aq.make_halves(setup, halves)
+    rows, accuracy = [], {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="logix-across-") as tmp:
+        for variant in args.variants:
+            got, accuracy[variant] = run_variant(variant, data, masks, ranks, Path(tmp), not args.no_unrolled)
+            rows += got
+        flips = mislabel_rows(data, ranks, Path(tmp))
+    print(f"\nLDS over {halves} halves, outcome = minus query cross-entropy ({time.perf_counter() - started:.0f} s)")
+    print("query accuracy: " + ", ".join(f"{v} {a:.3f}" for v, a in accuracy.items()))
+    print(f"{'variant':<10} {'method':<17} {'rank':>5} {'LDS':>6} {'se':>6} {'log s':>6} {'score s':>8}")
+    for variant, method, rank, value, se, log_s, score_s in rows:
+        print(f"{variant:<10} {method:<17} {rank!s:>5} {value:6.3f} {se:6.3f} {aq.fmt(log_s, '.1f'):>6} {score_s:8.2f}")
+    print("\nmislabel detection, trained variant, 10% flipped")
+    print(f"{'self-influence':<20} {'rank':>5} {'AUC':>6} {'top 10%':>8}")
+    for method, rank, auc, top in flips:
+        print(f"{method:<20} {rank!s:>5} {auc:6.3f} {top:8.0%}")
+
+
+if __name__ == "__main__":
+    main()
