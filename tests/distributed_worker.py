@@ -74,6 +74,20 @@ def scenario_score(out: Path, rank: int, world: int) -> dict:
             "values": scores.values.tolist()}
 
 
+def scenario_across(out: Path, rank: int, world: int) -> dict:
+    """Two passes at fixed parameters (learning rates 0.1 and 0.2), each rank its share of every batch."""
+    net = model()
+    with logix.init(out / "across", rank=4, statistics="ekfac") as run:
+        run.watch(net)
+        for p in range(2):
+            run.start_pass(f"epoch{p}", lr=0.1 * (p + 1))
+            for ids, x, y in loader_for(world, rank):
+                with run.capture(ids):
+                    F.cross_entropy(net(x), y).backward()
+                net.zero_grad()
+    return {"ok": True}
+
+
 def scenario_config_mismatch(out: Path, rank: int, world: int) -> dict:
     try:
         logix.init(out / "log", rank=4 if rank == 0 else 8)

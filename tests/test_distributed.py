@@ -193,3 +193,43 @@ def test_ranks_watching_different_modules_are_refused(tmp_path):
     results = launch("module_mismatch", tmp_path)
     for result in results:
         assert result["error"] is not None and "ranks [1] watch different modules" in result["error"]
+
+
+def test_attribution_across_training_from_two_ranks_equals_one_process(tmp_path):
+    """The same rows, logged by two ranks or by one process whose batches join the ranks' batches:
+    Source and TracIn across the two passes agree to 1e-5."""
+    from torch.utils.data import DistributedSampler, TensorDataset
+
+    launch("across", tmp_path)
+    x, y = worker.data()
+    dataset = TensorDataset(torch.arange(worker.N), x, y)
+    per_rank = [list(DistributedSampler(dataset, 2, r, shuffle=True, seed=1)) for r in range(2)]
+    batches, seen = [], set()  # the sampler pads with a repeat: the lower rank's step keeps it, as logix does
+    for step in range(0, len(per_rank[0]), worker.BATCH):
+        joined = []
+        for r in range(2):
+            joined += [i for i in per_rank[r][step : step + worker.BATCH] if i not in seen and i not in joined]
+        seen.update(joined)
+        batches.append(joined)
+    net = worker.model()
+    with logix.init(tmp_path / "one", rank=4, statistics="ekfac") as run:
+        run.watch(net)
+        for p in range(2):
+            run.start_pass(f"epoch{p}", lr=0.1 * (p + 1))
+            for ids in batches:
+                with run.capture(ids):
+                    torch.nn.functional.cross_entropy(net(x[ids]), y[ids]).backward()
+                net.zero_grad()
+
+    def queries(q, model):
+        with q.capture(["q0", "q1"]):
+            torch.nn.functional.cross_entropy(model(x[:2] * 0.5), y[:2]).backward()
+
+    two, one = logix.open(tmp_path / "across"), logix.open(tmp_path / "one")
+    assert sorted(two.ids.tolist()) == sorted(one.ids.tolist()) == list(range(worker.N))
+    for method, kw in (("source", {}), ("tracin", {"models": {"epoch0": net, "epoch1": net}})):
+        a = two.influence_across_training(net, queries, method=method, **kw)
+        b = one.influence_across_training(net, queries, method=method, **kw)
+        a_values = a.values[:, np.argsort(a.train_ids)]
+        b_values = b.values[:, np.argsort(b.train_ids)]
+        assert float((a_values - b_values).norm() / b_values.norm()) < 1e-5, method
