@@ -37,7 +37,6 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,20 +173,6 @@ def _capture(log, model: nn.Module, queries: Callable) -> tuple[Tensor, np.ndarr
     return rows, as_ids(q.ids)
 
 
-def _default_loader(pass_info) -> Callable[[nn.Module], None]:
-    path = pass_info.meta.get("checkpoint")
-    if not isinstance(path, str) or not Path(path).is_file():
-        raise ConfigError(
-            f"pass {pass_info.name!r} names no checkpoint file to load (meta checkpoint={path!r}): pass "
-            "load=fn(pass_info, model) or models={pass name: model}"
-        )
-
-    def load(model: nn.Module) -> None:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-    return load
-
-
 def influence_across_training(
     log,
     model: nn.Module | None,
@@ -204,7 +189,21 @@ def influence_across_training(
     largest: bool = True,
     block_rows: int | None = None,
 ):
-    """See Log.influence_across_training."""
+    """Influence over the whole of training: every pass, each where training used it (as
+    `log.influence_across_training(model, queries, ...)`).
+
+    queries(q, model) captures the query examples (`with q.capture(ids): loss.backward()`); it is
+    called at each checkpoint the method needs, with the model loaded.
+    method: "source" (default; the final model and each pass's curvature: statistics needed),
+        "tracin" (each pass's rows against query gradients at that pass's checkpoint, weighted by
+        its learning rate; preconditioner identity by default), or "checkpoint" (the last pass
+        alone at the final model, for comparison).
+    model: the final model; for tracin also where `load(pass_info, model)` puts each pass's
+        checkpoint (logix itself never unpickles a file); it is left as given. Or models={pass name: model}.
+    passes: the passes to use (default: every pass with rows), in log order; an id's scores add
+        up over the passes that hold it.
+    Returns Scores over the union of the passes' train ids (or, with top_k, a TopK).
+    """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if not callable(queries):
@@ -238,8 +237,11 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
         missing = [n for n in names if n not in models]
         if missing:
             raise ConfigError(f"models has no model for passes {missing}")
-    elif model is None:
-        raise ConfigError("method 'tracin' needs the model (to load each pass's checkpoint into) or models=")
+    elif model is None or load is None:
+        raise ConfigError(
+            "method 'tracin' needs each pass's checkpoint: load=fn(pass_info, model) that puts it into the model "
+            "(from the file pass_info.meta['checkpoint'] names, say), or models={pass name: model}"
+        )
     weights = segments(log, names)
     saved = copy.deepcopy(model.state_dict()) if models is None else None
     accumulator, query_ids = None, None
@@ -250,10 +252,7 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
                 at = models[segment.name]
             else:
                 at = model
-                if load is None:
-                    _default_loader(view.current)(model)
-                else:
-                    load(view.current, model)
+                load(view.current, model)
             q_rows, ids = _capture(log, at, queries)
             if query_ids is None:
                 query_ids, accumulator = ids, _Accumulator(len(ids))
@@ -307,15 +306,16 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
 
 def self_influence_across_training(
     log,
+    preconditioner: str = "identity",
     *,
     passes: Sequence[str] | None = None,
-    preconditioner: str = "identity",
     damping=None,
     damping_factor: float = DEFAULT_DAMPING_FACTOR,
     block_rows: int | None = None,
     progress: bool | None = None,
 ) -> SelfInfluence:
-    """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high)."""
+    """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high), as
+    `log.self_influence_across_training(preconditioner)`."""
     names = training_passes(log, passes)
     totals: dict = {}
     for segment in segments(log, names):

@@ -397,73 +397,9 @@ class Log:
             raise ConfigError("across_ranks: the ranks scored different queries; capture the same query on every rank")
         return type(result).merge(parts, largest) if top_k is not None else Scores.merge(parts)
 
-    def influence_across_training(
-        self,
-        model,
-        queries,
-        *,
-        method: str = "source",
-        load=None,
-        models=None,
-        passes=None,
-        preconditioner: str | None = None,
-        damping=None,
-        damping_factor: float = DEFAULT_DAMPING_FACTOR,
-        top_k: int | None = None,
-        largest: bool = True,
-        block_rows: int | None = None,
-    ):
-        """Influence over the whole of training: every pass, each where training used it.
-
-        queries(q, model) captures the query examples (`with q.capture(ids): loss.backward()`);
-        it is called at each checkpoint the method needs, with the model loaded.
-        method: "source" (default; the final model and each pass's curvature, statistics needed),
-            "tracin" (each pass's rows against query gradients at that pass's checkpoint, weighted
-            by its learning rate; preconditioner identity by default), or "checkpoint" (the last
-            pass alone at the final model, for comparison). See logix.across_training.
-        model: the final model; for tracin also where `load(pass_info, model)` puts each pass's
-            checkpoint (default: the state dict at pass_info.meta["checkpoint"]). The model is left
-            as it was given. Or models={pass name: model}.
-        passes: the passes to use (default: every pass with rows), in log order; their ids may
-            repeat across passes, and each id's scores add up.
-        Returns Scores over the union of the passes' train ids (or, with top_k, a TopK).
-        """
-        return across_training.influence_across_training(
-            self,
-            model,
-            queries,
-            method=method,
-            load=load,
-            models=models,
-            passes=passes,
-            preconditioner=preconditioner,
-            damping=damping,
-            damping_factor=damping_factor,
-            top_k=top_k,
-            largest=largest,
-            block_rows=block_rows,
-        )
-
-    def self_influence_across_training(
-        self,
-        preconditioner: str = "identity",
-        *,
-        passes=None,
-        damping=None,
-        damping_factor: float = DEFAULT_DAMPING_FACTOR,
-        block_rows: int | None = None,
-        progress: bool | None = None,
-    ) -> SelfInfluence:
-        """The learning-rate-weighted sum of each pass's self-influence, per train id."""
-        return across_training.self_influence_across_training(
-            self,
-            passes=passes,
-            preconditioner=preconditioner,
-            damping=damping,
-            damping_factor=damping_factor,
-            block_rows=block_rows,
-            progress=progress,
-        )
+    # every pass of the log, each where training used it: see logix.across_training
+    influence_across_training = across_training.influence_across_training
+    self_influence_across_training = across_training.self_influence_across_training
 
     def self_influence(
         self,

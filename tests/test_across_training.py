@@ -174,19 +174,6 @@ def test_tracin_loads_each_pass_checkpoint_and_leaves_the_model_as_given(tmp_pat
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
     by_models = log.influence_across_training(model, queries, method="tracin", models=starts)
     torch.testing.assert_close(by_load.values, by_models.values, rtol=0, atol=0)
-    # checkpoints named in the pass metadata are loaded by default
-    for name, m in starts.items():
-        torch.save(m.state_dict(), tmp_path / f"{name}.pt")
-    run = logix.init(tmp_path / "named", rank="full")
-    run.watch(model)
-    for name in starts:
-        run.start_pass(name, lr=0.5, checkpoint=str(tmp_path / f"{name}.pt"))
-        with run.capture(list(range(4))):
-            F.cross_entropy(model(X[:4]), Y[:4]).backward()
-        model.zero_grad()
-    run.finalize()
-    named = logix.open(tmp_path / "named").influence_across_training(model, queries, method="tracin")
-    assert named.values.shape == (Q, 4)
 
 
 def test_source_equals_its_formula_evaluated_densely(tmp_path):
@@ -328,7 +315,7 @@ def test_misuse_is_a_clear_error(tmp_path):
         log.influence_across_training(model, queries, method="source", preconditioner="identity")
     with pytest.raises(logix.LogFormatError, match="no curvature statistics"):
         log.influence_across_training(model, queries, method="source")
-    with pytest.raises(ConfigError, match="names no checkpoint file"):
+    with pytest.raises(ConfigError, match=r"needs each pass's checkpoint: load=fn\(pass_info, model\)"):
         log.influence_across_training(model, queries, method="tracin")
     with pytest.raises(logix.NotInLogError, match="not in"):
         log.influence_across_training(model, queries, method="tracin", models=starts, passes=["p9"])
