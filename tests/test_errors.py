@@ -752,11 +752,16 @@ def test_a_capture_never_entered_in_fit_projections(tmp_path):
     run.close()
 
 
-def test_a_query_capture_never_entered_is_an_error_before_scoring(setup):
+@pytest.fixture
+def finalized(setup):
+    """The setup's log, finalized and opened, with a two-example query batch."""
     path, model, run, first = setup
     run.finalize()
-    log = logix.open(path)
-    x, y = batch_for(2, seed=3)
+    return logix.open(path), model, *batch_for(2, seed=3)
+
+
+def test_a_query_capture_never_entered_is_an_error_before_scoring(finalized):
+    log, model, x, y = finalized
     with log.query(model) as q:
         q.capture([50, 51])  # forgot `with`
         example_losses(model, x, y).mean().backward()
@@ -768,11 +773,8 @@ def test_a_query_capture_never_entered_is_an_error_before_scoring(setup):
     assert log.influence(q).values.shape == (2, 4)
 
 
-def test_query_messages_name_q_capture(setup):
-    path, model, run, first = setup
-    run.finalize()
-    log = logix.open(path)
-    x, y = batch_for(2, seed=3)
+def test_query_messages_name_q_capture(finalized):
+    log, model, x, y = finalized
     with log.query(model) as q:
         with pytest.raises(CaptureError, match=r"call loss.backward\(\) inside `with q.capture\(ids\):`"):
             with q.capture([50, 51]):
