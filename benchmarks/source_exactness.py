@@ -8,8 +8,8 @@ A tiny MLP (4 -> 3 -> tanh -> 2, 16 examples, 3 queries) trained for 2 epochs of
 unrolled influence -dL_q(theta_T)/d eps_i (float64 autograd through the whole optimisation), as
 the learning rate, the segment length K and the momentum grow:
 
-  source H      Source's formula with the exact Hessian of the training loss, averaged over the
-                segment's steps (dense): what Source approximates when its curvature is exact
+  source H      Source's formula (with logix's momentum dynamics) and the exact Hessian of the
+                training loss averaged over the segment's steps, dense: Source with exact curvature
   source GGN    the same with the Gauss-Newton matrix
   logix raw     logix's Source with its raw statistics (the projected empirical Fisher per module)
   logix ekfac   logix's Source with its EK-FAC statistics
@@ -120,21 +120,28 @@ def curvature_at(model, theta: dict, kind: str) -> torch.Tensor:
 
 
 def dense_source(model, thetas, segment: int, lr: float, momentum: float, kind: str) -> torch.Tensor:
-    """Source's formula with dense curvature averaged over each segment's steps."""
+    """Source's formula with dense curvature averaged over each segment's steps: the linear dynamics
+    of (d theta, d v) under SGD with momentum, [[I - eta H, -eta m I], [H, m I]] per step."""
     final = {k: v.detach() for k, v in model.named_parameters()}
-    side = per_example(model, final, XQ, YQ)
+    u_theta = per_example(model, final, XQ, YQ)
+    u_v = torch.zeros_like(u_theta)
+    size = u_theta.shape[1]
     out = torch.zeros(Q, N, dtype=torch.float64)
-    a = lr * segment / (1 - momentum)
+    eye = torch.eye(size, dtype=torch.float64)
     for start in reversed(range(0, len(STEPS), segment)):
         steps = range(start, start + segment)
         h = sum(curvature_at(model, thetas[k], kind) for k in steps) / segment
         lam, vec = torch.linalg.eigh((h + h.T) / 2)
-        lam = lam.clamp_min(0)
-        own = vec @ torch.diag(torch.where(lam > 1e-12, -torch.expm1(-a * lam) / lam, torch.full_like(lam, a))) @ vec.T
+        h = vec @ torch.diag(lam.clamp(0, (1 + momentum) / lr)) @ vec.T  # logix's cap on eta lam
+        step_t = torch.cat([torch.cat([eye - lr * h, h], 1), torch.cat([-lr * momentum * eye, momentum * eye], 1)])
+        adjoint = torch.cat([u_theta, u_v], dim=1)
+        mean = adjoint @ sum(torch.linalg.matrix_power(step_t, j) for j in range(segment)).T / segment
+        side = lr * mean[:, :size] - mean[:, size:]
         for k in steps:
             ids = STEPS[k]
-            out[:, ids] += side @ own @ per_example(model, thetas[k], X[ids], Y[ids]).T / segment
-        side = side @ (vec @ torch.diag(torch.exp(-a * lam)) @ vec.T)
+            out[:, ids] += side @ per_example(model, thetas[k], X[ids], Y[ids]).T
+        moved = adjoint @ torch.linalg.matrix_power(step_t, segment).T
+        u_theta, u_v = moved[:, :size], moved[:, size:]
     return out
 
 

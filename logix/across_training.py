@@ -74,8 +74,13 @@ class Segment:
 
     @property
     def rate(self) -> float:
-        """eta: the effective learning rate of one step, on average over the segment."""
+        """The effective learning rate of one step, on average over the segment (momentum included)."""
         return self.total / self.steps
+
+    @property
+    def lr(self) -> float:
+        """eta: the learning rate of one step, on average over the segment."""
+        return self.lr_sum / self.steps
 
 
 def segments(log, passes: Sequence[str]) -> list[Segment]:
@@ -270,36 +275,59 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
     return values, query_ids, train_ids
 
 
-def source_factors(curvature, segment: Segment) -> tuple[dict, dict]:
-    """{module: multipliers} of E = exp(-a H) and of R = (I - exp(-a H)) H^{-1} * uses / K, per
-    eigenvalue of each module's curvature (damping, if any, added to the eigenvalues)."""
-    a = segment.total
-    propagate, own = {}, {}
-    for name, c in curvature.items():
-        lam = (c.values + c.damping).clamp_min(0)
-        decay = torch.exp(-a * lam)
-        # (1 - e^{-a lam}) / lam, with its limit a as lam -> 0 (expm1 keeps small lam exact)
-        ratio = torch.where(lam * a > 1e-12, -torch.expm1(-a * lam) / lam.clamp_min(1e-300), torch.full_like(lam, a))
-        propagate[name] = decay
-        own[name] = ratio * (segment.uses / segment.steps)
-    return propagate, own
+def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
+    """(P, S), each (n, 2, 2): P = (M^T)^K and S = sum_{j<K} (M^T)^j for each eigenvalue lam of H.
+
+    M is one step of SGD with heavy-ball momentum m (torch.optim.SGD: v <- m v + g, theta <- theta - eta v)
+    linearised along an eigenvector of H, acting on (d theta, d v): [[1 - eta lam, -eta m], [lam, m]].
+    The query side, an adjoint, moves with its transpose. Computed by repeated squaring. An eigenvalue
+    past eta lam = 1 + m (along which training would overshoot, and an estimated curvature too large
+    would blow up) is taken as 1 + m: that direction is settled within a step or two either way.
+    """
+    eta, m = segment.lr, segment.momentum
+    lam = lam.reshape(-1).double().clamp(min=0.0, max=(1.0 + m) / eta)
+    step = torch.zeros(len(lam), 2, 2, dtype=torch.float64)
+    step[:, 0, 0], step[:, 0, 1], step[:, 1, 0], step[:, 1, 1] = 1 - eta * lam, lam, -eta * m, m
+    eye = torch.eye(2, dtype=torch.float64).expand(len(lam), 2, 2)
+    power, total = eye.clone(), torch.zeros_like(step)  # (M^T)^k and sum_{j<k}, k the steps taken
+    square, square_sum = step, eye.clone()  # (M^T)^b and sum_{j<b}, b a power of two
+    k = segment.steps
+    while k:
+        if k & 1:
+            total = total + power @ square_sum
+            power = power @ square
+        square_sum = square_sum + square @ square_sum
+        square = square @ square
+        k >>= 1
+    return power, total
 
 
 def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows):
-    """Segments from the last to the first: score with R_l, then carry the query side through E_l."""
+    """Segments from the last to the first: score each pass's rows with the rest of its segment's
+    training averaged over their place in it, then carry the query side to the segment's start.
+
+    The query side is the adjoint (u_theta, u_v) of (parameters, momentum buffer); without momentum
+    u_v stays 0 and this is Source's (I - eta H)^K and sum_j (I - eta H)^j eta / K."""
     if preconditioner not in CURVATURES:
         raise ConfigError(f"method 'source' needs curvature: a preconditioner of {CURVATURES}, got {preconditioner!r}")
     accumulator = _Accumulator(q_rows.shape[0])
-    side = q_rows.double()
+    u_theta, u_v = q_rows.double(), torch.zeros_like(q_rows, dtype=torch.float64)
     for segment in reversed(segments(log, names)):
         view = log.select(segment.name)
         curvature = load_curvature(view, preconditioner, 0.0 if damping is None else damping)
-        propagate, own = source_factors(curvature, segment)
-        scored = [c.apply_function(side[:, view.modules[n].columns], own[n]) for n, c in curvature.items()]
+        scored, theta, v = [], [], []
+        for name, c in curvature.items():
+            columns = view.modules[name].columns
+            a, b = c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns])
+            power, total = segment_powers(c.values + c.damping, segment)
+            mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b
+            mean_v = total[:, 1, 0] * a + total[:, 1, 1] * b
+            # a row's gradient moves (theta, v) by (-eta g, g); score = -dL_q/d eps, per use
+            scored.append(c.unrotate((segment.lr * mean_theta - mean_v) * (segment.uses / segment.steps)))
+            theta.append(c.unrotate(power[:, 0, 0] * a + power[:, 0, 1] * b))
+            v.append(c.unrotate(power[:, 1, 0] * a + power[:, 1, 1] * b))
         _stream(view, torch.cat(scored, dim=1).float(), accumulator, block_rows)
-        side = torch.cat(
-            [c.apply_function(side[:, view.modules[n].columns], propagate[n]) for n, c in curvature.items()], dim=1
-        )
+        u_theta, u_v = torch.cat(theta, dim=1), torch.cat(v, dim=1)
     train_ids, values = accumulator.result(log.ids.dtype)
     return values, train_ids
 

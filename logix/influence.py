@@ -59,6 +59,21 @@ class ModuleCurvature:
             return rows.double()
         return self.apply_function(rows, 1.0 / (self.values + self.damping))
 
+    def rotate(self, rows: Tensor) -> Tensor:
+        """(n, k_out*k_in) rows -> their coordinates in the block's eigenbasis, float64, shaped like
+        `values` flattened."""
+        g = rows.double()
+        if self.kind == "raw":
+            return g @ self.vec_f
+        return (self.vec_s.T @ g.reshape(-1, self.k_out, self.k_in) @ self.vec_a).reshape(rows.shape[0], -1)
+
+    def unrotate(self, coordinates: Tensor) -> Tensor:
+        """The inverse of `rotate`: eigenbasis coordinates -> (n, k_out*k_in) rows."""
+        if self.kind == "raw":
+            return coordinates @ self.vec_f.T
+        c = coordinates.reshape(-1, self.k_out, self.k_in)
+        return (self.vec_s @ c @ self.vec_a.T).reshape(coordinates.shape[0], -1)
+
     def apply_function(self, rows: Tensor, multipliers: Tensor) -> Tensor:
         """(n, k_out*k_in) -> f(F) rows in float64, f given by its value at each eigenvalue of F
         (`multipliers`, shaped like `values`): the block's eigenbasis, scaled, and back."""

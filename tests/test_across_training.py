@@ -176,35 +176,45 @@ def test_tracin_loads_each_pass_checkpoint_and_leaves_the_model_as_given(tmp_pat
     torch.testing.assert_close(by_load.values, by_models.values, rtol=0, atol=0)
 
 
-def test_source_equals_its_formula_evaluated_densely(tmp_path):
-    """Minibatch epochs (each row one use) and the raw projected Fisher: logix's Source against the
-    formula with dense matrices, from the rows and curvature in the log, in float64."""
-    model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=4, single_layer=False, statistics="raw")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum):
+    """Minibatch epochs (each row one use) and the raw projected Fisher F: logix's Source against
+    the unrolled linear dynamics written out densely, per module, from the rows in the log (float64).
+
+    One SGD step with momentum m moves a perturbation (d theta, d v) by the 2w x 2w matrix
+    [[I - eta F, -eta m I], [F, m I]]; over a segment of K steps the query side moves by its
+    transpose to the power K, and a row, at a place in the segment averaged over the K places,
+    counts (eta, -1) . (1/K) sum_{j<K} (M^T)^j (u_theta, u_v). Eigenvalues past eta lam = 1 + m
+    are capped there (this run has some: learning rate 0.5)."""
+    model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=4, statistics="raw", momentum=momentum)
     log = logix.open(tmp_path / "log")
     got = dense(log.influence_across_training(model, queries, method="source", preconditioner="raw"))
-    gq = torch.cat([per_example_grads(model, dict(model.named_parameters()), XQ, YQ)], dim=1)
-    # logix's row layout per module: (d_out, d_in + 1) with the bias column last
-    side = query_rows(log, model)
+    u_theta = query_rows(log, model)
+    u_v = torch.zeros_like(u_theta)
     want = torch.zeros(Q, N, dtype=torch.float64)
     for segment in reversed(segments(log, [p.name for p in log.passes])):
         view = log.select(segment.name)
         rows = view.rows().double()
         ids = torch.from_numpy(view.ids.astype(np.int64))
-        scored, carried = [], []
+        scored, theta, v = [], [], []
         for m in view.modules.values():
             g = rows[:, m.columns]
-            fisher = g.T @ g / len(g)
-            lam, vec = torch.linalg.eigh(fisher)
-            lam = lam.clamp_min(0)
-            a = segment.total
-            own = vec @ torch.diag(torch.where(lam > 0, -torch.expm1(-a * lam) / lam, torch.full_like(lam, a))) @ vec.T
-            prop = vec @ torch.diag(torch.exp(-a * lam)) @ vec.T
-            block = side[:, m.columns]
-            scored.append(block @ own * segment.uses / segment.steps)
-            carried.append(block @ prop)
+            eta, w = segment.lr, g.shape[1]
+            lam, vec = torch.linalg.eigh(g.T @ g / len(g))  # eta lam capped at 1 + m, as logix documents
+            fisher = vec @ torch.diag(lam.clamp(0, (1 + momentum) / eta)) @ vec.T
+            eye = torch.eye(w, dtype=torch.float64)
+            step_t = torch.cat(
+                [torch.cat([eye - eta * fisher, fisher], 1), torch.cat([-eta * momentum * eye, momentum * eye], 1)]
+            )
+            total = sum(torch.linalg.matrix_power(step_t, j) for j in range(segment.steps))
+            adjoint = torch.cat([u_theta[:, m.columns], u_v[:, m.columns]], dim=1)
+            mean = adjoint @ total.T / segment.steps
+            scored.append(eta * mean[:, :w] - mean[:, w:])
+            moved = adjoint @ torch.linalg.matrix_power(step_t, segment.steps).T
+            theta.append(moved[:, :w])
+            v.append(moved[:, w:])
         want[:, ids] += torch.cat(scored, dim=1) @ rows.T
-        side = torch.cat(carried, dim=1)
-    assert gq.shape[0] == Q
+        u_theta, u_v = torch.cat(theta, dim=1), torch.cat(v, dim=1)
     assert relative(got, want) < 1e-6
 
 
