@@ -8,12 +8,14 @@ once. These methods use all of them (positive = the training example helps, as e
     tracin   sum_p  eta_p  g_q(theta_p)^T  P_p  g_i^p
              eta_p the pass's effective learning rate per step, g_q(theta_p) the query gradient at
              the pass's checkpoint, P_p identity (TracIn-CP) or the pass's damped inverse curvature.
-    source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l  g_i^l / K_l * uses_l
-             E_l = exp(-a_l H_l): the later segments' training, propagated back to segment l
-             R_l = (I - exp(-a_l H_l)) H_l^{-1}: segment l's own steps, averaged over where in the
-                   segment the example came (K_l steps, a_l = their summed effective learning rate)
-             H_l the pass's curvature (raw, kfac or ekfac statistics, no damping needed: R_l stays
-             bounded by a_l as an eigenvalue goes to 0), g_q(theta_T) at the final model.
+    source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l  g_i^l * uses_l
+             E_l = (I - eta_l H_l)^K_l: the later segments' training, carried back to segment l
+             R_l = sum_{j<K_l} (I - eta_l H_l)^j eta_l / K_l: segment l's own steps, averaged over
+                   where in the segment the example came (K_l steps at mean learning rate eta_l)
+             H_l the pass's curvature (raw, kfac or ekfac statistics; no damping needed, R_l <= eta_l
+             as an eigenvalue goes to 0), g_q(theta_T) at the final model. With SGD momentum m the
+             query side is the adjoint of (parameters, momentum buffer), moved per eigenvalue by
+             the 2 x 2 step [[1 - eta lam, -eta m], [lam, m]] transposed (segment_powers).
     checkpoint   the last pass alone, preconditioned, at the final model (single-checkpoint
              influence, for comparison).
 
@@ -25,10 +27,11 @@ how the final query loss moves with a weight eps on example i's loss at each ste
 
 TracIn drops the Hessian products and moves the query gradient to theta_k (exact when every pass
 is one step and its checkpoint the parameters that step started from). Source (Bae et al., 2024)
-holds H and eta constant within a segment, (I - eta H)^K ~ exp(-eta K H), and averages the product
-over the example's unknown position in its segment. SGD with heavy-ball momentum m is treated as
-SGD with learning rate eta / (1 - m); Adam(W)'s per-parameter scaling is not modelled (its passes
-are weighted by their learning rate like SGD's): prefer tracin there.
+holds H and eta constant within a segment and averages the product over the example's position in
+its segment (the paper writes (I - eta H)^K as exp(-eta K H); logix keeps the power, which is what
+SGD does, and follows momentum, which the paper leaves out). TracIn counts SGD momentum m as
+learning rate eta / (1 - m). Adam(W)'s per-parameter scaling is not modelled (its passes are
+weighted by their learning rate like SGD's): prefer tracin there.
 """
 
 from __future__ import annotations
