@@ -43,6 +43,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 import logix
 from logix.errors import CaptureError, ConfigError
 from logix.extras import require
+from logix.run import torch_optimizer
 
 TrainerCallback = require(__name__, "hf", "transformers").TrainerCallback
 
@@ -375,9 +376,8 @@ class LogIXCallback(TrainerCallback):
         try:
             unfinished = self._unfinished_epochs(self._epoch(state)) if resumed else []
             self.run = logix.init(self.path, self.rank, statistics=self.statistics, resume=resumed, **self.init_kwargs)
-            self.modules = self.run.watch(
-                model, self.include, self.exclude, self.include_frozen, optimizer=_plain_optimizer(kwargs)
-            )
+            optimizer = torch_optimizer(kwargs.get("optimizer"))  # passes then record their steps and learning rates
+            self.modules = self.run.watch(model, self.include, self.exclude, self.include_frozen, optimizer=optimizer)
             for name in unfinished:  # continued in this session, so that its finalize completes them
                 self.run.start_pass(name)
         except BaseException:
@@ -589,16 +589,6 @@ class LogIXCallback(TrainerCallback):
 
 
 LogixCallback = LogIXCallback
-
-
-def _plain_optimizer(kwargs: dict):
-    """The Trainer's torch optimizer (inside Accelerate's wrapper), so each pass records its steps and
-    learning rates; None where there is none to hook (DeepSpeed's own optimizers)."""
-    optimizer = kwargs.get("optimizer")
-    inner = optimizer
-    while inner is not None and not isinstance(inner, torch.optim.Optimizer):
-        inner = getattr(inner, "optimizer", None)
-    return inner
 
 
 def _learning_rate(optimizer, lr_scheduler) -> float | None:

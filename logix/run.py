@@ -164,6 +164,7 @@ class Run:
         self._last_capture: Capture | None = None
         self._created: Capture | None = None  # the latest capture handed out, to check it was entered
         self._lock: WriterLock | None = None  # rank 0's hold on the log, from here to close
+        self._lr_on_device: Tensor | None = None  # tensor learning rates of the open pass, not yet read
         self._check_ranks_agree()
         self._manifest = self._open_on_rank0()
         self.session = self._manifest["sessions"] - 1
@@ -402,11 +403,23 @@ class Run:
         if self._pass is None:
             return
         group = optimizer.param_groups[0]
-        record = self._pass["meta"].setdefault(
-            "training", {"steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": _momentum(group)}
-        )
+        record = self._pass["meta"].get("training")
+        if record is None:
+            record = self._pass["meta"]["training"] = {
+                "steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": _momentum(group)
+            }  # fmt: skip
         record["steps"] += 1
-        record["lr_sum"] += float(group["lr"])
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # a device scalar (capturable optimizers): summed there, read at the pass's end
+            self._lr_on_device = lr.detach().clone() if self._lr_on_device is None else self._lr_on_device + lr.detach()
+        else:
+            record["lr_sum"] += float(lr)
+
+    def _settle_lr(self) -> None:
+        """Add learning rates summed on the device to the open pass's record (one host read)."""
+        if self._lr_on_device is not None and self._pass is not None:
+            self._pass["meta"]["training"]["lr_sum"] += float(self._lr_on_device)
+        self._lr_on_device = None
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -534,6 +547,7 @@ class Run:
         """
         if self._pass is None:
             return
+        self._settle_lr()
         p, error = self._pass, None
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -902,12 +916,20 @@ def _session_of(file: str) -> int:
     return int(Path(file).name.split("-s")[1][:3])
 
 
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's or DeepSpeed's wrapper (whose step calls its step)."""
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside Accelerate's or DeepSpeed's wrapper (whose step calls its step),
+    or None where there is none to hook."""
     inner = optimizer
     while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_post_hooks"):
+        return None
+    return inner
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    inner = torch_optimizer(optimizer)
+    if inner is None:
         raise ConfigError(f"watch(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return inner
 

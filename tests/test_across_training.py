@@ -377,3 +377,23 @@ def query_at(log, model):
     queries(q, model)
     model.zero_grad()
     return q
+
+
+def test_a_tensor_learning_rate_is_summed_where_it_lives(tmp_path):
+    """Optimizers may hold lr as a tensor (capturable ones keep it on the device): the pass records
+    the same sum as for a float, read once when the pass ends."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, dtype=torch.float64))
+    with logix.init(tmp_path / "log", rank="full") as run:
+        run.watch(model, optimizer=opt)
+        for p in range(2):
+            run.start_pass(f"p{p}")
+            for step in range(3):
+                opt.param_groups[0]["lr"].fill_(0.1 * (step + 1) * (p + 1))  # changed in place, as schedulers do
+                with run.capture([step]):
+                    F.cross_entropy(model(X[[step]]), Y[[step]]).backward()
+                opt.step()
+                opt.zero_grad()
+    records = [p.meta["training"] for p in logix.open(tmp_path / "log").passes]
+    assert [r["steps"] for r in records] == [3, 3]
+    assert [r["lr_sum"] for r in records] == pytest.approx([0.6, 1.2])
