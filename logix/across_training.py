@@ -67,18 +67,14 @@ class Segment:
     name: str
     steps: int  # K: optimizer steps taken during the pass
     lr_sum: float  # the learning rates of those steps, summed
-    momentum: float = 0.0  # SGD heavy-ball momentum (its steps count 1 / (1 - momentum) times)
+    momentum: float = 0.0  # SGD heavy-ball momentum
     uses: int = 1  # how many of the K steps each of the pass's rows stands for
 
     @property
-    def total(self) -> float:
-        """a: the segment's summed effective learning rate."""
-        return self.lr_sum / (1.0 - self.momentum)
-
-    @property
     def rate(self) -> float:
-        """The effective learning rate of one step, on average over the segment (momentum included)."""
-        return self.total / self.steps
+        """TracIn's weight: the learning rate of one step, on average over the segment, each step
+        counted 1 / (1 - momentum) times (what momentum adds up to)."""
+        return self.lr / (1.0 - self.momentum)
 
     @property
     def lr(self) -> float:
@@ -166,7 +162,7 @@ def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, sca
         values = (query_side @ rows.T) * scale
         if not bool(torch.isfinite(values).all()):
             raise LogFormatError(f"{view.path}: pass {view.current.name!r} gives non-finite scores (damaged rows?)")
-        accumulator.add(np.asarray(ids), values.clone())
+        accumulator.add(np.asarray(ids), values)
 
 
 def _capture(log, model: nn.Module, queries: Callable) -> tuple[Tensor, np.ndarray]:
@@ -266,10 +262,7 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
                 query_ids, accumulator = ids, _Accumulator(len(ids))
             elif not np.array_equal(ids, query_ids):
                 raise ConfigError(f"queries(q, model) captured other query ids at pass {segment.name!r}")
-            if preconditioner == "identity":
-                side = q_rows.double()
-            else:
-                side = Preconditioner(view, preconditioner, damping, damping_factor).apply(q_rows)
+            side = Preconditioner(view, preconditioner, damping, damping_factor).apply(q_rows)
             _stream(view, side.float(), accumulator, block_rows, scale=segment.rate)
     finally:
         if saved is not None:
@@ -348,15 +341,11 @@ def self_influence_across_training(
     """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high), as
     `log.self_influence_across_training(preconditioner)`."""
     names = training_passes(log, passes)
-    totals: dict = {}
+    accumulator = _Accumulator(1)
     for segment in segments(log, names):
         view = log.select(segment.name)
-        if preconditioner == "identity":
-            pre = Preconditioner(view, "identity")
-        else:
-            pre = Preconditioner(view, preconditioner, damping, damping_factor)
+        pre = Preconditioner(view, preconditioner, damping, damping_factor)
         ids, values = self_influence_values(view, pre, block_rows, progress)
-        for i, v in zip(ids.tolist(), (values * segment.rate).tolist()):
-            totals[i] = totals.get(i, 0.0) + v
-    ids = as_ids(list(totals)) if totals else np.zeros(0, dtype=log.ids.dtype)
-    return SelfInfluence(torch.tensor(list(totals.values()), dtype=torch.float64), ids)
+        accumulator.add(np.asarray(ids), values[None] * segment.rate)
+    ids, values = accumulator.result(log.ids.dtype)
+    return SelfInfluence(values[0], ids)

@@ -393,7 +393,7 @@ def _read_recovering(view, dataset: h5py.Dataset, selection, torn: list | None):
         except OSError:
             pass
         block = verified_prefix(dataset, chunk, b - chunk * size)
-        if block is None or h5py.check_string_dtype(dataset.dtype) is not None:
+        if block is None:
             return None
         pieces.append(block[a - chunk * size :])
         if torn is not None:
