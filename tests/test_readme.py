@@ -253,11 +253,15 @@ def test_python_blocks_run(section, example_dir, tmp_path):
     context, reads_example = CONTEXT.get(section, ("", False))
     where = copy_of(example_dir, tmp_path) if reads_example else scratch(tmp_path / "checkout")
     script = [textwrap.dedent(context), "_README = {}"]
-    for block in filter(runnable, blocks):
+    ran = [block for block in blocks if runnable(block)]
+    for block in ran:
         script.append(f"_README[{block.line}] = {block.code!r}")
         script.append(f"exec(compile(_README[{block.line}], 'README.md:{block.line}', 'exec'))")
+    done = f"README blocks done: {[b.line for b in ran]}"
+    script.append(f"print({done!r})")  # reached only if every block ran through
     (where / "readme_section.py").write_text("\n".join(script) + "\n")
-    run_shell(f"{sys.executable} readme_section.py", where, f"README section {section!r}")
+    output = run_shell(f"{sys.executable} readme_section.py", where, f"README section {section!r}")
+    assert ran and done in output, f"README section {section!r} stopped early:\n{output[-2000:]}"
 
 
 def check_excerpt(block: Block, source: Path) -> None:
