@@ -1,7 +1,8 @@
-"""Attribution across training on scikit-learn's digits: does using every pass of the log beat one checkpoint?
+"""Attribution across training: does using every pass of the log beat one checkpoint?
 
-    python benchmarks/across_training.py            # 100 halves, ranks full and 16, three variants
-    python benchmarks/across_training.py --quick    # 30 halves (about 5 minutes on 2 cores)
+    python benchmarks/across_training.py            # 100 halves, ranks full 64 16, digits (3 variants) and the LM
+    python benchmarks/across_training.py --quick    # 30 halves
+    python benchmarks/across_training.py --tasks lm # the language model alone
     python benchmarks/across_training.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
 
 Task: digits (pixels / 16), 1,000 train and 100 query examples (the split of attribution_quality.py),
@@ -27,6 +28,12 @@ Rows, each at rank full and 16 where it is logix's:
   source ekfac       Source: every pass's curvature and learning rate, query gradients at the final model
   exact unrolled     -dL_q(theta_T)/d eps_i differentiated through the whole optimisation (float64)
 
+Language model (--tasks lm; lm_task.py): a 2-layer GPT-2 of width 64 trained for 12 epochs with SGD and
+momentum on 400 character sequences (loss summed per sequence, padded batches), a pass per epoch; the same
+rows, except that the exact reference is the dense damped GGN influence of the output layer alone
+("exact IF (head)") and there is no exact unrolled influence. Its retraining (about 5 minutes on 2 cores)
+is cached in --cache. logix's default rank is 64: on the digits MLP (widths 64, 32, 10) that is rank full.
+
 Mislabel detection (trained variant, 10% of labels flipped): self-influence of the last pass against the
 learning-rate-weighted sum over passes; ROC-AUC and the share of flipped labels in the top 10%.
 """
@@ -48,6 +55,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 import attribution_quality as aq  # noqa: E402 - the shared data, metrics and exact curvature
+import lm_task  # noqa: E402 - the tiny language model task
 
 import logix  # noqa: E402
 
@@ -220,6 +228,36 @@ def run_variant(variant: str, data, masks, ranks, tmp: Path, unrolled: bool) -> 
     return rows, accuracy
 
 
+def run_lm(masks, ranks, tmp: Path, cache: Path | None) -> tuple[list[tuple], float]:
+    """The tiny language model (lm_task.py): the same methods, the exact reference its output layer's."""
+    recipe = lm_task.SMOKE if SMOKE else lm_task.Recipe()
+    data = lm_task.load_data(recipe)
+    n = recipe.n_train
+    outcome = -lm_task.retrain_outcomes(data, recipe, masks, None if SMOKE else cache)
+    queries = lm_task.queries_for(data)
+    rows = []
+    for rank in ranks:
+        start = time.perf_counter()
+        model, ends = lm_task.train_and_log(tmp / f"lm-{rank}", data, recipe, rank)
+        log_s = time.perf_counter() - start
+        log = logix.open(tmp / f"lm-{rank}")
+        for label, kw in (
+            ("checkpoint ekfac", dict(method="checkpoint", preconditioner="ekfac")),
+            ("tracin identity", dict(method="tracin", models=ends)),
+            ("tracin ekfac", dict(method="tracin", preconditioner="ekfac", models=ends)),
+            ("source ekfac", dict(method="source", preconditioner="ekfac")),
+        ):
+            start = time.perf_counter()
+            scores = dense(log.influence_across_training(model, queries, **kw), n)
+            rows.append(("lm", label, rank, *aq.lds(scores, masks, outcome), log_s, time.perf_counter() - start))
+            print(f"  lm {label} {rank}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    scores = lm_task.exact_head_influence(model, data)
+    rows.append(("lm", "exact IF (head)", "head", *aq.lds(scores, masks, outcome), None, time.perf_counter() - start))
+    per_char = lm_task.query_losses(model, data).sum() / sum(len(s) - 1 for s in data.query)
+    return rows, float(per_char)
+
+
 def mislabel_rows(data, ranks, tmp: Path, flip_seed: int = 7) -> list[tuple]:
     xtr, ytr, _, _ = data
     n = len(xtr)
@@ -253,10 +291,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="30 halves (about 5 minutes)")
     parser.add_argument("--smoke", action="store_true", help="seconds: 200 train / 20 queries, 3 epochs, 6 halves")
     parser.add_argument("--halves", type=int, help="random halves (default 100, quick 30)")
-    parser.add_argument("--ranks", nargs="+", default=["full", "16"], help="logix ranks (default full 16)")
+    parser.add_argument("--ranks", nargs="+", default=["full", "64", "16"], help="logix ranks (default full 64 16)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-unrolled", action="store_true", help="skip the exact unrolled influence")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--tasks", nargs="+", default=["digits", "lm"], choices=["digits", "lm"], help="digits, the tiny LM, or both"
+    )
+    parser.add_argument("--cache", default="benchmarks/.cache", help="the language model's retraining cache")
     args = parser.parse_args(argv)
     SMOKE = args.smoke
     torch.set_num_threads(args.threads)
@@ -271,16 +313,29 @@ def main(argv=None) -> None:
     masks = aq.make_halves(setup, halves)
     rows, accuracy = [], {}
     started = time.perf_counter()
+    flips, lm_loss = [], None
     with tempfile.TemporaryDirectory(prefix="logix-across-") as tmp:
-        for variant in args.variants:
-            got, accuracy[variant] = run_variant(variant, data, masks, ranks, Path(tmp), not args.no_unrolled)
+        if "digits" in args.tasks:
+            # a rank at least the MLP's widest side (64) projects nothing: the same rows as rank full
+            narrow = [r for r in ranks if r == "full" or r < 64]
+            for variant in args.variants:
+                got, accuracy[variant] = run_variant(variant, data, masks, narrow, Path(tmp), not args.no_unrolled)
+                rows += got
+            flips = mislabel_rows(data, narrow, Path(tmp))
+        if "lm" in args.tasks:
+            recipe = lm_task.SMOKE if args.smoke else lm_task.Recipe()
+            got, per_char = run_lm(lm_task.halves(recipe, halves), ranks, Path(tmp), Path(args.cache))
             rows += got
-        flips = mislabel_rows(data, ranks, Path(tmp))
+            lm_loss = per_char
     print(f"\nLDS over {halves} halves, outcome = minus query cross-entropy ({time.perf_counter() - started:.0f} s)")
     print("query accuracy: " + ", ".join(f"{v} {a:.3f}" for v, a in accuracy.items()))
+    if lm_loss is not None:
+        print(f"lm: the final model's query loss {lm_loss:.3f} nats per character")
     print(f"{'variant':<10} {'method':<17} {'rank':>5} {'LDS':>6} {'se':>6} {'log s':>6} {'score s':>8}")
     for variant, method, rank, value, se, log_s, score_s in rows:
         print(f"{variant:<10} {method:<17} {rank!s:>5} {value:6.3f} {se:6.3f} {aq.fmt(log_s, '.1f'):>6} {score_s:8.2f}")
+    if not flips:
+        return
     print("\nmislabel detection, trained variant, 10% flipped")
     print(f"{'self-influence':<20} {'rank':>5} {'AUC':>6} {'top 10%':>8}")
     for method, rank, auc, top in flips:
