@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
     WriterError,
 )
 from .influence import Scores, SelfInfluence, TopK  # noqa: E402
+from .labels import sampled_labels  # noqa: E402
 from .log import Log, ModuleInfo, PassInfo  # noqa: E402
 from .query import Query  # noqa: E402
 from .run import Run, init  # noqa: E402
@@ -62,4 +63,5 @@ __all__ = [
     "WriterError",
     "init",
     "open",
+    "sampled_labels",
 ]

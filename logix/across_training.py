@@ -116,16 +116,21 @@ def segments(log, passes: Sequence[str]) -> list[Segment]:
 
 
 def training_passes(log, passes: Sequence[str] | None) -> list[str]:
-    """The passes to attribute over, in log order: those named, or every pass that holds rows."""
+    """The passes to attribute over, in log order: those named, or every training pass that holds
+    rows (curvature passes are not training)."""
     names = [p.name for p in log.passes]
+    curvature_passes = {p.name for p in log.passes if "curvature_for" in p.meta}
     if passes is None:
-        chosen = [p.name for p in log.passes if p.rows]
+        chosen = [p.name for p in log.passes if p.rows and p.name not in curvature_passes]
     else:
         if isinstance(passes, str) or not all(isinstance(n, str) for n in passes):
             raise ConfigError(f"passes must be a list of pass names, got {passes!r}")
         unknown = [n for n in passes if n not in names]
         if unknown:
             raise NotInLogError(f"passes {unknown} are not in {log.path}; passes: {names}")
+        wrong = [n for n in passes if n in curvature_passes]
+        if wrong:
+            raise ConfigError(f"passes {wrong} are curvature passes (gradients at sampled labels), not training")
         chosen = [n for n in names if n in set(passes)]
     if not chosen:
         raise ConfigError(f"{log.path} holds no pass with rows to attribute over")
@@ -192,6 +197,7 @@ def influence_across_training(
     top_k: int | None = None,
     largest: bool = True,
     block_rows: int | None = None,
+    curvature: str = "auto",
 ):
     """Influence over the whole of training: every pass, each where training used it (as
     `log.influence_across_training(model, queries, ...)`).
@@ -204,8 +210,10 @@ def influence_across_training(
         alone at the final model, for comparison).
     model: the final model; for tracin also where `load(pass_info, model)` puts each pass's
         checkpoint (logix itself never unpickles a file); it is left as given. Or models={pass name: model}.
-    passes: the passes to use (default: every pass with rows), in log order; an id's scores add
-        up over the passes that hold it.
+    passes: the passes to use (default: every training pass with rows), in log order; an id's
+        scores add up over the passes that hold it.
+    curvature: each pass's statistics from its own rows ("own", the empirical Fisher), from its
+        curvature pass ("sampled"), or the latter where the log has one ("auto").
     Returns Scores over the union of the passes' train ids (or, with top_k, a TopK).
     """
     if method not in METHODS:
@@ -215,17 +223,27 @@ def influence_across_training(
     names = training_passes(log, passes)
     if method == "tracin":
         values, query_ids, train_ids = _tracin(
-            log, names, model, queries, load, models, preconditioner or "identity", damping, damping_factor, block_rows
+            log,
+            names,
+            model,
+            queries,
+            load,
+            models,
+            preconditioner or "identity",
+            damping,
+            damping_factor,
+            block_rows,
+            curvature,
         )
     else:
         if model is None:
             raise ConfigError(f"method {method!r} needs the final model: influence_across_training(model, ...)")
         q_rows, query_ids = _capture(log, model, queries)
         if method == "source":
-            values, train_ids = _source(log, names, q_rows, preconditioner or "ekfac", damping, block_rows)
+            values, train_ids = _source(log, names, q_rows, preconditioner or "ekfac", damping, block_rows, curvature)
         else:
             view = log.select(names[-1])
-            pre = Preconditioner(view, preconditioner or "ekfac", damping, damping_factor)
+            pre = Preconditioner(view, preconditioner or "ekfac", damping, damping_factor, curvature=curvature)
             accumulator = _Accumulator(len(query_ids))
             _stream(view, pre.apply(q_rows).float(), accumulator, block_rows)
             train_ids, values = accumulator.result(log.ids.dtype)
@@ -233,7 +251,7 @@ def influence_across_training(
     return scores if top_k is None else scores.top_k(top_k, largest=largest)
 
 
-def _tracin(log, names, model, queries, load, models, preconditioner, damping, damping_factor, block_rows):
+def _tracin(log, names, model, queries, load, models, preconditioner, damping, damping_factor, block_rows, curvature):
     """sum over passes of eta_p x (that pass's scores, query gradients at the pass's checkpoint)."""
     if models is not None and load is not None:
         raise ConfigError("pass load= or models=, not both")
@@ -262,7 +280,7 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
                 query_ids, accumulator = ids, _Accumulator(len(ids))
             elif not np.array_equal(ids, query_ids):
                 raise ConfigError(f"queries(q, model) captured other query ids at pass {segment.name!r}")
-            side = Preconditioner(view, preconditioner, damping, damping_factor).apply(q_rows)
+            side = Preconditioner(view, preconditioner, damping, damping_factor, curvature=curvature).apply(q_rows)
             _stream(view, side.float(), accumulator, block_rows, scale=segment.rate)
     finally:
         if saved is not None:
@@ -298,7 +316,7 @@ def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
     return power, total
 
 
-def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows):
+def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows, curvature):
     """Segments from the last to the first: score each pass's rows with the rest of its segment's
     training averaged over their place in it, then carry the query side to the segment's start.
 
@@ -310,9 +328,9 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
     u_theta, u_v = q_rows.double(), torch.zeros_like(q_rows, dtype=torch.float64)
     for segment in reversed(segments(log, names)):
         view = log.select(segment.name)
-        curvature = load_curvature(view, preconditioner, 0.0 if damping is None else damping)
+        blocks = load_curvature(view, preconditioner, 0.0 if damping is None else damping, curvature=curvature)
         scored, theta, v = [], [], []
-        for name, c in curvature.items():
+        for name, c in blocks.items():
             columns = view.modules[name].columns
             a, b = c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns])
             power, total = segment_powers(c.values + c.damping, segment)
@@ -337,6 +355,7 @@ def self_influence_across_training(
     damping_factor: float = DEFAULT_DAMPING_FACTOR,
     block_rows: int | None = None,
     progress: bool | None = None,
+    curvature: str = "auto",
 ) -> SelfInfluence:
     """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high), as
     `log.self_influence_across_training(preconditioner)`."""
@@ -344,7 +363,7 @@ def self_influence_across_training(
     accumulator = _Accumulator(1)
     for segment in segments(log, names):
         view = log.select(segment.name)
-        pre = Preconditioner(view, preconditioner, damping, damping_factor)
+        pre = Preconditioner(view, preconditioner, damping, damping_factor, curvature=curvature)
         ids, values = self_influence_values(view, pre, block_rows, progress)
         accumulator.add(np.asarray(ids), values[None] * segment.rate)
     ids, values = accumulator.result(log.ids.dtype)

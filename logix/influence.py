@@ -85,9 +85,30 @@ class ModuleCurvature:
         return (self.vec_s @ rotated @ self.vec_a.T).reshape(rows.shape[0], -1)
 
 
-def statistics_file(log) -> str:
-    """The pass's derived-statistics file, or a clear error if it has none."""
+CURVATURE_SOURCES = ("auto", "own", "sampled")
+
+
+def statistics_file(log, curvature: str = "auto") -> str:
+    """The statistics file the pass's curvature comes from, or a clear error if it has none.
+
+    curvature: "own" is the pass's own rows (the empirical Fisher, gathered while training);
+    "sampled" the curvature pass made for it (`start_pass(..., curvature_for=<pass>)`, gradients at
+    labels drawn from the model: the true Fisher); "auto" the curvature pass where the log has a
+    finalized one, else the pass's own.
+    """
     p = log._require_pass()
+    if curvature not in CURVATURE_SOURCES:
+        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+    if curvature != "own":
+        other = log.curvature_pass()
+        if other is not None and other.name in log._stats_files:
+            return log._stats_files[other.name]
+        if curvature == "sampled":
+            why = "none was logged" if other is None else f"{other.name!r} is not finalized"
+            raise LogFormatError(
+                f"pass {p.name!r} of {log.path} has no sampled-label curvature ({why}): log one with "
+                f"run.start_pass(..., curvature_for={p.name!r}), or use curvature='own'"
+            )
     name = log._stats_files.get(p.name)
     if name is None:
         why = "it is not finalized" if not p.finalized else "the log was written without statistics="
@@ -98,17 +119,22 @@ def statistics_file(log) -> str:
     return name
 
 
-def load_curvature(log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, names=None):
-    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module."""
+def load_curvature(
+    log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, names=None, curvature="auto"
+):
+    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module;
+    `curvature` says whose statistics (see statistics_file)."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    if curvature not in CURVATURE_SOURCES:
+        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
     out = {}
     names = list(log.modules) if names is None else names
     if preconditioner == "identity":
         for name in names:
             out[name] = ModuleCurvature(name, log.modules[name].k_in, log.modules[name].k_out, "identity")
         return out
-    path = log.path / statistics_file(log)
+    path = log.path / statistics_file(log, curvature)
     try:
         with h5py.File(path, "r") as f:
             for name in names:
@@ -198,13 +224,21 @@ def _number(value) -> float | None:
 class Preconditioner:
     """All modules' curvature, applied to full rows (or to the selected modules' columns)."""
 
-    def __init__(self, log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, modules=None):
+    def __init__(
+        self,
+        log,
+        preconditioner: str,
+        damping=None,
+        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        modules=None,
+        curvature: str = "auto",
+    ):
         self.kind = preconditioner
         names = list(log.modules) if modules is None else _module_names(modules)
         for n in names:
             if n not in log.modules:
                 raise NotInLogError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
-        curv = load_curvature(log, preconditioner, damping, damping_factor, names)
+        curv = load_curvature(log, preconditioner, damping, damping_factor, names, curvature)
         self.parts = [(log.modules[n].columns, curv[n]) for n in names]
         self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
 
@@ -471,6 +505,7 @@ def score(
     block_rows: int | None = None,
     progress: bool | None = None,
     shard: tuple[int, int] | None = None,
+    curvature: str = "auto",
 ):
     """Scores (or, with top_k, a streamed TopK) of the query rows against the log's train rows."""
     if mode not in MODES:
@@ -482,14 +517,16 @@ def score(
         raise ConfigError("the query holds no rows: capture query gradients with q.capture(ids) first")
     if q_rows.shape[1] != log.width:
         raise ConfigError(f"query rows have {q_rows.shape[1]} columns, the log {log.width}: not this log's query")
-    pre = Preconditioner(log, preconditioner, damping, damping_factor, modules)
+    pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
     q_pre = pre.apply(q_rows).float()
     scale_q = torch.ones(q_rows.shape[0])
     if mode == "cosine":
         scale_q = (pre.columns(q_rows).double() * q_pre.double()).sum(dim=1).clamp_min(0).sqrt().float()
     train_norms = None
     if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
-        train_norms = log.self_influence(preconditioner, damping, damping_factor, modules, progress=progress)
+        train_norms = log.self_influence(
+            preconditioner, damping, damping_factor, modules, progress=progress, curvature=curvature
+        )
         train_norms = train_norms.values.float().clamp_min(0).sqrt()
     if not isinstance(largest, bool):
         raise ConfigError(f"largest must be True or False, got {largest!r}")

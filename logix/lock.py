@@ -61,9 +61,7 @@ class Writer:
         try:
             data = json.loads(text.decode("utf-8"))
             pid = data.get("pid")
-            return cls(
-                pid if isinstance(pid, int) else None, str(data.get("host")), str(data.get("started"))
-            )
+            return cls(pid if isinstance(pid, int) else None, str(data.get("host")), str(data.get("started")))
         except (ValueError, AttributeError):  # empty (being written) or not ours: nothing to name
             return cls(None, None, None)
 

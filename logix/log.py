@@ -23,7 +23,16 @@ from . import across_training
 from .config import Config
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .influence import DEFAULT_DAMPING_FACTOR, Preconditioner, Scores, SelfInfluence, score, self_influence_values
+from .influence import (
+    CURVATURE_SOURCES,
+    DEFAULT_DAMPING_FACTOR,
+    Preconditioner,
+    Scores,
+    SelfInfluence,
+    score,
+    self_influence_values,
+    statistics_file,
+)
 from .lock import Writer, find_writer
 from .query import Query
 from .storage import (
@@ -212,10 +221,11 @@ class Log:
                 )
             )
         self.passes = passes
+        scored = [p for p in passes if "curvature_for" not in p.meta]
         if not passes:
             self.current = None
         elif self._pass_name is None:
-            self.current = passes[-1]
+            self.current = scored[-1] if scored else passes[-1]
         else:
             self.current = self.pass_info(self._pass_name)
         return self
@@ -225,6 +235,12 @@ class Log:
             if p.name == name:
                 return p
         raise NotInLogError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
+
+    def curvature_pass(self) -> PassInfo | None:
+        """The pass `run.start_pass(..., curvature_for=<the current pass>)` logged for the current
+        pass (its gradients at labels drawn from the model), if there is one."""
+        p = self._require_pass()
+        return next((other for other in self.passes if other.meta.get("curvature_for") == p.name), None)
 
     def select(self, pass_name: str) -> Log:
         """The same log, reading another pass (from the index read at open or refresh: no re-read)."""
@@ -358,6 +374,7 @@ class Log:
         across_ranks: bool = False,
         block_rows: int | None = None,
         progress: bool | None = None,
+        curvature: str = "auto",
     ):
         """Influence of every train row of the pass on every query row (+ = the train example helps).
 
@@ -369,6 +386,9 @@ class Log:
         slices of the train rows (merge the parts with Scores.merge / TopK.merge). across_ranks:
         under torch.distributed, each rank scores its slice and every rank returns the merged
         result (every rank must pass the same query). progress: a tqdm bar (default: on a TTY).
+        curvature: whose statistics precondition: "own" (the pass's rows: the empirical Fisher),
+        "sampled" (its curvature pass, `start_pass(..., curvature_for=...)`), "auto" (the curvature
+        pass where there is one, else own).
         """
         if across_ranks:
             if shard is not None:
@@ -389,6 +409,7 @@ class Log:
             block_rows,
             progress,
             shard,
+            curvature,
         )
         if not across_ranks or not world.distributed:
             return result
@@ -410,18 +431,25 @@ class Log:
         *,
         block_rows: int | None = None,
         progress: bool | None = None,
+        curvature: str = "auto",
     ) -> SelfInfluence:
         """g_i^T (F + lambda I)^{-1} g_i for every valid train row: rank by it to find mislabeled examples.
 
-        Values finalize stored (default damping, all modules) are read back, not recomputed.
+        Values finalize stored (the pass's own curvature, default damping, all modules) are read
+        back when asked for exactly that, never for another curvature or damping.
         """
-        key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules))
+        if curvature not in CURVATURE_SOURCES:
+            raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+        key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules), curvature)
         if key not in self._self_influence_cache:
             stored = None
-            if damping is None and damping_factor == DEFAULT_DAMPING_FACTOR and modules is None:
+            own = preconditioner == "identity" or statistics_file(self, curvature) == self._stats_files.get(
+                self.current.name
+            )
+            if damping is None and damping_factor == DEFAULT_DAMPING_FACTOR and modules is None and own:
                 stored = self._stored_self_influence(preconditioner)
             if stored is None:
-                pre = Preconditioner(self, preconditioner, damping, damping_factor, modules)
+                pre = Preconditioner(self, preconditioner, damping, damping_factor, modules, curvature)
                 ids, values = self_influence_values(self, pre, block_rows, progress)
                 stored = SelfInfluence(values, ids)
             self._self_influence_cache[key] = stored

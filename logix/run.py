@@ -430,6 +430,7 @@ class Run:
         step: int | None = None,
         lr: float | None = None,
         checkpoint: str | None = None,
+        curvature_for: str | None = None,
         **meta: Any,
     ) -> str:
         """End the current pass (its rows are written out) and start a new one.
@@ -439,6 +440,11 @@ class Run:
         rate, checkpoint path, anything JSON-serialisable) is kept in the manifest. With
         `logix.init(..., resume=True)`, naming an existing unfinalized pass continues it.
         Under torch.distributed every rank calls this together.
+
+        curvature_for: make this a curvature pass for an earlier pass: capture gradients at labels
+        drawn from the model (`logix.sampled_labels`), at that pass's checkpoint, and that pass's
+        statistics come from these rows (the true Fisher / GGN for cross-entropy) wherever
+        `curvature="auto"`. A curvature pass is never scored as training data.
         """
         self._check_open()
         self._refuse_unentered()
@@ -459,6 +465,9 @@ class Run:
         index = len(self._manifest["passes"])
         name = name if name is not None else f"pass{index}"
         meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
+        if curvature_for is not None:
+            self._check_curvature_for(curvature_for)
+            meta["curvature_for"] = curvature_for
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -470,6 +479,18 @@ class Run:
         self._manifest["passes"].append(self._pass)
         self._begin_pass(set())
         return name
+
+    def _check_curvature_for(self, target: Any) -> None:
+        passes = {p["name"]: p for p in self._manifest["passes"]}
+        if not self.config.statistics:
+            raise ConfigError("a curvature pass needs statistics: logix.init(..., statistics='ekfac')")
+        if not isinstance(target, str) or target not in passes:
+            raise ConfigError(f"curvature_for={target!r} names no pass of {self.path}; passes: {list(passes)}")
+        if "curvature_for" in passes[target]["meta"]:
+            raise ConfigError(f"pass {target!r} is itself a curvature pass; name the pass it is for")
+        taken = [p["name"] for p in passes.values() if p["meta"].get("curvature_for") == target]
+        if taken:
+            raise ConfigError(f"pass {target!r} already has a curvature pass, {taken[0]!r}")
 
     def _continue_pass(self, p: dict) -> None:
         """Resume a pass: adopt segments a crash left out of the manifest, skip ids already committed."""

@@ -282,7 +282,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
     if raw_modules and len(raw_modules) == len(log.modules):
         available.append("raw")
-    pres = {kind: influence.Preconditioner(log, kind) for kind in available}
+    pres = {kind: influence.Preconditioner(log, kind, curvature="own") for kind in available}
     _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
     with h5py.File(path, "a") as f:
         for kind, v in values.items():
