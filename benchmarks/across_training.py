@@ -13,19 +13,23 @@ learning rate 0.05 with a cosine decay to 0 over the whole run, a fixed batch or
   short      5 epochs (far from converged)
   two-stage  20 epochs on the digits 0-4, then 20 on 5-9, one optimizer and one schedule
 
-logix logs one pass per epoch (EK-FAC statistics) while the model trains; the checkpoints at the end of
+logix logs one pass per epoch (EK-FAC and raw statistics) while the model trains, each followed by its
+curvature pass (start_pass(curvature_for=...)): the epoch's examples again at the epoch's end checkpoint,
+at labels drawn from the model (logix.sampled_labels), no optimizer step. The checkpoints at the end of
 each epoch are kept for TracIn. LDS: for each of H random halves of the train set, the same recipe is run
 again (same init, same batches and schedule) with the other half's losses set to zero in their batches;
 the outcome is minus each query's cross-entropy; LDS = Spearman over halves of (sum of the half's scores,
 outcome), averaged over queries (se: across queries).
 
-Rows, each at rank full and 16 where it is logix's:
+Rows, each at rank full and 16 where it is logix's. "EF": each pass's curvature from its own rows (the
+empirical Fisher, curvature="own"); "GGN": from its curvature pass (the true Fisher, curvature="sampled"):
   checkpoint ekfac   the last pass alone (EK-FAC), at the final model: single-checkpoint influence
   exact IF           dense damped GGN of all 2,410 parameters at the final model (lambda = 0.1 x mean eig)
   tracin identity    TracIn-CP: each pass's rows against the query gradients at the epoch's end checkpoint,
                      weighted by the pass's effective learning rate
   tracin ekfac       the same, each pass preconditioned by its own EK-FAC
-  source ekfac       Source: every pass's curvature and learning rate, query gradients at the final model
+  source X           Source: every pass's curvature (kfac, ekfac or raw) and learning rate, query gradients
+                     at the final model
   exact unrolled     -dL_q(theta_T)/d eps_i differentiated through the whole optimisation (float64)
 
 Language model (--tasks lm; lm_task.py): a 2-layer GPT-2 of width 64 trained for 12 epochs with SGD and
@@ -35,7 +39,8 @@ rows, except that the exact reference is the dense damped GGN influence of the o
 is cached in --cache. logix's default rank is 64: on the digits MLP (widths 64, 32, 10) that is rank full.
 
 Mislabel detection (trained variant, 10% of labels flipped): self-influence of the last pass against the
-learning-rate-weighted sum over passes; ROC-AUC and the share of flipped labels in the top 10%.
+learning-rate-weighted sum over passes, each with EF or GGN curvature; ROC-AUC and the share of flipped
+labels in the top 10%.
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ import logix  # noqa: E402
 
 HIDDEN, BATCH, LR, MOMENTUM = 32, 50, 0.05, 0.9
 VARIANTS = {"trained": (40, None), "short": (5, None), "two-stage": (40, 20)}
+METHODS = (  # label, arguments of influence_across_training; "EF": each pass's own rows, "GGN": its curvature pass
+    ("checkpoint ekfac EF", dict(method="checkpoint", preconditioner="ekfac", curvature="own")),
+    ("checkpoint ekfac GGN", dict(method="checkpoint", preconditioner="ekfac", curvature="sampled")),
+    ("tracin identity", dict(method="tracin", preconditioner="identity")),
+    ("tracin ekfac GGN", dict(method="tracin", preconditioner="ekfac", curvature="sampled")),
+    ("source ekfac EF", dict(method="source", preconditioner="ekfac", curvature="own")),
+    ("source kfac GGN", dict(method="source", preconditioner="kfac", curvature="sampled")),
+    ("source ekfac GGN", dict(method="source", preconditioner="ekfac", curvature="sampled")),
+    ("source raw GGN", dict(method="source", preconditioner="raw", curvature="sampled")),
+)
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
@@ -106,13 +121,17 @@ def train_masked(x, y, masks: torch.Tensor, epochs: list) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-def train_and_log(path, x, y, epochs: list, rank) -> tuple:
+def train_and_log(path, x, y, epochs: list, rank, sampled: bool = True) -> tuple:
     """The attributed model, trained with the recipe while logix logs a pass per epoch; also the
-    model at the end of each epoch, for TracIn's query gradients."""
+    model at the end of each epoch, for TracIn's query gradients. With `sampled`, each epoch is
+    followed by its curvature pass: the examples the epoch trained on, once more at the epoch's end
+    checkpoint, at labels drawn from the model (no optimizer step): the curvature of the epoch's
+    objective (in the two-stage run, of its own stage's data)."""
     model = aq.to_module(aq.init_params([0], HIDDEN))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     total = sum(len(e) for e in epochs)
     ends, step = {}, 0
+    draw = torch.Generator().manual_seed(1)
     with logix.init(path, rank=rank, statistics=["ekfac", "raw"]) as run:
         run.watch(model, optimizer=opt)
         for epoch, batches in enumerate(epochs):
@@ -126,6 +145,13 @@ def train_and_log(path, x, y, epochs: list, rank) -> tuple:
                 opt.zero_grad()
                 step += 1
             ends[f"epoch{epoch}"] = _copy(model)
+            if sampled:
+                run.start_pass(f"epoch{epoch}/curvature", curvature_for=f"epoch{epoch}")
+                for idx in torch.cat(batches).sort().values.split(250):
+                    with run.capture(idx):
+                        logits = model(x[idx])
+                        F.cross_entropy(logits, logix.sampled_labels(logits, draw)).backward()
+                    model.zero_grad()
     return model, ends
 
 
@@ -203,13 +229,8 @@ def run_variant(variant: str, data, masks, ranks, tmp: Path, unrolled: bool) -> 
         model, ends = train_and_log(path, xtr, ytr, epochs, rank)
         log_s = time.perf_counter() - start
         log = logix.open(path)
-        for label, kw in (
-            ("checkpoint ekfac", dict(method="checkpoint", preconditioner="ekfac")),
-            ("tracin identity", dict(method="tracin", models=ends)),
-            ("tracin ekfac", dict(method="tracin", preconditioner="ekfac", models=ends)),
-            ("source ekfac", dict(method="source", preconditioner="ekfac")),
-            ("source raw", dict(method="source", preconditioner="raw")),
-        ):
+        for label, kw in METHODS:
+            kw = dict(kw, models=ends) if kw["method"] == "tracin" else kw
             start = time.perf_counter()
             scores = dense(log.influence_across_training(model, queries, **kw), n)
             rows.append((variant, label, rank, *aq.lds(scores, masks, outcome), log_s, time.perf_counter() - start))
@@ -241,12 +262,10 @@ def run_lm(masks, ranks, tmp: Path, cache: Path | None) -> tuple[list[tuple], fl
         model, ends = lm_task.train_and_log(tmp / f"lm-{rank}", data, recipe, rank)
         log_s = time.perf_counter() - start
         log = logix.open(tmp / f"lm-{rank}")
-        for label, kw in (
-            ("checkpoint ekfac", dict(method="checkpoint", preconditioner="ekfac")),
-            ("tracin identity", dict(method="tracin", models=ends)),
-            ("tracin ekfac", dict(method="tracin", preconditioner="ekfac", models=ends)),
-            ("source ekfac", dict(method="source", preconditioner="ekfac")),
-        ):
+        for label, kw in METHODS:
+            if kw["preconditioner"] == "raw":
+                continue  # the LM's blocks are too wide for a dense Fisher
+            kw = dict(kw, models=ends) if kw["method"] == "tracin" else kw
             start = time.perf_counter()
             scores = dense(log.influence_across_training(model, queries, **kw), n)
             rows.append(("lm", label, rank, *aq.lds(scores, masks, outcome), log_s, time.perf_counter() - start))
@@ -274,9 +293,11 @@ def mislabel_rows(data, ranks, tmp: Path, flip_seed: int = 7) -> list[tuple]:
         log = logix.open(path)
         for label, values in (
             ("last pass identity", log.self_influence("identity")),
-            ("last pass ekfac", log.self_influence("ekfac")),
+            ("last pass ekfac EF", log.self_influence("ekfac", curvature="own")),
+            ("last pass ekfac GGN", log.self_influence("ekfac", curvature="sampled")),
             ("across identity", log.self_influence_across_training("identity")),
-            ("across ekfac", log.self_influence_across_training("ekfac")),
+            ("across ekfac EF", log.self_influence_across_training("ekfac", curvature="own")),
+            ("across ekfac GGN", log.self_influence_across_training("ekfac", curvature="sampled")),
         ):
             rows.append((label, rank, *aq.mislabel(aq.in_order(values.ids, values.values, n), flipped)))
     return rows
@@ -331,9 +352,9 @@ def main(argv=None) -> None:
     print("query accuracy: " + ", ".join(f"{v} {a:.3f}" for v, a in accuracy.items()))
     if lm_loss is not None:
         print(f"lm: the final model's query loss {lm_loss:.3f} nats per character")
-    print(f"{'variant':<10} {'method':<17} {'rank':>5} {'LDS':>6} {'se':>6} {'log s':>6} {'score s':>8}")
+    print(f"{'variant':<10} {'method':<21} {'rank':>5} {'LDS':>6} {'se':>6} {'log s':>6} {'score s':>8}")
     for variant, method, rank, value, se, log_s, score_s in rows:
-        print(f"{variant:<10} {method:<17} {rank!s:>5} {value:6.3f} {se:6.3f} {aq.fmt(log_s, '.1f'):>6} {score_s:8.2f}")
+        print(f"{variant:<10} {method:<21} {rank!s:>5} {value:6.3f} {se:6.3f} {aq.fmt(log_s, '.1f'):>6} {score_s:8.2f}")
     if not flips:
         return
     print("\nmislabel detection, trained variant, 10% flipped")

@@ -275,14 +275,17 @@ def retrain_outcomes(data: Data, recipe: Recipe, masks: np.ndarray, cache: Path 
 # -- logix and the exact reference --------------------------------------------------------------------------
 
 
-def train_and_log(path, data: Data, recipe: Recipe, rank, statistics=("ekfac",), keep_checkpoints: bool = True):
+def train_and_log(path, data: Data, recipe: Recipe, rank, statistics=("ekfac",), sampled: bool = True):
     """The attributed model, trained with the recipe while logix logs a pass per epoch, and the model
-    at the end of each epoch ({pass name: model}, for TracIn's query gradients)."""
+    at the end of each epoch ({pass name: model}, for TracIn's query gradients). With `sampled`,
+    each epoch is followed by its curvature pass: every train sequence once more at the epoch's end
+    checkpoint, each next token drawn from the model (no optimizer step)."""
     import copy
 
     import logix
 
     ends = {}
+    draw = torch.Generator().manual_seed(1)
     with logix.init(path, rank=rank, statistics=list(statistics)) as run:
 
         def on_start(model, opt):
@@ -297,8 +300,17 @@ def train_and_log(path, data: Data, recipe: Recipe, rank, statistics=("ekfac",),
                 sequence_losses(logits(model, ids, mask), ids, mask).mean().backward()
 
         def on_epoch(epoch, model):
-            if keep_checkpoints:
-                ends[f"epoch{epoch}"] = copy.deepcopy(model)
+            ends[f"epoch{epoch}"] = copy.deepcopy(model)
+            if not sampled:
+                return
+            run.start_pass(f"epoch{epoch}/curvature", curvature_for=f"epoch{epoch}")
+            for start in range(0, recipe.n_train, recipe.batch):
+                ids, mask = pad(data.train[start : start + recipe.batch])
+                with run.capture(list(range(start, start + len(ids))), mask=mask):
+                    out = logits(model, ids, mask)
+                    drawn = torch.cat([ids[:, :1], logix.sampled_labels(out[:, :-1], draw)], dim=1)
+                    sequence_losses(out, drawn, mask).mean().backward()
+                model.zero_grad()
 
         started = []
         model = train(data, recipe, on_start=on_start, on_batch=on_batch, on_epoch=on_epoch)

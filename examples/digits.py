@@ -4,7 +4,8 @@ example's gradient with logix, then ask the log which training digits mattered.
     python examples/digits.py [--out runs/digits] [--epochs 3] [--rank 16] [--flip 0.1] [--png PATH]
 
 The training loop is an ordinary PyTorch loop; the logix lines are marked. Each epoch becomes a
-pass of the log, with EK-FAC curvature gathered as it runs. A fraction of the training labels
+pass of the log, with EK-FAC curvature gathered as it runs, followed by its curvature pass (the
+epoch's digits at labels drawn from the model, for the true Fisher). A fraction of the training labels
 (--flip, fixed seed) is changed to a wrong digit first. Afterwards the log is opened as any later
 process would, and, in the last epoch's pass, the script prints:
 
@@ -78,6 +79,7 @@ def train_and_log(model: nn.Module, train: TensorDataset, test: TensorDataset, o
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}-ckpt", ignore_errors=True)
     # logix: a log directory; statistics="ekfac" gathers the curvature that influence scores use
+    draws = torch.Generator().manual_seed(0)  # the curvature passes' labels; training's RNG stays as it was
     with logix.init(out, rank=rank, statistics="ekfac") as run:
         run.watch(model, optimizer=opt)  # logix: every Linear; rows record the optimizer step
         for epoch in range(epochs):
@@ -93,6 +95,14 @@ def train_and_log(model: nn.Module, train: TensorDataset, test: TensorDataset, o
             Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), checkpoint)
             model.eval()
+            # logix: the epoch's curvature pass, at its end: the same digits at labels drawn from the
+            # model (the true Fisher, which Source across training uses); no optimizer step
+            run.start_pass(f"epoch{epoch}/curvature", curvature_for=f"epoch{epoch}")
+            for ids, x, _ in loader:
+                with run.capture(ids):
+                    logits = model(x)
+                    F.cross_entropy(logits, logix.sampled_labels(logits, draws)).backward()
+                model.zero_grad()
             with torch.no_grad():
                 x_test, y_test = test.tensors
                 accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
@@ -164,7 +174,8 @@ def explain_across_training(log: logix.Log, model: nn.Module, test: TensorDatase
 
     model.eval()
     top = log.influence_across_training(model, queries, top_k=K)  # logix: Source over every pass
-    print(f"\nacross all {len(log.passes)} epochs (Source), the most helpful training digits:")
+    epochs = [p for p in log.passes if "curvature_for" not in p.meta]
+    print(f"\nacross all {len(epochs)} epochs (Source), the most helpful training digits:")
     for row, t in enumerate(query_ids):
         shown = ", ".join(f"{int(i)} ({v:+.2g})" for i, v in zip(top.ids[row].tolist(), top.values[row].tolist()))
         print(f"  test digit {t}: {shown}")

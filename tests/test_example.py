@@ -38,9 +38,10 @@ def test_digits_example_runs_logs_and_attributes(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     log = logix.open(out)  # the latest pass, epoch1
-    assert [p.name for p in log.passes] == ["epoch0", "epoch1"]
+    assert [p.name for p in log.passes] == ["epoch0", "epoch0/curvature", "epoch1", "epoch1/curvature"]
     assert all(p.finalized and p.rows == 1297 for p in log.passes)
-    assert log.current.name == "epoch1"
+    assert log.current.name == "epoch1"  # the latest training pass, not its curvature pass
+    assert log.curvature_pass().name == "epoch1/curvature"
     assert sorted(log.ids.tolist()) == list(range(1297))
     assert log.gradients("0").shape == (1297, 8, 8)
     assert len(log.self_influence("ekfac").values) == 1297  # EK-FAC statistics were gathered
