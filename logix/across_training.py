@@ -13,7 +13,9 @@ once. These methods use all of them (positive = the training example helps, as e
              R_l = sum_{j<K_l} (I - eta_l H_l)^j eta_l / K_l: segment l's own steps, averaged over
                    where in the segment the example came (K_l steps at mean learning rate eta_l)
              H_l the pass's curvature (raw, kfac or ekfac statistics; no damping needed, R_l <= eta_l
-             as an eigenvalue goes to 0), g_q(theta_T) at the final model. With SGD momentum m the
+             as an eigenvalue goes to 0): from the pass's curvature pass where the log has one
+             (labels drawn from the model: the true Fisher), else from its own rows (the empirical
+             Fisher); g_q(theta_T) at the final model. With SGD momentum m the
              query side is the adjoint of (parameters, momentum buffer), moved per eigenvalue by
              the 2 x 2 step [[1 - eta lam, -eta m], [lam, m]] transposed (segment_powers).
     checkpoint   the last pass alone, preconditioned, at the final model (single-checkpoint
