@@ -1,6 +1,8 @@
-"""How good are logix's influence scores? LDS and mislabel detection on scikit-learn's digits.
+"""How good are logix's influence scores? LDS and mislabel detection on scikit-learn's digits, and LDS on
+a tiny causal language model (--task lm).
 
     python benchmarks/attribution_quality.py            # full: 100 halves x 3 seeds, ranks 8 16 32 full
+    python benchmarks/attribution_quality.py --task lm  # the language model: 100 halves, ranks 8 16 32 64 full
     python benchmarks/attribution_quality.py --quick    # 20 halves x 1 seed, ranks 16 full (< 2 min)
     python benchmarks/attribution_quality.py --smoke    # seconds: checks the benchmark works; its numbers mean nothing
     python benchmarks/attribution_quality.py --ranks 16 full --halves 50 --seeds 2 --threads 2
@@ -58,6 +60,13 @@ by finalize at the default damping, so usually read back) for that row. Retraini
 reported separately. The machine's load average is printed: other processes on the cores slow
 everything down (small matrix products run faster on one thread then, hence --threads 1).
 
+--task lm: the GPT-2 of lm_task.py (2 layers, width 64; character sequences from scikit-learn's dataset
+descriptions; SGD with momentum; each sequence's loss summed over its tokens, padded batches), one
+deterministic retraining per half (cached in --cache, about 5 minutes on 2 cores the first time, shared
+with across_training.py), logged at its final parameters with identity, kfac and ekfac at each rank and
+projection (Gaussian and PCA); the reference is the exact damped GGN influence of its output layer alone.
+Row bytes and timings as above; no mislabel detection.
+
 --smoke shrinks the task itself (200 train / 20 query examples, hidden width 8 so 610 parameters,
 50 training steps: SMOKE below), retrains 6 halves x 1 seed, logs at ranks 16 and full with 1
 sampled label per example, and neither reads nor writes the retraining cache: a seconds-long run
@@ -79,6 +88,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lm_task  # the tiny language model task (this folder)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -497,6 +507,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 halves x 1 seed, ranks 16 and full")
     parser.add_argument(
+        "--task",
+        choices=("digits", "lm"),
+        default="digits",
+        help="digits (default) or the tiny language model of lm_task.py (ranks 8 16 32 64 full by default)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="a seconds-long run that checks the benchmark works; its numbers mean nothing: 200 train / 20 query "
@@ -535,7 +551,8 @@ def parse_args(argv=None):
         args.cache = None  # a smoke run's outcomes are never cached
     args.halves = args.halves or (6 if args.smoke else 20 if args.quick else 100)
     args.seeds = args.seeds or (1 if args.quick or args.smoke else 3)
-    args.ranks = args.ranks or (["16", "full"] if args.quick or args.smoke else ["8", "16", "32", "full"])
+    every = ["8", "16", "32", "64", "full"] if args.task == "lm" else ["8", "16", "32", "full"]
+    args.ranks = args.ranks or (["16", "full"] if args.quick or args.smoke else every)
     if args.fisher_samples is None:
         args.fisher_samples = 1 if args.smoke else 4
     args.ranks = [r if r == "full" else int(r) for r in args.ranks]
@@ -548,8 +565,92 @@ def fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def log_lm(path: Path, model, data, rank, projection: str, batch: int) -> float:
+    """A logging pass of the language model's train sequences at its final parameters; seconds taken."""
+    start = time.perf_counter()
+    run = logix.init(path, rank=rank, projection=projection, seed=0, statistics=["kfac", "ekfac"])
+    run.watch(model)
+
+    def every_batch():
+        for first in range(0, len(data.train), batch):
+            tokens, mask = lm_task.pad(data.train[first : first + batch])
+            with run.capture(list(range(first, first + len(tokens))), mask=mask):
+                lm_task.sequence_losses(lm_task.logits(model, tokens, mask), tokens, mask).mean().backward()
+            model.zero_grad()
+
+    if projection == "pca":
+        with run.fit_projections():
+            every_batch()
+    every_batch()
+    run.finalize()
+    return time.perf_counter() - start
+
+
+def main_lm(args) -> None:
+    """--task lm: LDS of logix at each rank, preconditioner and projection on the tiny language model,
+    beside the exact damped GGN influence of its output layer (one retraining per half: the recipe is
+    deterministic)."""
+    recipe = lm_task.SMOKE if args.smoke else lm_task.Recipe()
+    data = lm_task.load_data(recipe)
+    masks = lm_task.halves(recipe, args.halves)
+    start = time.perf_counter()
+    outcome = -lm_task.retrain_outcomes(data, recipe, masks, None if args.cache is None else Path(args.cache))
+    retrain_s = time.perf_counter() - start
+    model = lm_task.train(data, recipe)
+    queries = lm_task.queries_for(data)
+    n = recipe.n_train
+    rows = []
+    projections = ["gaussian"] + (["pca"] if not args.no_pca else [])
+    with tempfile.TemporaryDirectory(prefix="logix-lm-quality-") as tmp:
+        for projection in projections:
+            for rank in args.ranks:
+                if projection == "pca" and rank == "full":
+                    continue  # nothing is projected
+                path = Path(tmp) / f"{projection}-{rank}"
+                log_s = log_lm(path, model, data, rank, projection, args.batch)
+                log = logix.open(path)
+                with log.query(model) as q:
+                    queries(q, model)
+                model.zero_grad()
+                for pre in ("identity", "kfac", "ekfac"):
+                    begin = time.perf_counter()
+                    scores = log.influence(q, pre, damping_factor=args.damping_factor)
+                    values = in_order(scores.train_ids, scores.values, n)
+                    rows.append(
+                        (
+                            pre,
+                            projection,
+                            rank,
+                            *lds(values, masks, outcome),
+                            log.width * 4,
+                            log_s,
+                            time.perf_counter() - begin,
+                        )
+                    )
+                    print(f"  lm {pre} {projection} {rank}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
+                shutil.rmtree(path)
+    begin = time.perf_counter()
+    exact = lm_task.exact_head_influence(model, data, args.damping_factor)
+    rows.append(("exact GGN (head)", "-", "head", *lds(exact, masks, outcome), None, None, time.perf_counter() - begin))
+    print(f"\nLDS over {args.halves} halves (retraining {retrain_s:.0f} s, cached in {args.cache})")
+    head = f"{'method':<17}{'projection':<11}{'rank':>5}{'LDS':>8}{'se':>7}{'row bytes':>10}{'log s':>7}{'score s':>8}"
+    print(head)
+    print("-" * len(head))
+    for method, projection, rank, value, se, row_bytes, log_s, score_s in rows:
+        print(
+            f"{method:<17}{projection:<11}{rank!s:>5}{value:>8.3f}{se:>7.3f}{fmt(row_bytes, 'd'):>10}"
+            f"{fmt(log_s, '.1f'):>7}{score_s:>8.2f}"
+        )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.task == "lm":
+        torch.set_num_threads(args.threads)
+        print("command:", shlex.join(["python"] + sys.argv))
+        print(f"torch {torch.__version__}, logix {logix.__version__}, threads {torch.get_num_threads()}, load {load()}")
+        main_lm(args)
+        return
     wall = time.perf_counter()
     torch.set_num_threads(args.threads)
     setup = make_setup(args)
