@@ -42,15 +42,16 @@ on all 2,410 parameters:
   ... layers the same keeping only the two per-layer diagonal blocks, each damped by its own mean
              eigenvalue (logix's layout; "exact EF layers" is what logix's raw computes at rank full).
 Damping: lambda = f x the mean eigenvalue (trace / dim) of the curvature, f = --damping-factor
-(0.1 by default) everywhere: for the exact references over the whole matrix, for logix per
-module block (logix's `damping_factor`); identity is never damped. LDS moves with lambda.
+(0.1 by default): for the exact references over the whole matrix; for logix per module block,
+trace / (d_in d_out), the unprojected dimension (logix's default, `damping_factor`); identity is
+never damped. LDS moves with lambda.
 
 Diagnostics printed after the table (not used for it): logix kfac/ekfac with curvature taken from
 a second log of gradients at labels drawn from the model (--fisher-samples per example: a
 Monte-Carlo true Fisher instead of the empirical Fisher; Gaussian projections only, same seeds);
-logix with lambda = f x trace / (d_in d_out) per module (the mean eigenvalue over the unprojected
-dimension: a Gaussian projection keeps a block's trace but shrinks its dimension, so logix's
-relative default damps a projected block more); and with --damping-sweep, LDS at several f. The
+logix with lambda = f x trace / (k_in k_out) per module (the mean eigenvalue of the projected block,
+logix's default before: a Gaussian projection keeps a block's trace but shrinks its dimension, so
+that rule damps a projected block more); and with --damping-sweep, LDS at several f. The
 sweep looks at the query outcomes, so it explains the table, it must not pick its damping.
 
 Timing columns: "log s" = logging + finalize of both logs (clean and mislabeled) for that
@@ -369,14 +370,15 @@ def capture_query(log, model, xq, yq):
     return q
 
 
-def dimension_damping(log, pre: str, factor: float) -> dict:
-    """{module: lambda} with lambda = factor x trace(block) / (d_in d_out): the mean eigenvalue measured
-    against the unprojected dimension instead of k_in k_out (a Gaussian projection keeps the trace)."""
+def projected_damping(log, pre: str, factor: float) -> dict:
+    """{module: lambda} with lambda = factor x trace(block) / (k_in k_out): the mean eigenvalue of the
+    projected block, logix's default before commit 'damping over the unprojected dimension' (which
+    divides by d_in d_out instead: a Gaussian projection keeps the trace and shrinks the dimension)."""
     curvature = load_curvature(log, pre, None, factor)
     return {
         name: c.damping
-        * (log.modules[name].k_in * log.modules[name].k_out)
-        / (log.modules[name].d_in * log.modules[name].d_out)
+        * (log.modules[name].d_in * log.modules[name].d_out)
+        / (log.modules[name].k_in * log.modules[name].k_out)
         for name, c in curvature.items()
     }
 
@@ -384,9 +386,9 @@ def dimension_damping(log, pre: str, factor: float) -> dict:
 def logix_scores(clean, noisy, query, pre: str, factor: float, n: int, damping=None):
     """(scores (Q, N), self-influence (N,) of the mislabeled log or None), train axis in example order."""
     d_clean = d_noisy = None
-    if damping == "dimension":
-        d_clean = dimension_damping(clean, pre, factor)
-        d_noisy = None if noisy is None else dimension_damping(noisy, pre, factor)
+    if damping == "projected":
+        d_clean = projected_damping(clean, pre, factor)
+        d_noisy = None if noisy is None else projected_damping(noisy, pre, factor)
     s = clean.influence(query, pre, damping=d_clean, damping_factor=factor, mode="dot", progress=False)
     if noisy is None:
         return in_order(s.train_ids, s.values, n), None
@@ -670,7 +672,8 @@ def main(argv=None) -> None:
         f"Spearman: {'scipy.stats.rankdata' if rankdata is not None else 'own ranks'}"
     )
     print(
-        f"damping: lambda = {factor} x mean eigenvalue (logix: per module block, damping_factor={factor}; "
+        f"damping: lambda = {factor} x mean eigenvalue (logix: trace / (d_in d_out) per module block, "
+        f"damping_factor={factor}; "
         "exact: whole matrix, per layer block in the layers rows); identity undamped"
     )
 
@@ -775,7 +778,7 @@ def main(argv=None) -> None:
                     what = "exact gradient dot products" if pre == "identity" else "exact EF layers"
                     checks.append(f"logix {pre} at rank full vs {what}: max relative error {error:.1e}")
                 if rank != "full" and pre != "identity":
-                    scores, self_inf = logix_scores(clean, noisy, query, pre, factor, n, damping="dimension")
+                    scores, self_inf = logix_scores(clean, noisy, query, pre, factor, n, damping="projected")
                     dim_rows.append(
                         (
                             f"logix {pre}",
@@ -854,8 +857,9 @@ def main(argv=None) -> None:
             mc_rows,
         ),
         (
-            f"diagnostic: logix with lambda = {factor} x trace(block) / (d_in d_out) per module, i.e. the mean "
-            "eigenvalue taken over the unprojected dimension (a Gaussian projection keeps the trace, not the mean)",
+            f"diagnostic: logix with lambda = {factor} x trace(block) / (k_in k_out) per module, the mean "
+            "eigenvalue of the projected block (the default before: larger at low rank, as a Gaussian projection "
+            "keeps the trace and shrinks the dimension)",
             dim_rows,
         ),
     ):

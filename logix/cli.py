@@ -1397,14 +1397,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping",
         type=_nonnegative_float,
         metavar="LAMBDA",
-        help="absolute damping lambda for every module (default: a factor of each block's mean eigenvalue)",
+        help="absolute damping lambda for every module (default: F x each block's trace per unprojected dimension)",
     )
     scoring.add_argument(
         "--damping-factor",
         type=float,
         default=0.1,
         metavar="F",
-        help="lambda = F x the mean eigenvalue of each module's block (default 0.1)",
+        help="lambda = F x each module block's trace / (d_in d_out), its mean eigenvalue at rank full (default 0.1)",
     )
     scoring.add_argument("--modules", metavar="A,B", help="score with these modules only (comma-separated names)")
     scoring.add_argument("--lowest", action="store_true", help="the lowest values first instead of the highest")

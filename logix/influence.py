@@ -10,8 +10,9 @@ i.e. a gradient step on i lowers q's loss. F is block-diagonal over modules and,
     kfac      F = S (x) A (row-major (k_out, k_in) rows, so S comes first)
     ekfac     F = (Q_S (x) Q_A) diag(Lambda*) (Q_S (x) Q_A)^T
 
-Damping lambda is per module: 0.1 x the mean eigenvalue of that module's block by default
-(`damping_factor` changes the 0.1), or an absolute value (`damping=`, a float or {module: float}).
+Damping lambda is per module: 0.1 x the trace of that module's block over its unprojected dimension
+d_in d_out by default (the mean eigenvalue at rank full; `damping_factor` changes the 0.1), or an
+absolute value (`damping=`, a float or {module: float}).
 Only the query side is preconditioned at query time; train rows stream from the log in blocks,
 one matrix product per block. Normalised modes divide by preconditioned norms:
 cosine by both sides', relative (RelatIF) by the train side's, sqrt(g_i^T (F + lambda I)^{-1} g_i).
@@ -168,7 +169,8 @@ def load_curvature(
             raise
         raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
     for name, c in out.items():
-        c.damping = _damping(name, c.values, damping, damping_factor)
+        m = log.modules[name]
+        c.damping = _damping(name, c.values, damping, damping_factor, m.d_in * m.d_out)
     return out
 
 
@@ -190,7 +192,12 @@ def _statistic(group, key: str, shape: tuple, path, eigenvalues: bool = False) -
     return values
 
 
-def _damping(name: str, values: Tensor, damping, factor: float) -> float:
+def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int) -> float:
+    """The module's lambda: given (a float or {module: float}), or factor x its block's trace over
+    the unprojected dimension d_in d_out. A Gaussian projection keeps the trace but shrinks the
+    dimension, so the mean eigenvalue of a projected block grows as the rank falls; measured
+    against the unprojected dimension, the default means the same at every rank (at rank full it
+    is the block's mean eigenvalue)."""
     if isinstance(damping, dict):
         if name not in damping:
             raise ConfigError(f"damping given per module but not for {name!r}")
@@ -204,7 +211,7 @@ def _damping(name: str, values: Tensor, damping, factor: float) -> float:
     if value is None or not np.isfinite(value) or value <= 0:
         raise ConfigError(f"damping_factor must be a positive number, got {factor!r}")
     factor = value
-    lam = factor * float(values.mean())
+    lam = factor * float(values.sum()) / unprojected
     if lam <= 0:  # an all-zero block: any positive damping inverts it
         lam = factor
     return lam

@@ -380,11 +380,12 @@ class Log:
 
         Returns Scores (values (Q, N), query_ids, train_ids); with top_k, a TopK computed while
         streaming, never holding Q x N. preconditioner: identity | raw | kfac | ekfac. damping: an
-        absolute lambda (float, or {module: float}); default damping_factor x the mean eigenvalue
-        of each module's block. mode: dot | cosine | relative. modules / train_ids: restrict the
-        score to some modules or some train ids. shard=(i, n): score only the i-th of n equal
-        slices of the train rows (merge the parts with Scores.merge / TopK.merge). across_ranks:
-        under torch.distributed, each rank scores its slice and every rank returns the merged
+        absolute lambda (float, or {module: float}); default damping_factor x each module block's
+        trace over its unprojected dimension d_in d_out (its mean eigenvalue at rank full).
+        mode: dot | cosine | relative. modules / train_ids: restrict the score to some modules or
+        some train ids. shard=(i, n): score only the i-th of n equal slices of the train rows
+        (merge the parts with Scores.merge / TopK.merge). across_ranks: under torch.distributed,
+        each rank scores its slice and every rank returns the merged
         result (every rank must pass the same query). progress: a tqdm bar (default: on a TTY).
         curvature: whose statistics precondition: "own" (the pass's rows: the empirical Fisher),
         "sampled" (its curvature pass, `start_pass(..., curvature_for=...)`), "auto" (the curvature

@@ -7,10 +7,13 @@ gradients computed in this file, never from logix's own statistics:
     score(q, i) = sum over modules m of g_q,m^T (F_m + lambda_m I)^{-1} g_i,m
 
     identity  F = 0, lambda = 0
-    raw       F = mean_i g_i g_i^T                          default lambda = 0.1 trace(F) / dim
-    kfac      F = kron(S, A)                                default lambda = 0.1 mean(eig S (x) eig A)
+    raw       F = mean_i g_i g_i^T                          trace(F)
+    kfac      F = kron(S, A)                                trace(S) trace(A)
     ekfac     F = Q diag(L*) Q^T, Q = kron(Q_S, Q_A),
-              L* = mean_i (Q^T g_i)^2                       default lambda = 0.1 mean(L*)
+              L* = mean_i (Q^T g_i)^2                       sum(L*)
+
+with the default lambda = 0.1 x that trace / (d_in d_out), the block's unprojected dimension (its
+mean eigenvalue at rank full),
 
 with g = vec of the (k_out, k_in) block, row-major, A = mean over positions of [a; 1][a; 1]^T and
 S = mean over examples of sum_t delta_t delta_t^T (delta = d own loss / d layer output; for an MLP
@@ -80,6 +83,7 @@ class Reference:
     g_query: dict  # {module: (Q, k_out * k_in)}
     A: dict
     S: dict
+    unprojected: dict  # {module: d_out * (d_in + 1)}, the dimension of its unprojected gradient
     _fisher: dict = field(default_factory=dict)
 
     @property
@@ -102,21 +106,20 @@ class Reference:
             self._fisher[kind, m] = f
         return self._fisher[kind, m]
 
-    def mean_eigenvalue(self, kind: str, m: str) -> float:
-        """The block's mean eigenvalue, computed as each preconditioner defines it."""
+    def trace(self, kind: str, m: str) -> float:
+        """The block's trace, computed as each preconditioner defines its curvature."""
         if kind == "raw":
-            f = self.fisher("raw", m)
-            return float(torch.trace(f)) / f.shape[0]
+            return float(torch.trace(self.fisher("raw", m)))
         if kind == "kfac":
-            return float(torch.outer(torch.linalg.eigvalsh(self.S[m]), torch.linalg.eigvalsh(self.A[m])).mean())
+            return float(torch.trace(self.S[m]) * torch.trace(self.A[m]))
         q = torch.kron(torch.linalg.eigh(self.S[m])[1], torch.linalg.eigh(self.A[m])[1])
-        return float(((self.g_train[m] @ q) ** 2).mean())
+        return float(((self.g_train[m] @ q) ** 2).mean(dim=0).sum())
 
     def damping(self, kind, damping=None, factor=0.1) -> dict:
         if kind == "identity":
             return {m: 0.0 for m in self.modules}
         if damping is None:
-            return {m: factor * self.mean_eigenvalue(kind, m) for m in self.modules}
+            return {m: factor * self.trace(kind, m) / self.unprojected[m] for m in self.modules}
         if isinstance(damping, dict):
             return {m: float(damping[m]) for m in self.modules}
         return {m: float(damping) for m in self.modules}
@@ -179,7 +182,7 @@ def mlp_reference(model, x, y, xq, yq, projections=None) -> Reference:
             if p_in is not None:
                 g = g @ p_in.T
             target[m] = g.reshape(g.shape[0], -1)
-    return Reference(g_train, g_query, A, S)
+    return Reference(g_train, g_query, A, S, {m: exact[m][0].numel() for m in ("0", "2")})
 
 
 # -- logs ------------------------------------------------------------------------------------------
@@ -297,7 +300,7 @@ def test_preconditioned_scores_equal_the_dense_reference(request, setup_name, ki
     setup = request.getfixturevalue(setup_name)
     ref = setup.ref
     if damping == "dict":
-        damping = {"0": 0.3 * ref.mean_eigenvalue(kind, "0"), "2": 0.01 * ref.mean_eigenvalue(kind, "2")}
+        damping = {"0": 0.3 * ref.trace(kind, "0") / 10, "2": 0.01 * ref.trace(kind, "2") / 10}
     s = setup.log.influence(setup.query, kind, damping=damping)
     expected = ref.scores(kind, damping)
     assert_scores(columns_in(s, TRAIN_IDS), expected)
@@ -307,7 +310,7 @@ def test_preconditioned_scores_equal_the_dense_reference(request, setup_name, ki
 
 @pytest.mark.parametrize("setup_name", ["full", "gaussian"])
 @pytest.mark.parametrize("kind", CURVED)
-def test_default_damping_is_a_tenth_of_each_blocks_mean_eigenvalue(request, setup_name, kind):
+def test_default_damping_is_a_tenth_of_each_blocks_trace_over_its_unprojected_dimension(request, setup_name, kind):
     setup = request.getfixturevalue(setup_name)
     ref = setup.ref
     lam = ref.damping(kind)

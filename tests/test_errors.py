@@ -623,10 +623,12 @@ def test_user_exception_propagates_unchanged(setup, where, exc_type):
 # -- property: ids round-trip, or DuplicateIdError exactly on a duplicate -----------------------
 
 int_ids = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-# Text without NUL (HDF5 cannot store it; see test_unstorable_ids_rejected_at_capture); hypothesis
-# never generates lone surrogates by default.
-short_text = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=6)
-long_text = st.builds(lambda c, n: c * n, st.characters(blacklist_characters="\x00"), st.integers(1000, 5000))
+# Text without NUL or lone surrogates (neither can be stored: see
+# test_unstorable_ids_rejected_at_capture); codec="utf-8" keeps surrogates out, which a bare
+# exclusion list does not.
+storable = st.characters(codec="utf-8", exclude_characters="\x00")
+short_text = st.text(alphabet=storable, max_size=6)
+long_text = st.builds(lambda c, n: c * n, storable, st.integers(1000, 5000))
 str_ids = st.one_of(st.just(""), short_text, long_text)
 
 
