@@ -42,6 +42,8 @@ PIECE = (24, 48)
 
 @dataclass(frozen=True)
 class Recipe:
+    """The data split and the training recipe: with the text, the retraining cache's key."""
+
     n_train: int = 400
     n_query: int = 50
     epochs: int = 12
