@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import Config
 from .errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
-from .influence import MODES, PRECONDITIONERS
+from .influence import MODES, PRECONDITIONERS, resolve_preconditioner
 from .lock import find_writer, last_writer
 from .log import Log
 from .statistics import RAW_MAX_WIDTH, SUM_KEYS
@@ -1071,6 +1071,7 @@ def cmd_verify(args) -> int:
 def cmd_self_influence(args) -> int:
     log = open_log(args.path, args.pass_name)
     modules = _modules_arg(log, args.modules)
+    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
     _check_preconditioner(log, args.preconditioner, modules)
     require_intact(log)
     si = log.self_influence(
@@ -1148,6 +1149,7 @@ def check_query_log(train: Log, query: Log) -> None:
 def cmd_top(args) -> int:
     log = open_log(args.path, args.pass_name)
     modules = _modules_arg(log, args.modules)
+    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
     _check_preconditioner(log, args.preconditioner, modules)
     require_intact(log)
     qlog = open_log(args.query, args.query_pass)
@@ -1388,10 +1390,11 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument(
         "--preconditioner",
         "-p",
-        choices=PRECONDITIONERS,
-        default="identity",
+        choices=("auto", *PRECONDITIONERS),
+        default="auto",
         help="curvature F in g_q^T (F + lambda I)^-1 g_i: identity (gradient dot product, always "
-        "available), raw, kfac, ekfac (need statistics from a finalized pass; default: identity)",
+        "available), raw, kfac, ekfac (need statistics from a finalized pass); auto, the default: "
+        "the first of ekfac, kfac, raw the pass has, else identity",
     )
     scoring.add_argument(
         "--damping",

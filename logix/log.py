@@ -29,6 +29,7 @@ from .influence import (
     Preconditioner,
     Scores,
     SelfInfluence,
+    resolve_preconditioner,
     score,
     self_influence_values,
     statistics_file,
@@ -361,7 +362,7 @@ class Log:
     def influence(
         self,
         query: Query,
-        preconditioner: str = "identity",
+        preconditioner: str = "auto",
         *,
         damping=None,
         damping_factor: float = DEFAULT_DAMPING_FACTOR,
@@ -379,7 +380,9 @@ class Log:
         """Influence of every train row of the pass on every query row (+ = the train example helps).
 
         Returns Scores (values (Q, N), query_ids, train_ids); with top_k, a TopK computed while
-        streaming, never holding Q x N. preconditioner: identity | raw | kfac | ekfac. damping: an
+        streaming, never holding Q x N. preconditioner: auto (the default: ekfac, else kfac, else
+        raw, whichever the pass has statistics for first, else identity) | identity | raw | kfac |
+        ekfac. damping: an
         absolute lambda (float, or {module: float}); default damping_factor x each module block's
         trace over its unprojected dimension d_in d_out (its mean eigenvalue at rank full).
         mode: dot | cosine | relative. modules / train_ids: restrict the score to some modules or
@@ -425,7 +428,7 @@ class Log:
 
     def self_influence(
         self,
-        preconditioner: str = "identity",
+        preconditioner: str = "auto",
         damping=None,
         damping_factor: float = DEFAULT_DAMPING_FACTOR,
         modules=None,
@@ -435,12 +438,14 @@ class Log:
         curvature: str = "auto",
     ) -> SelfInfluence:
         """g_i^T (F + lambda I)^{-1} g_i for every valid train row: rank by it to find mislabeled examples.
+        preconditioner as in `influence` (default auto).
 
         Values finalize stored (the pass's own curvature, default damping, all modules) are read
         back when asked for exactly that, never for another curvature or damping.
         """
         if curvature not in CURVATURE_SOURCES:
             raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+        preconditioner = resolve_preconditioner(self, preconditioner)
         key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules), curvature)
         if key not in self._self_influence_cache:
             stored = None

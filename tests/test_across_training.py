@@ -363,7 +363,7 @@ def test_two_stages_with_an_id_namespace_per_dataset(tmp_path):
     expected = {}
     for segment in segments(log, [p.name for p in log.passes]):
         view = log.select(segment.name)
-        per_pass = view.influence(query_at(log, starts[segment.name]))
+        per_pass = view.influence(query_at(log, starts[segment.name]), "identity")
         for j, i in enumerate(per_pass.train_ids.tolist()):
             expected[i] = expected.get(i, 0) + segment.rate * per_pass.values[:, j].double()
     for j, i in enumerate(tracin.train_ids.tolist()):

@@ -821,3 +821,41 @@ def test_results_round_trip_through_hdf5(full, tmp_path):
     assert torch.equal(logix.SelfInfluence.load(tmp_path / "si.h5").values, si.values)
     with pytest.raises(logix.LogFormatError):
         logix.Scores.load(tmp_path / "si.h5")
+
+
+@pytest.mark.parametrize(
+    "statistics, chosen",
+    [(("kfac", "ekfac", "raw"), "ekfac"), ("kfac", "kfac"), ("raw", "raw"), ((), "identity")],
+)
+def test_auto_preconditioner_takes_the_best_statistics_the_pass_has(tmp_path, statistics, chosen):
+    """preconditioner="auto" (the default): ekfac, else kfac, else raw, else identity, as the README says."""
+    torch.manual_seed(0)
+    model = mlp(4, 3, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with logix.init(tmp_path / "log", rank="full", statistics=statistics) as run:
+        run.watch(model)
+        with run.capture(list(range(8))):
+            ce(model(x), y).mean().backward()
+    log = logix.open(tmp_path / "log")
+    with log.query(model) as q:
+        with q.capture(["a", "b"]):
+            ce(model(x[:2] * 0.5), y[:2]).mean().backward()
+    assert logix.influence.resolve_preconditioner(log, "auto") == chosen
+    torch.testing.assert_close(log.influence(q).values, log.influence(q, chosen).values, rtol=0, atol=0)
+    torch.testing.assert_close(log.self_influence().values, log.self_influence(chosen).values, rtol=0, atol=0)
+
+
+def test_auto_preconditioner_is_identity_until_the_pass_is_finalized(tmp_path):
+    torch.manual_seed(0)
+    model = mlp(4, 3, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    run = logix.init(tmp_path / "log", rank="full", statistics="ekfac")
+    run.watch(model)
+    with run.capture(list(range(8))):
+        ce(model(x), y).mean().backward()
+    run.flush()
+    try:
+        assert logix.influence.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "identity"
+    finally:
+        run.finalize()
+    assert logix.influence.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "ekfac"

@@ -512,14 +512,14 @@ def test_stored_self_influence_damaged(log_copy, change, message):
     path, _, _ = log_copy
     rewrite_h5(path / STATS, change)
     with pytest.raises(LogFormatError, match=message):
-        logix.open(path).self_influence()
+        logix.open(path).self_influence("identity")
 
 
 def test_stored_self_influence_of_another_length_is_recomputed(log_copy):
     path, _, expected = log_copy
     rewrite_h5(path / STATS, lambda d: d.update({"self_influence/identity": np.ones(5)}))
     log = logix.open(path)
-    torch.testing.assert_close(log.self_influence().values, (log.rows().double() ** 2).sum(dim=1))
+    torch.testing.assert_close(log.self_influence("identity").values, (log.rows().double() ** 2).sum(dim=1))
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def test_planted_pickles_are_never_unpickled(finished, tmp_path, where, how):
         q = log.query(model)
         with q.capture([0]):
             _loss(model, *_batch(1, 9)).sum().backward()
-        log.self_influence()
+        log.self_influence("identity")
         log.influence(q, "kfac")
     assert not sentinel.exists()
 
@@ -461,7 +461,7 @@ def test_non_finite_query_rows_are_refused_and_the_query_goes_on(scored):
         with q.capture(["qc", "qd"]):
             _loss(model, x, y).mean().backward()
     assert q.ids.tolist() == ["qa", "qb"]
-    scores = log.influence(q)
+    scores = log.influence(q, "identity")
     assert scores.values.isfinite().all()
     torch.testing.assert_close(scores.values, q.rows @ log.rows().T)
 
