@@ -42,6 +42,9 @@ PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
 MODES = ("dot", "cosine", "relative")
 DEFAULT_DAMPING_FACTOR = 0.1
+# the default damping rule, recorded with the self-influences finalize stores: values stored under
+# another rule (an older logix) are recomputed, never reused
+DAMPING_RULE = "damping_factor x trace / (d_in d_out)"
 
 
 @dataclass

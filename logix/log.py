@@ -25,6 +25,7 @@ from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import (
     CURVATURE_SOURCES,
+    DAMPING_RULE,
     DEFAULT_DAMPING_FACTOR,
     Preconditioner,
     Scores,
@@ -174,6 +175,17 @@ def _prefetched(blocks, depth: int = 1):
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+
+
+def _stored_under_default(attrs) -> bool:
+    """Whether stored self-influences say they were computed with today's default damping."""
+    rule, factor = attrs.get("damping_rule"), attrs.get("damping_factor")
+    if isinstance(rule, bytes):
+        rule = rule.decode("utf-8", "replace")
+    try:
+        return rule == DAMPING_RULE and float(factor) == DEFAULT_DAMPING_FACTOR
+    except (TypeError, ValueError):
+        return False
 
 
 class Log:
@@ -474,6 +486,8 @@ class Log:
                 dataset = f[key]
                 if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.dtype.kind != "f":
                     raise LogFormatError(f"statistics {path}: {key} is not a vector of floats; the file is damaged")
+                if preconditioner != "identity" and not _stored_under_default(dataset.attrs):
+                    return None  # another damping rule (an older logix): recomputed, never reused
                 values = torch.from_numpy(dataset[()].astype(np.float64, copy=False))
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, LogFormatError):

@@ -286,5 +286,10 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
     with h5py.File(path, "a") as f:
         for kind, v in values.items():
-            f.create_dataset(f"self_influence/{kind}", data=v.numpy())
+            dataset = f.create_dataset(f"self_influence/{kind}", data=v.numpy())
+            dataset.attrs.update(
+                damping_rule=influence.DAMPING_RULE,
+                damping_factor=influence.DEFAULT_DAMPING_FACTOR,
+                curvature="own",
+            )
     return file

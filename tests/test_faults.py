@@ -753,3 +753,20 @@ def test_stray_files_in_segments_are_not_adopted_on_resume(log_copy):
     for name in ("p000-rX-s000.h5", "p000-r0-s0.h5", "p000-r01-s000.h5", "p000-r1-s000.h5.h5"):
         (path / "segments" / name).write_text("junk")
     assert pass_segments(path, 0) == [{"file": SEGMENT, "rank": 0, "session": 0}]
+
+
+def test_stored_self_influence_is_read_only_under_todays_damping_rule(log_copy):
+    """finalize records the damping rule with the self-influences it stores: they are read back when
+    the record names today's default, and recomputed when it names another rule (an older logix) or
+    none, never reused."""
+    path, _, _ = log_copy
+    fresh = logix.open(path).self_influence("ekfac").values
+    with h5py.File(path / STATS, "a") as f:
+        f["self_influence/ekfac"][...] = 7.0
+    torch.testing.assert_close(logix.open(path).self_influence("ekfac").values, torch.full_like(fresh, 7.0))
+    with h5py.File(path / STATS, "a") as f:
+        f["self_influence/ekfac"].attrs["damping_rule"] = "damping_factor x mean eigenvalue of the block"
+    torch.testing.assert_close(logix.open(path).self_influence("ekfac").values, fresh, rtol=1e-6, atol=0)
+    with h5py.File(path / STATS, "a") as f:
+        del f["self_influence/ekfac"].attrs["damping_rule"]
+    torch.testing.assert_close(logix.open(path).self_influence("ekfac").values, fresh, rtol=1e-6, atol=0)
