@@ -20,7 +20,9 @@ Same task for everyone (built by attribution_quality.py's own functions, nothing
   queries  the 100 query examples' own cross-entropy (TRAK: its own margin output, see below).
   losses   per-example cross-entropy summed over the batch, batches of --batch (250) examples.
   damping  lambda = --damping-factor (0.1) x the mean eigenvalue of the curvature block that is
-           inverted, wherever the library lets one say so (column "damping" says what each got).
+           inverted, wherever the library lets one say so (column "damping" says what each got);
+           logix's default takes the block's trace over its unprojected dimension d_in d_out (the
+           mean eigenvalue at rank full, smaller than the projected block's at lower rank).
   seeds    torch.manual_seed(0) in every worker; projections seeded with 0 where a library takes one.
 
 Rows:
@@ -521,7 +523,7 @@ def main(argv=None) -> None:
                 job(
                     "logix",
                     f"ekfac rank {rank}",
-                    f"{factor} x mean eig / module",
+                    f"{factor} x trace / (d_in d_out) / module",
                     me + ["--worker", "logix", "--rank", rank, "--out", str(tmp / f"logix-{rank}")],
                     f"logix-{rank}",
                 )
