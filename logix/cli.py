@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import Config
 from .errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
-from .influence import MODES, PRECONDITIONERS, resolve_preconditioner
+from .influence import CURVATURE_SOURCES, MODES, PRECONDITIONERS, resolve_preconditioner
 from .lock import find_writer, last_writer
 from .log import Log
 from .statistics import RAW_MAX_WIDTH, SUM_KEYS
@@ -1080,6 +1080,7 @@ def cmd_self_influence(args) -> int:
         damping_factor=args.damping_factor,
         modules=modules,
         progress=_bars(args),
+        curvature=args.curvature,
     )
     n = len(si.ids) if args.all else args.top
     ids, values = si.top_k(n, largest=not args.lowest)
@@ -1090,6 +1091,7 @@ def cmd_self_influence(args) -> int:
                 "path": str(log.path),
                 "pass": log.current.name,
                 "preconditioner": args.preconditioner,
+                "curvature": args.curvature,
                 "order": "lowest" if args.lowest else "highest",
                 "rows": len(log),
                 "results": [{"id": i, "value": v} for i, v in zip(ids, values)],
@@ -1173,6 +1175,7 @@ def cmd_top(args) -> int:
         largest=not args.lowest,
         modules=modules,
         progress=_bars(args),
+        curvature=args.curvature,
     )
     values, ids = result.values.tolist(), np.asarray(result.ids).tolist()
     if args.json:
@@ -1183,6 +1186,7 @@ def cmd_top(args) -> int:
                 "query": str(qlog.path),
                 "query_pass": qlog.current.name,
                 "preconditioner": args.preconditioner,
+                "curvature": args.curvature,
                 "mode": args.mode,
                 "order": "lowest" if args.lowest else "highest",
                 "queries": [
@@ -1408,6 +1412,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         metavar="F",
         help="lambda = F x each module block's trace / (d_in d_out), its mean eigenvalue at rank full (default 0.1)",
+    )
+    scoring.add_argument(
+        "--curvature",
+        choices=CURVATURE_SOURCES,
+        default="auto",
+        help="whose statistics precondition: the pass's own rows (own), its curvature pass at labels drawn "
+        "from the model (sampled), or the latter where the log has one (auto, the default)",
     )
     scoring.add_argument("--modules", metavar="A,B", help="score with these modules only (comma-separated names)")
     scoring.add_argument("--lowest", action="store_true", help="the lowest values first instead of the highest")

@@ -545,3 +545,33 @@ def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
         done = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=300)
         err = (tmp_path / "err").read_text()
         assert done.returncode == 0 and len(done.stdout) == 10 and err == "", (command, done.returncode, err)
+
+
+def test_scoring_commands_choose_the_curvature(tmp_path, capsys):
+    """--curvature own / sampled / auto reach the scores; sampled without a curvature pass is a clear error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+    with logix.init(tmp_path / "log", rank="full", statistics="ekfac") as run:
+        run.watch(model)
+        run.start_pass("train")
+        with run.capture(list(range(10))):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        run.start_pass("train/curvature", curvature_for="train")
+        with run.capture(list(range(10))):
+            logits = model(x)
+            torch.nn.functional.cross_entropy(logits, logix.sampled_labels(logits, torch.Generator())).backward()
+        model.zero_grad()
+    path = tmp_path / "log"
+    log = logix.open(path)
+    for curvature in ("auto", "own", "sampled"):
+        out = json.loads(run_cli(capsys, "self-influence", path, "--all", "--json", "--curvature", curvature)[1])
+        assert out["preconditioner"] == "ekfac" and out["curvature"] == curvature
+        want = log.self_influence("ekfac", curvature=curvature)
+        got = {r["id"]: r["value"] for r in out["results"]}
+        np.testing.assert_allclose([got[i] for i in want.ids.tolist()], want.values.numpy(), rtol=1e-6)
+    own = json.loads(run_cli(capsys, "self-influence", path, "--all", "--json", "--curvature", "own")[1])
+    assert own["results"] != out["results"]  # the two curvatures give other values
+    code, _, err = run_cli(capsys, "self-influence", path, "--pass", "train/curvature", "--curvature", "sampled")
+    assert code != 0 and "no sampled-label curvature" in err
