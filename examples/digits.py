@@ -174,7 +174,7 @@ def explain_across_training(log: logix.Log, model: nn.Module, test: TensorDatase
 
     model.eval()
     top = log.influence_across_training(model, queries, top_k=K)  # logix: Source over every pass
-    epochs = [p for p in log.passes if "curvature_for" not in p.meta]
+    epochs = [p for p in log.passes if p.curvature_for is None]
     print(f"\nacross all {len(epochs)} epochs (Source), the most helpful training digits:")
     for row, t in enumerate(query_ids):
         shown = ", ".join(f"{int(i)} ({v:+.2g})" for i, v in zip(top.ids[row].tolist(), top.values[row].tolist()))

@@ -121,7 +121,7 @@ def training_passes(log, passes: Sequence[str] | None) -> list[str]:
     """The passes to attribute over, in log order: those named, or every training pass that holds
     rows (curvature passes are not training)."""
     names = [p.name for p in log.passes]
-    curvature_passes = {p.name for p in log.passes if "curvature_for" in p.meta}
+    curvature_passes = {p.name for p in log.passes if p.curvature_for is not None}
     if passes is None:
         chosen = [p.name for p in log.passes if p.rows and p.name not in curvature_passes]
     else:

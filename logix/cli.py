@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import Config
 from .errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
-from .influence import CURVATURE_SOURCES, MODES, PRECONDITIONERS, resolve_preconditioner
+from .influence import CURVATURE_SOURCES, MODES, PRECONDITIONERS, available_preconditioners, resolve_preconditioner
 from .lock import find_writer, last_writer
 from .log import Log
 from .statistics import RAW_MAX_WIDTH, SUM_KEYS
@@ -223,22 +223,6 @@ def _modules_arg(log: Log, text: str | None) -> list[str] | None:
     if unknown or not names:
         raise CliError(f"unknown module(s) {unknown or text!r}; this log's modules: {', '.join(log.modules)}")
     return names
-
-
-def available_preconditioners(log: Log) -> list[str]:
-    """What the chosen pass can be scored with: identity always; the rest once it is finalized."""
-    out = ["identity"]
-    p = log.current
-    if p is None or not p.finalized:
-        return out
-    stats = log.config.statistics
-    if "raw" in stats:
-        out.append("raw")
-    if "kfac" in stats or "ekfac" in stats:
-        out.append("kfac")
-    if "ekfac" in stats:
-        out.append("ekfac")
-    return out
 
 
 def _check_preconditioner(log: Log, preconditioner: str, modules: list[str] | None) -> None:

@@ -127,6 +127,22 @@ def statistics_file(log, curvature: str = "auto") -> str:
     return name
 
 
+def available_preconditioners(log) -> list[str]:
+    """What the current pass can be scored with: identity always; the rest once it is finalized."""
+    out = ["identity"]
+    p = log.current
+    if p is None or not p.finalized:
+        return out
+    stats = log.config.statistics
+    if "raw" in stats:
+        out.append("raw")
+    if "kfac" in stats or "ekfac" in stats:
+        out.append("kfac")
+    if "ekfac" in stats:
+        out.append("ekfac")
+    return out
+
+
 def resolve_preconditioner(log, preconditioner: str) -> str:
     """ "auto" -> the first of ekfac, kfac, raw the current pass has statistics for (raw only when
     every module has it), else identity; any other name is returned as it is.
@@ -136,16 +152,11 @@ def resolve_preconditioner(log, preconditioner: str) -> str:
     there, 0.02 behind on the language model)."""
     if preconditioner != "auto":
         return preconditioner
-    p = log.current
-    if p is None or not p.finalized or p.name not in log._stats_files:
+    if log.current is None or log.current.name not in log._stats_files:  # e.g. a finalized pass with no rows
         return "identity"
-    stats = log.config.statistics
-    for kind in AUTO:
-        if kind == "raw" and "raw" in stats and all(m.width <= RAW_MAX_WIDTH for m in log.modules.values()):
-            return "raw"
-        if kind in stats or (kind == "kfac" and "ekfac" in stats):
-            return kind
-    return "identity"
+    have = available_preconditioners(log)
+    narrow = all(m.width <= RAW_MAX_WIDTH for m in log.modules.values())
+    return next((kind for kind in AUTO if kind in have and (kind != "raw" or narrow)), "identity")
 
 
 def load_curvature(
@@ -548,7 +559,6 @@ def score(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k must be a positive int, got {top_k!r}")
-    preconditioner = resolve_preconditioner(log, preconditioner)
     q_rows, q_ids = query.rows, as_ids(query.ids)
     if q_rows.shape[0] == 0:
         raise ConfigError("the query holds no rows: capture query gradients with q.capture(ids) first")
@@ -562,7 +572,7 @@ def score(
     train_norms = None
     if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
         train_norms = log.self_influence(
-            preconditioner, damping, damping_factor, modules, progress=progress, curvature=curvature
+            pre.kind, damping, damping_factor, modules, progress=progress, curvature=curvature
         )
         train_norms = train_norms.values.float().clamp_min(0).sqrt()
     if not isinstance(largest, bool):

@@ -96,6 +96,12 @@ class PassInfo:
     rows: int = 0  # committed rows at the time the log was opened
     nonfinite: int = 0  # committed rows flagged non-finite
 
+    @property
+    def curvature_for(self) -> str | None:
+        """The pass this one is a curvature pass for (`start_pass(..., curvature_for=...)`), or None
+        for a training pass."""
+        return self.meta.get("curvature_for")
+
 
 BLOCK_BYTES = 64 << 20  # default size of the blocks scoring streams
 
@@ -234,7 +240,7 @@ class Log:
                 )
             )
         self.passes = passes
-        scored = [p for p in passes if "curvature_for" not in p.meta]
+        scored = [p for p in passes if p.curvature_for is None]
         if not passes:
             self.current = None
         elif self._pass_name is None:
@@ -253,7 +259,7 @@ class Log:
         """The pass `run.start_pass(..., curvature_for=<the current pass>)` logged for the current
         pass (its gradients at labels drawn from the model), if there is one."""
         p = self._require_pass()
-        return next((other for other in self.passes if other.meta.get("curvature_for") == p.name), None)
+        return next((other for other in self.passes if other.curvature_for == p.name), None)
 
     def select(self, pass_name: str) -> Log:
         """The same log, reading another pass (from the index read at open or refresh: no re-read)."""

@@ -411,7 +411,10 @@ class Run:
         record["steps"] += 1
         lr = group["lr"]
         if isinstance(lr, Tensor):  # a device scalar (capturable optimizers): summed there, read at the pass's end
-            self._lr_on_device = lr.detach().clone() if self._lr_on_device is None else self._lr_on_device + lr.detach()
+            if self._lr_on_device is None:
+                self._lr_on_device = lr.detach().clone()
+            else:
+                self._lr_on_device.add_(lr.detach())  # in place: no new tensor per step
         else:
             record["lr_sum"] += float(lr)
 
