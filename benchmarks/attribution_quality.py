@@ -299,15 +299,23 @@ def mislabel(values: np.ndarray, flipped: np.ndarray) -> tuple[float, float]:
 # -- logix -----------------------------------------------------------------------------------------------
 
 
-def log_model(path: Path, model, x, y, rank, projection: str, batch: int) -> float:
+def init_for(path: Path, rank, projection: str, budget: dict, statistics: list):
+    """logix.init for a row of the table; projection "pca-auto" is rank="auto" with the row bytes that
+    Gaussian projections take at `rank` (budget: rank -> bytes, measured on the Gaussian log)."""
+    if projection == "pca-auto":
+        return logix.init(path, rank="auto", row_bytes=budget[rank], projection="pca", seed=0, statistics=statistics)
+    return logix.init(path, rank=rank, projection=projection, seed=0, statistics=statistics)
+
+
+def log_model(path: Path, model, x, y, rank, projection: str, batch: int, budget: dict) -> float:
     """A logging pass at the model's final parameters; returns the seconds it took."""
     start = time.perf_counter()
-    run = logix.init(path, rank=rank, projection=projection, seed=0, statistics=["kfac", "ekfac", "raw"])
+    run = init_for(path, rank, projection, budget, ["kfac", "ekfac", "raw"])
     run.watch(model)
     batches = [
         (list(range(i, min(i + batch, len(x)))), x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)
     ]
-    if projection == "pca":
+    if projection != "gaussian":
         with run.fit_projections():
             for ids, xb, yb in batches:
                 with run.capture(ids):
@@ -567,10 +575,10 @@ def fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def log_lm(path: Path, model, data, rank, projection: str, batch: int) -> float:
+def log_lm(path: Path, model, data, rank, projection: str, batch: int, budget: dict) -> float:
     """A logging pass of the language model's train sequences at its final parameters; seconds taken."""
     start = time.perf_counter()
-    run = logix.init(path, rank=rank, projection=projection, seed=0, statistics=["kfac", "ekfac"])
+    run = init_for(path, rank, projection, budget, ["kfac", "ekfac"])
     run.watch(model)
 
     def every_batch():
@@ -580,7 +588,7 @@ def log_lm(path: Path, model, data, rank, projection: str, batch: int) -> float:
                 lm_task.sequence_losses(lm_task.logits(model, tokens, mask), tokens, mask).mean().backward()
             model.zero_grad()
 
-    if projection == "pca":
+    if projection != "gaussian":
         with run.fit_projections():
             every_batch()
     every_batch()
@@ -602,15 +610,17 @@ def main_lm(args) -> None:
     queries = lm_task.queries_for(data)
     n = recipe.n_train
     rows = []
-    projections = ["gaussian"] + (["pca"] if not args.no_pca else [])
+    projections = ["gaussian"] + (["pca", "pca-auto"] if not args.no_pca else [])
+    budget = {}  # rank -> the bytes of a Gaussian row, the budget of the rank="auto" row beside it
     with tempfile.TemporaryDirectory(prefix="logix-lm-quality-") as tmp:
         for projection in projections:
             for rank in args.ranks:
-                if projection == "pca" and rank == "full":
+                if projection != "gaussian" and rank == "full":
                     continue  # nothing is projected
                 path = Path(tmp) / f"{projection}-{rank}"
-                log_s = log_lm(path, model, data, rank, projection, args.batch)
+                log_s = log_lm(path, model, data, rank, projection, args.batch, budget)
                 log = logix.open(path)
+                budget.setdefault(rank, log.width * 4)
                 with log.query(model) as q:
                     queries(q, model)
                 model.zero_grad()
@@ -734,23 +744,25 @@ def main(argv=None) -> None:
 
     configs = [("gaussian", r) for r in args.ranks]
     if pca:
-        configs += [("pca", r) for r in args.ranks if r != "full"]
+        configs += [(p, r) for p in ("pca", "pca-auto") for r in args.ranks if r != "full"]
+    budget = {}  # rank -> the bytes of a Gaussian row, the budget of the rank="auto" row beside it
     pca_error, dim_rows, mc_rows, checks = None, [], [], []
     with tempfile.TemporaryDirectory(prefix="logix-attribution-") as tmp:
         for projection, rank in configs:
-            if projection == "pca" and pca_error:
+            if projection != "gaussian" and pca_error:
                 continue
             clean_path = Path(tmp) / f"{projection}-{rank}-clean"
             noisy_path = Path(tmp) / f"{projection}-{rank}-noisy"
             try:
-                log_s = log_model(clean_path, model, xtr, ytr, rank, projection, args.batch)
-                log_s += log_model(noisy_path, noisy_model, xtr, noisy_y, rank, projection, args.batch)
+                log_s = log_model(clean_path, model, xtr, ytr, rank, projection, args.batch, budget)
+                log_s += log_model(noisy_path, noisy_model, xtr, noisy_y, rank, projection, args.batch, budget)
             except Exception as e:  # noqa: BLE001 - a broken PCA is reported in the table, not fatal
-                if projection != "pca":
+                if projection == "gaussian":
                     raise
                 pca_error = f"pca: failed ({type(e).__name__}: {e})"
                 continue
             clean, noisy = logix.open(clean_path), logix.open(noisy_path)
+            budget.setdefault(rank, clean.width * 4)
             for pre in PRECONDITIONERS:
                 start = time.perf_counter()
                 try:

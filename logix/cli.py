@@ -450,7 +450,11 @@ def _writer_text(status: dict) -> str:
 
 def _rank_text(config: dict) -> str:
     rank = config.get("rank")
-    return f"(k_in={rank[0]}, k_out={rank[1]})" if isinstance(rank, list) else str(rank)
+    if isinstance(rank, list):
+        return f"(k_in={rank[0]}, k_out={rank[1]})"
+    if rank == "auto":
+        return f"auto (within {config.get('row_bytes')} bytes per row)"
+    return str(rank)
 
 
 def _stats_text(stats: dict) -> str:

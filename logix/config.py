@@ -34,7 +34,10 @@ class Config:
 
     rank: projection size per side of each module. An int k gives k_in = k_out = k; a pair
         (k_in, k_out) sets the sides separately; "full" keeps the exact gradient. A side whose
-        rank is at least its dimension is left unprojected (identity).
+        rank is at least its dimension is left unprojected (identity). "auto" chooses each
+        module's sides from its measured covariances within `row_bytes` (projection="pca" only;
+        see `Run.fit_projections`).
+    row_bytes: with rank="auto", the bytes one stored row may take (all modules together).
     dtype: how rows are stored, "float32" or "float16" (half the disk; rows that overflow its
         range are flagged, not silently clipped).
     projection: "gaussian": entries N(0, 1/k) from a private generator seeded per module;
@@ -51,6 +54,7 @@ class Config:
     projection: str = "gaussian"
     seed: int = 0
     statistics: tuple = ()
+    row_bytes: int | None = None
 
     def __post_init__(self) -> None:
         stats = self.statistics
@@ -68,9 +72,17 @@ class Config:
             if len(rank) != 2:
                 raise ConfigError(f"rank as a pair must be (k_in, k_out), got {self.rank!r}")
             rank = (_check_side(rank[0], "rank k_in"), _check_side(rank[1], "rank k_out"))
-        else:
+        elif rank != "auto":
             rank = _check_side(rank, "rank")
         object.__setattr__(self, "rank", rank)
+        if rank == "auto":
+            if self.projection != "pca":
+                raise ConfigError("rank='auto' chooses ranks from PCA spectra: use projection='pca'")
+            b = self.row_bytes
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ConfigError(f"rank='auto' needs row_bytes, a positive int (bytes per stored row), got {b!r}")
+        elif self.row_bytes is not None:
+            raise ConfigError(f"row_bytes is a budget for rank='auto'; with rank={self.rank!r} the row's size is fixed")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.projection not in PROJECTIONS:
@@ -82,6 +94,11 @@ class Config:
     def factors(self) -> bool:
         """Whether capture gathers the K-FAC factors A and S."""
         return "kfac" in self.statistics or "ekfac" in self.statistics
+
+    @property
+    def row_numbers(self) -> int:
+        """rank="auto": how many stored numbers fit in row_bytes."""
+        return self.row_bytes // (2 if self.dtype == "float16" else 4)
 
     @property
     def rank_in(self) -> int | str:
@@ -96,6 +113,8 @@ class Config:
         if isinstance(self.rank, tuple):
             out["rank"] = list(self.rank)
         out["statistics"] = list(self.statistics)
+        if out["row_bytes"] is None:
+            del out["row_bytes"]  # logs without rank="auto" keep the manifest they always had
         return out
 
     @classmethod
@@ -109,4 +128,7 @@ class Config:
     def differences(self, other: Config) -> list[str]:
         """Human-readable list of fields where two configs disagree."""
         mine, theirs = self.to_json(), other.to_json()
-        return [f"{k}: {theirs[k]!r} in the log, {mine[k]!r} asked" for k in mine if mine[k] != theirs[k]]
+        keys = list(mine) + [k for k in theirs if k not in mine]
+        return [
+            f"{k}: {theirs.get(k)!r} in the log, {mine.get(k)!r} asked" for k in keys if mine.get(k) != theirs.get(k)
+        ]

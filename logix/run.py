@@ -37,8 +37,18 @@ from .distributed import World, reduce_sums
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .lock import LOCK_FILE, WriterLock
-from .projection import gaussian, module_seed, pca_fits, principal_directions, side_rank
-from .statistics import CovarianceSums, factors, finalize_pass, read_sums_attrs, save_sums
+from .projection import (
+    AUTO_SKETCH,
+    PCA_MAX_DIM,
+    allocate_ranks,
+    auto_projection,
+    gaussian,
+    leading_directions,
+    module_seed,
+    pca_fits,
+    side_rank,
+)
+from .statistics import CovarianceSums, eigh, factors, finalize_pass, read_sums_attrs, save_sums
 from .storage import (
     FLAG_NONFINITE,
     FORMAT,
@@ -71,6 +81,7 @@ def init(
     seed: int = 0,
     statistics: str | Sequence[str] | None = None,
     *,
+    row_bytes: int | None = None,
     resume: bool = False,
     distributed: bool | None = None,
     on_duplicate: str = "error",
@@ -80,8 +91,10 @@ def init(
     """Create a log at `path` (a directory), or add a session to the log already there.
 
     statistics: curvature to gather for attribution, "kfac", "ekfac" and/or "raw" (see Config).
-    An existing log must have been written with the same rank, dtype, projection, seed and
-    statistics.
+    row_bytes: with rank="auto" (and projection="pca"), the bytes a stored row may take; each
+        module's ranks are then chosen in `run.fit_projections()` from the measured covariances.
+    An existing log must have been written with the same rank, dtype, projection, seed,
+    statistics and row_bytes.
     resume: continue the log after a crash or a restart from a checkpoint: captures go on in the
         latest unfinalized pass (or the one `start_pass` names), in a new segment, and ids that
         pass already committed are skipped rather than written twice.
@@ -94,7 +107,9 @@ def init(
     queue_size: batches the writer may lag behind before training waits for it.
     commit_interval: seconds between commits; rows are committed at the latest this long after written.
     """
-    config = Config(rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics)
+    config = Config(
+        rank=rank, dtype=dtype, projection=projection, seed=seed, statistics=statistics, row_bytes=row_bytes
+    )
     return Run(
         path,
         config,
@@ -150,7 +165,6 @@ class Run:
         self._copy_streams: dict = {}  # CUDA device -> the side stream that copies rows to the host
         self._sums: CovarianceSums | None = None
         self._pca_pending: dict[str, tuple[bool, bool]] = {}
-        self._new_modules = None
         self._fitting = None
         self._pass: dict | None = None
         self._seen: set = set()  # ids this rank logged in the pass
@@ -278,6 +292,8 @@ class Run:
             raise ConfigError("this run already watches a model; one model per run")
         chosen = select_modules(model, include, exclude, include_frozen)
         stored = read_projections(self.path / PROJECTIONS) if self._manifest["modules"] else {}
+        logged = {m["name"]: m for m in self._manifest["modules"]}
+        auto = self.config.rank == "auto"
         watched, offset = [], 0
         for name, module, kind in chosen:
             try:
@@ -287,29 +303,24 @@ class Run:
                     f"cannot read the dimensions of module {name!r} ({kind.name}): {e}; if its weights are "
                     "partitioned (DeepSpeed ZeRO-3), watch the model before deepspeed.initialize, or exclude it"
                 ) from e
-            k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
+            if not auto:
+                k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
+            elif name in logged:  # ranks chosen when the log was started
+                k_in, k_out = logged[name]["k_in"], logged[name]["k_out"]
+            else:  # chosen in fit_projections; until then the sides are measured whole
+                k_in, k_out = d_in, d_out
             if name in stored:
                 p_in, p_out = stored[name]
             else:
                 p_in = gaussian(k_in, d_in, module_seed(self.config.seed, name, "in"))
                 p_out = gaussian(k_out, d_out, module_seed(self.config.seed, name, "out"))
-                if self.config.projection == "pca":
+                if auto:
+                    self._pca_pending[name] = (True, True)
+                elif self.config.projection == "pca":
                     self._pca_pending[name] = (pca_fits(k_in, d_in), pca_fits(k_out, d_out))
             watched.append(Watched(name, module, kind, d_in, d_out, k_in, k_out, offset, p_in, p_out))
             offset += k_in * k_out
-        modules = [
-            {
-                "name": w.name,
-                "kind": w.kind.name,
-                "d_in": w.d_in,
-                "d_out": w.d_out,
-                "k_in": w.k_in,
-                "k_out": w.k_out,
-                "offset": w.offset,
-                "bias": w.kind.has_bias(w.module),
-            }
-            for w in watched
-        ]
+        modules = _module_entries(watched)
         per_rank = self.world.gather(modules)
         differ = [r for r, m in enumerate(per_rank) if m != per_rank[0]]
         if differ:
@@ -327,12 +338,8 @@ class Run:
                     f"{_module_differences(self._manifest['modules'], modules)}"
                 )
         self.watched = watched
-        self._new_modules = None
-        if not self._manifest["modules"]:
-            if self._pca_pending:
-                self._new_modules = (modules, offset)  # written once fit_projections has run
-            else:
-                self._write_modules(modules, offset)
+        if not self._manifest["modules"] and not self._pca_pending:  # else written once fit_projections has run
+            self._write_modules(modules, offset)
         _warn_if_compiled(model)
         if type(model).__name__ == "DeepSpeedEngine":
             from .integrations.deepspeed import attach  # measures engine.backward's loss scaling
@@ -344,6 +351,7 @@ class Run:
         return [w.name for w in watched]
 
     def _write_modules(self, modules: list[dict], width: int) -> None:
+        """The row layout and projections, written once: the log's rows mean this from now on."""
         if self.rank == 0:
             write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
         self._manifest["modules"] = modules
@@ -365,11 +373,20 @@ class Run:
             raise CaptureError("call run.watch(model) before run.fit_projections()")
         if not self._pca_pending:
             raise ConfigError("this log's projections are already fitted (they are stored in the log)")
-        fit_watched = []
+        auto = self.config.rank == "auto"
+        fit_watched, sketches = [], {}
         for w in self.watched:
             fit_in, fit_out = self._pca_pending[w.name]
-            p_in, k_in = (None, w.d_in) if fit_in else (w.proj_in, w.k_in)
-            p_out, k_out = (None, w.d_out) if fit_out else (w.proj_out, w.k_out)
+            if auto:  # every side measured, whole or (past PCA_MAX_DIM) through a Gaussian sketch
+                sketches[w.name] = tuple(
+                    gaussian(AUTO_SKETCH, d, module_seed(self.config.seed, w.name, side)) if d > PCA_MAX_DIM else None
+                    for d, side in ((w.d_in, "in"), (w.d_out, "out"))
+                )
+                p_in, p_out = sketches[w.name]
+                k_in, k_out = (w.d_in if p is None else AUTO_SKETCH for p in (p_in, p_out))
+            else:
+                p_in, k_in = (None, w.d_in) if fit_in else (w.proj_in, w.k_in)
+                p_out, k_out = (None, w.d_out) if fit_out else (w.proj_out, w.k_out)
             fit_watched.append(Watched(w.name, w.module, w.kind, w.d_in, w.d_out, k_in, k_out, 0, p_in, p_out))
         self._fitting = (fit_watched, CovarianceSums())
         try:
@@ -378,23 +395,45 @@ class Run:
             sums = reduce_sums(self.world, self._fitting[1].to_host())
         finally:
             self._fitting = None
+        bases = {}
         for w in self.watched:
-            fit_in, fit_out = self._pca_pending[w.name]
             if w.name not in sums:
                 raise CaptureError(f"module {w.name!r} received no gradient during fit_projections")
             a, s = factors(sums[w.name], w.name)
+            bases[w.name] = (eigh(a, w.name, "A"), eigh(s, w.name, "S"))
+        if auto:
+            try:
+                chosen = allocate_ranks(
+                    {n: (ea, es) for n, ((ea, _), (es, _)) in bases.items()}, self.config.row_numbers
+                )
+            except ValueError as e:
+                raise ConfigError(f"rank='auto': row_bytes={self.config.row_bytes} is too small: {e}") from None
+        for w in self.watched:
+            fit_in, fit_out = self._pca_pending[w.name]
+            (_, vec_a), (_, vec_s) = bases[w.name]
+            if auto:
+                w.k_in, w.k_out = chosen[w.name]
+                w.proj_in, w.proj_out = (
+                    auto_projection(vectors, k, d, sketch)
+                    for vectors, k, d, sketch in zip(
+                        (vec_a, vec_s), chosen[w.name], (w.d_in, w.d_out), sketches[w.name]
+                    )
+                )
+                continue
             if fit_in:
-                w.proj_in = principal_directions(a, w.k_in, w.name, "A")
+                w.proj_in = leading_directions(vec_a, w.k_in)
             if fit_out:
-                w.proj_out = principal_directions(s, w.k_out, w.name, "S")
-        fitted = self.world.broadcast({w.name: (w.proj_in, w.proj_out) for w in self.watched})
-        for w in self.watched:  # bit-identical on every rank, whatever each rank's eigh returned
-            w.proj_in, w.proj_out = fitted[w.name]
+                w.proj_out = leading_directions(vec_s, w.k_out)
+        # bit-identical on every rank, whatever each rank's eigh returned
+        fitted = self.world.broadcast({w.name: (w.k_in, w.k_out, w.proj_in, w.proj_out) for w in self.watched})
+        offset = 0
+        for w in self.watched:
+            w.k_in, w.k_out, w.proj_in, w.proj_out = fitted[w.name]
+            w.offset, offset = offset, offset + w.k_in * w.k_out
             w._cache.clear()
         self._pca_pending = {}
-        self._write_modules(*self._new_modules)
-        self._new_modules = None
-        logger.info("logix: PCA projections fitted for %d modules", len(self.watched))
+        self._write_modules(_module_entries(self.watched), offset)
+        logger.info("logix: PCA projections fitted for %d modules, %d numbers per row", len(self.watched), offset)
 
     def _on_optimizer_step(self, optimizer, *args) -> None:
         """Count the step, and add it to the open pass's training record (attribution across
@@ -911,6 +950,23 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
+
+
+def _module_entries(watched: list[Watched]) -> list[dict]:
+    """The manifest's description of each watched module and its place in a row."""
+    return [
+        {
+            "name": w.name,
+            "kind": w.kind.name,
+            "d_in": w.d_in,
+            "d_out": w.d_out,
+            "k_in": w.k_in,
+            "k_out": w.k_out,
+            "offset": w.offset,
+            "bias": w.kind.has_bias(w.module),
+        }
+        for w in watched
+    ]
 
 
 def _module_differences(logged: list[dict], asked: list[dict]) -> str:
