@@ -33,8 +33,9 @@ Setup (everything is built from code; nothing is downloaded):
    g_i^T (F + lambda I)^{-1} g_i for each preconditioner; report ROC-AUC and the share of the
    flipped examples found in the top 10%. The "train loss" row ranks by the example's loss.
 
-Rows: logix identity / raw / kfac / ekfac at each rank with Gaussian projections (and PCA
-projections where this logix has them), and exact references computed densely with torch.func
+Rows: logix identity / raw / kfac / ekfac at each rank with Gaussian projections, PCA projections,
+and "pca-auto" (rank="auto" with PCA, its row_bytes the Gaussian row's bytes at that rank; the
+ranks it chose are printed under the table), and exact references computed densely with torch.func
 on all 2,410 parameters:
   exact GGN  F = mean_i J_i^T H_i J_i, J_i the Jacobian of example i's logits, H_i the
              softmax-cross-entropy Hessian diag(p) - p p^T (no weight-decay term in F);
@@ -65,7 +66,7 @@ everything down (small matrix products run faster on one thread then, hence --th
 descriptions; SGD with momentum; each sequence's loss summed over its tokens, padded batches), one
 deterministic retraining per half (cached in --cache, about 5 minutes on 2 cores the first time, shared
 with across_training.py), logged at its final parameters with identity, kfac and ekfac at each rank and
-projection (Gaussian and PCA); the reference is the exact damped GGN influence of its output layer alone.
+projection (Gaussian, PCA and pca-auto); the reference is the exact damped GGN influence of its output layer alone.
 Row bytes and timings as above; no mislabel detection.
 
 --smoke shrinks the task itself (200 train / 20 query examples, hidden width 8 so 610 parameters,
@@ -612,6 +613,7 @@ def main_lm(args) -> None:
     rows = []
     projections = ["gaussian"] + (["pca", "pca-auto"] if not args.no_pca else [])
     budget = {}  # rank -> the bytes of a Gaussian row, the budget of the rank="auto" row beside it
+    chosen = {}  # rank -> what rank="auto" chose at that budget
     with tempfile.TemporaryDirectory(prefix="logix-lm-quality-") as tmp:
         for projection in projections:
             for rank in args.ranks:
@@ -621,6 +623,8 @@ def main_lm(args) -> None:
                 log_s = log_lm(path, model, data, rank, projection, args.batch, budget)
                 log = logix.open(path)
                 budget.setdefault(rank, log.width * 4)
+                if projection == "pca-auto":
+                    chosen[rank] = auto_ranks(log)
                 with log.query(model) as q:
                     queries(q, model)
                 model.zero_grad()
@@ -653,6 +657,18 @@ def main_lm(args) -> None:
             f"{method:<17}{projection:<11}{rank!s:>5}{value:>8.3f}{se:>7.3f}{fmt(row_bytes, 'd'):>10}"
             f"{fmt(log_s, '.1f'):>7}{score_s:>8.2f}"
         )
+    print_auto_ranks(chosen, budget)
+
+
+def auto_ranks(log) -> dict:
+    return {name: (m.k_in, m.k_out) for name, m in log.modules.items()}
+
+
+def print_auto_ranks(chosen: dict, budget: dict) -> None:
+    """What rank="auto" chose (k_in x k_out per module) within each Gaussian rank's row bytes."""
+    for rank, ranks in chosen.items():
+        sides = ", ".join(f"{name} {k_in}x{k_out}" for name, (k_in, k_out) in ranks.items())
+        print(f"pca-auto at rank {rank}'s {budget[rank]} bytes: {sides}")
 
 
 def main(argv=None) -> None:
@@ -746,6 +762,7 @@ def main(argv=None) -> None:
     if pca:
         configs += [(p, r) for p in ("pca", "pca-auto") for r in args.ranks if r != "full"]
     budget = {}  # rank -> the bytes of a Gaussian row, the budget of the rank="auto" row beside it
+    chosen = {}  # rank -> what rank="auto" chose at that budget
     pca_error, dim_rows, mc_rows, checks = None, [], [], []
     with tempfile.TemporaryDirectory(prefix="logix-attribution-") as tmp:
         for projection, rank in configs:
@@ -763,6 +780,8 @@ def main(argv=None) -> None:
                 continue
             clean, noisy = logix.open(clean_path), logix.open(noisy_path)
             budget.setdefault(rank, clean.width * 4)
+            if projection == "pca-auto":
+                chosen[rank] = auto_ranks(clean)
             for pre in PRECONDITIONERS:
                 start = time.perf_counter()
                 try:
@@ -853,6 +872,7 @@ def main(argv=None) -> None:
         print("pca: not available" if "pca" not in logix.config.PROJECTIONS else "pca: skipped (--no-pca)")
     elif pca_error:
         print(pca_error)
+    print_auto_ranks(chosen, budget)
     print("dLDS = LDS - exact GGN LDS. Targets: logix ekfac within 0.05 LDS of exact GGN; mislabel AUC >= 0.95.")
     for r in rows:
         if r[0] == "logix ekfac" and r[3] is not None:
