@@ -90,6 +90,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import kronfluence_lm  # Kronfluence's rows on the language model (this folder)
 import lm_task  # the tiny language model task (this folder)
 import numpy as np
 import torch
@@ -648,6 +649,13 @@ def main_lm(args) -> None:
     begin = time.perf_counter()
     exact = lm_task.exact_head_influence(model, data, args.damping_factor)
     rows.append(("exact GGN (head)", "-", "head", *lds(exact, masks, outcome), None, None, time.perf_counter() - begin))
+    if kronfluence_lm.installed():
+        for label, sampled in (("kronfluence EF", False), ("kronfluence GGN", True)):
+            values, seconds = kronfluence_lm.scores(model, data, sampled)
+            rows.append((label, "none", "full", *lds(values, masks, outcome), None, None, seconds))
+            print(f"  lm {label}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
+    else:
+        print("kronfluence: not installed (pip install -e '.[bench]'), its rows are skipped")
     print(f"\nLDS over {args.halves} halves (retraining {retrain_s:.0f} s, cached in {args.cache})")
     head = f"{'method':<17}{'projection':<11}{'rank':>5}{'LDS':>8}{'se':>7}{'row bytes':>10}{'log s':>7}{'score s':>8}"
     print(head)
