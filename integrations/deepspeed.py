@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from logix.engines import register
 from logix.errors import CaptureError, ConfigError
 from logix.extras import require_installed
 
@@ -170,3 +171,6 @@ def _check_partitioned_dims(run: Any, engine: Any) -> None:
                 "the module from watch(), or call run.watch(model) on the bare model before deepspeed.initialize "
                 "and then logix.integrations.deepspeed.attach(run, engine)"
             )
+
+
+register("DeepSpeedEngine", attach)  # also declared as a logix.engines entry point, for run.watch(engine)

@@ -29,7 +29,6 @@ this against the logits and refuses a loss it cannot explain.
 from __future__ import annotations
 
 import collections
-import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -57,7 +56,6 @@ __all__ = [
     "log_dataset",
 ]
 
-logger = logging.getLogger("logix")
 
 DEFAULT_STATISTICS = ("ekfac",)
 # Position embeddings look up (1, T) positions shared by the whole batch (GPT-2's wpe, BERT's
@@ -618,10 +616,6 @@ class _Frozen:
             p.grad = None
         self.model.train(self.train_mode)
         return self
-
-    def clear(self) -> None:
-        for p, _ in self.grads:
-            p.grad = None
 
     def __exit__(self, *exc) -> None:
         self.model.train(self.was_training)

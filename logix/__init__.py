@@ -8,12 +8,10 @@ run.finalize()
 log = logix.open("runs/digits")            # read back, in any later process
 """
 
-__version__ = "0.1.0"
-
-from .capture import Capture  # noqa: E402
-from .config import Config  # noqa: E402
-from .data import WithIds  # noqa: E402
-from .errors import (  # noqa: E402
+from .capture import Capture
+from .config import Config
+from .data import WithIds
+from .errors import (
     CaptureError,
     ConfigError,
     DuplicateIdError,
@@ -26,11 +24,12 @@ from .errors import (  # noqa: E402
     StatisticsError,
     WriterError,
 )
-from .influence import Scores, SelfInfluence, TopK  # noqa: E402
-from .labels import sampled_labels  # noqa: E402
-from .log import Log, ModuleInfo, PassInfo  # noqa: E402
-from .query import Query  # noqa: E402
-from .run import Run, init  # noqa: E402
+from .influence import Scores, SelfInfluence, TopK
+from .labels import sampled_labels
+from .log import Log, ModuleInfo, PassInfo
+from .query import Query
+from .run import Run, init
+from .version import __version__
 
 
 def open(path, pass_name=None) -> Log:  # noqa: A001 - the public name the docs promise
@@ -39,6 +38,7 @@ def open(path, pass_name=None) -> Log:  # noqa: A001 - the public name the docs 
 
 
 __all__ = [
+    "__version__",
     "Capture",
     "CaptureError",
     "Config",

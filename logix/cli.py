@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .config import Config
 from .errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
 from .influence import CURVATURE_SOURCES, MODES, PRECONDITIONERS, available_preconditioners, resolve_preconditioner
@@ -44,6 +43,7 @@ from .storage import (
     read_manifest,
     read_rows,
 )
+from .version import __version__
 
 BLOCK_BYTES = 64 << 20  # rows read per block in verify / export: about this many bytes
 

@@ -22,7 +22,6 @@ cosine by both sides', relative (RelatIF) by the train side's, sqrt(g_i^T (F + l
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,8 +34,6 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .statistics import RAW_MAX_WIDTH
-
-logger = logging.getLogger("logix")
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for

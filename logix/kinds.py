@@ -116,7 +116,7 @@ class ConvKind(Kind):
         d_in = module.in_channels * _prod(module.kernel_size) + self.has_bias(module)
         return d_in, module.out_channels
 
-    def _padding(self, module, x: Tensor) -> list[int]:
+    def _padding(self, module) -> list[int]:
         """Explicit (left, right) padding per spatial dim, last dim first, as F.pad wants it."""
         pads = []
         for i in reversed(range(self.spatial)):
@@ -131,7 +131,7 @@ class ConvKind(Kind):
         return pads
 
     def activations(self, module, x):
-        pads = self._padding(module, x)
+        pads = self._padding(module)
         if any(pads):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, pads, mode=mode)

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
 from .capture import Capture, id_kind, refuse_unentered, running
 from .config import Config
 from .distributed import World, reduce_sums
+from .engines import attacher_for
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .lock import LOCK_FILE, WriterLock
@@ -66,6 +66,7 @@ from .storage import (
     write_json_atomic,
     write_projections,
 )
+from .version import __version__
 
 logger = logging.getLogger("logix")
 
@@ -341,9 +342,8 @@ class Run:
         if not self._manifest["modules"] and not self._pca_pending:  # else written once fit_projections has run
             self._write_modules(modules, offset)
         _warn_if_compiled(model)
-        if type(model).__name__ == "DeepSpeedEngine":
-            from .integrations.deepspeed import attach  # measures engine.backward's loss scaling
-
+        attach = attacher_for(model)  # an engine (DeepSpeed's) whose backward an adapter follows
+        if attach is not None:
             attach(self, model)
         if optimizer is not None:
             self._optimizer_hook = _torch_optimizer(optimizer).register_step_post_hook(self._on_optimizer_step)
