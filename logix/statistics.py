@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 
+import h5py
 import torch
 from torch import Tensor
 
-from .errors import StatisticsError
+from .errors import LogFormatError, StatisticsError
+from .storage import replace_atomic
 
 
 class CovarianceSums:
@@ -132,8 +134,6 @@ SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
 
 def save_sums(path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None) -> None:
     """Write partial sums atomically (a temporary file renamed into place); attrs: small metadata."""
-    import h5py
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -142,13 +142,11 @@ def save_sums(path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = Non
             group = f.create_group(name)
             for key in SUM_KEYS:
                 group.create_dataset(key, data=values[key].numpy())
-    tmp.replace(path)
+    replace_atomic(tmp, path)
 
 
 def read_sums_attrs(path) -> dict:
     """The metadata save_sums stored with a partial-sums file ({} when it cannot be read)."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             return {key: f.attrs[key].item() if hasattr(f.attrs[key], "item") else f.attrs[key] for key in f.attrs}
@@ -158,9 +156,6 @@ def read_sums_attrs(path) -> dict:
 
 def load_sums(paths) -> dict[str, dict[str, Tensor]]:
     """Add up the partial sums of several (rank, session) files of one pass."""
-    import h5py
-
-    from .errors import LogFormatError
 
     total: dict[str, dict[str, Tensor]] = {}
     for path in paths:
@@ -184,9 +179,6 @@ def load_sums(paths) -> dict[str, dict[str, Tensor]]:
 
 def _read_sums(path, name: str, group) -> dict[str, Tensor]:
     """One module's partial sums, checked: square float matrices, scalar counts, all finite."""
-    import h5py
-
-    from .errors import LogFormatError
 
     where = f"statistics {path}: module {name!r}"
     if not isinstance(group, h5py.Group):
@@ -218,8 +210,6 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     Reads the rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influence
     under every preconditioner the statistics allow.
     """
-    import h5py
-
     from . import influence
     from .log import Log
 
@@ -276,7 +266,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
             group = f.create_group(name)
             for key, value in values.items():
                 group.create_dataset(key, data=value.numpy() if isinstance(value, Tensor) else value)
-    tmp.replace(path)
+    replace_atomic(tmp, path)
     # self-influence at default damping, kept so normalised scores never recompute it
     log._stats_files[pass_name] = file
     available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]

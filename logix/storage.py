@@ -53,14 +53,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_atomic(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_atomic(tmp: Path, path: Path) -> None:
+    """Put a finished temporary file in `path`'s place so that a reader, a crash or a power loss
+    sees the old file or the new one, never half: the file's bytes reach the disk, then the
+    rename, then the directory entry that records it. The one way the log replaces a file."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:  # the rename itself survives a power loss once the directory is on disk
+    try:
         os.fsync(folder)
     finally:
         os.close(folder)
@@ -473,7 +483,7 @@ def write_projections(path: Path, projections: dict[str, tuple]) -> None:
             for side, matrix in (("in", p_in), ("out", p_out)):
                 if matrix is not None:
                     group.create_dataset(side, data=matrix.numpy())
-    os.replace(tmp, path)
+    replace_atomic(tmp, path)
 
 
 def read_projections(path: Path) -> dict[str, tuple]:
@@ -557,7 +567,7 @@ class SegmentWriter:
         self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
         self.file.swmr_mode = True
         self.file.flush()
-        os.replace(building, path)
+        replace_atomic(building, path)
         self.rows = 0
         self.committed_rows = 0
         self.nonfinite = 0
