@@ -35,8 +35,11 @@ def import_without(monkeypatch, integration: str, hidden: list[str]):
             monkeypatch.delitem(sys.modules, name)
     for name in hidden:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, f"logix.integrations.{integration}", raising=False)
-    return importlib.import_module(f"logix.integrations.{integration}")
+    adapter = f"logix.integrations.{integration}"
+    for name in list(sys.modules):  # the adapter and, where it is a package, its modules
+        if name == adapter or name.startswith(adapter + "."):
+            monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module(adapter)
 
 
 @pytest.mark.parametrize("integration", list(INTEGRATIONS))
