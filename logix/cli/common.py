@@ -1,0 +1,205 @@
+"""What every command shares: errors, output (tables, CSV, JSON, progress) and opening a log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NotInLogError
+from ..influence import available_preconditioners
+from ..log import Log
+from ..statistics import RAW_MAX_WIDTH
+
+BLOCK_BYTES = 64 << 20  # rows read per block in verify / export: about this many bytes
+
+
+class CliError(Exception):
+    """An error to report as one line, with the exit status it deserves (2 usage, 1 damage)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def _plain(value):
+    """JSON-able Python value from numpy / torch scalars and arrays."""
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """Aligned plain text: numbers right-aligned, everything else left-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    right = [
+        any(_numeric(r[i]) for r in rows) and all(_numeric(r[i]) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values):
+        out = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def write_csv(headers: list[str], rows: list[list], stream=None) -> None:
+    writer = csv.writer(stream or sys.stdout, lineterminator="\n")
+    writer.writerow(headers)
+    for row in rows:
+        writer.writerow([_csv_value(v) for v in row])
+
+
+def write_json(data) -> None:
+    print(json.dumps(data, indent=1, default=_plain))
+
+
+def _progress(args, total: int, what: str):
+    return tqdm(total=total, desc=what, unit="rows", disable=not _bars(args), leave=False, file=sys.stderr)
+
+
+def _bars(args) -> bool | None:
+    """Progress bars: on a terminal, unless -q."""
+    return False if args.quiet else sys.stderr.isatty()
+
+
+def _say(args, message: str) -> None:
+    """A human-readable remark to stderr (not part of the machine-readable output); -q silences it."""
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _log_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{p}: no such directory")
+    if not p.is_dir():
+        raise CliError(f"{p} is a file; a logix log is a directory (the PATH given to logix.init)")
+    return p
+
+
+def open_log(path: str, pass_name: str | None) -> Log:
+    root = _log_dir(path)
+    try:
+        return Log(root, pass_name=pass_name)
+    except NotInLogError as e:
+        raise CliError(str(e)) from None
+
+
+def require_intact(log: Log) -> None:
+    """Refuse a pass with a truncated segment: HDF5 reads bytes past the end of a file as zeros, so
+    its rows would otherwise look valid. Reads only metadata (where each chunk lies)."""
+    if log.current is None:
+        return
+    for segment in log.current.segments:
+        path = log.path / segment.file
+        try:
+            with h5py.File(path, "r", libver="latest", swmr=True) as f:
+                reach = _data_extent(f)
+            size = path.stat().st_size
+        except (OSError, ValueError) as e:
+            raise CliError(f"segment {path} cannot be read: {e}", 1) from None
+        if reach > size:
+            raise CliError(
+                f"segment {path} is truncated ({size} bytes, its data reach {reach}); run `logix verify {log.path}`",
+                1,
+            )
+
+
+def _modules_arg(log: Log, text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n for n in (s.strip() for s in text.split(",")) if n]
+    unknown = [n for n in names if n not in log.modules]
+    if unknown or not names:
+        raise CliError(f"unknown module(s) {unknown or text!r}; this log's modules: {', '.join(log.modules)}")
+    return names
+
+
+def _check_preconditioner(log: Log, preconditioner: str, modules: list[str] | None) -> None:
+    if log.current is None:
+        raise CliError(f"{log.path} holds no pass yet: nothing was captured", 1)
+    have = available_preconditioners(log)
+    if preconditioner not in have:
+        if not log.current.finalized:
+            why = "it is not finalized (run.finalize() never ran: closed early or crashed)"
+        else:
+            why = f"the log was written with statistics={list(log.config.statistics)}"
+        raise CliError(
+            f"pass {log.current.name!r} has no statistics for --preconditioner {preconditioner} ({why}); "
+            f"available: {', '.join(have)}"
+        )
+    if preconditioner == "raw":
+        wide = [n for n in modules or log.modules if log.modules[n].width > RAW_MAX_WIDTH]
+        if wide:
+            raise CliError(
+                f"modules {wide} have k_in * k_out > {RAW_MAX_WIDTH}: no raw Fisher was built for them; "
+                "leave them out with --modules or pick another --preconditioner"
+            )
+
+
+def _data_extent(f: h5py.File) -> int:
+    """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros)."""
+    reach = 0
+    for ds in f.values():
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        if ds.chunks is None:
+            offset = ds.id.get_offset()
+            if offset is not None:
+                reach = max(reach, offset + ds.id.get_storage_size())
+            continue
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            if info.byte_offset is not None:
+                reach = max(reach, info.byte_offset + info.size)
+    return reach
+
+
+def _some(values: list, n: int = 5) -> str:
+    shown = ", ".join(str(v) for v in values[:n])
+    return shown + (f" and {len(values) - n} more" if len(values) > n else "")

@@ -1,0 +1,173 @@
+"""`logix self-influence` and `logix top`: scoring from the command line."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..influence import resolve_preconditioner
+from ..log import Log
+from .common import (
+    CliError,
+    _bars,
+    _check_preconditioner,
+    _modules_arg,
+    _say,
+    format_table,
+    open_log,
+    require_intact,
+    write_csv,
+    write_json,
+)
+
+# -- self-influence --------------------------------------------------------------------------------
+
+
+def cmd_self_influence(args) -> int:
+    log = open_log(args.path, args.pass_name)
+    modules = _modules_arg(log, args.modules)
+    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
+    _check_preconditioner(log, args.preconditioner, modules)
+    require_intact(log)
+    si = log.self_influence(
+        args.preconditioner,
+        damping=args.damping,
+        damping_factor=args.damping_factor,
+        modules=modules,
+        progress=_bars(args),
+        curvature=args.curvature,
+    )
+    n = len(si.ids) if args.all else args.top
+    ids, values = si.top_k(n, largest=not args.lowest)
+    ids, values = ids.tolist(), values.tolist()
+    if args.json:
+        write_json(
+            {
+                "path": str(log.path),
+                "pass": log.current.name,
+                "preconditioner": args.preconditioner,
+                "curvature": args.curvature,
+                "order": "lowest" if args.lowest else "highest",
+                "rows": len(log),
+                "results": [{"id": i, "value": v} for i, v in zip(ids, values)],
+            }
+        )
+        return 0
+    table = (["rank", "id", "self_influence"], [[r + 1, i, v] for r, (i, v) in enumerate(zip(ids, values))])
+    if args.csv:
+        write_csv(*table)
+    else:
+        _say(
+            args,
+            f"pass {log.current.name!r}: {len(values)} of {len(log)} rows, "
+            f"{'lowest' if args.lowest else 'highest'} self-influence ({args.preconditioner})",
+        )
+        print(format_table(*table))
+    return 0
+
+
+# -- top -------------------------------------------------------------------------------------------
+
+
+def _row_config(config: Config) -> dict:
+    """The settings that decide what a row means (statistics only add curvature)."""
+    out = config.to_json()
+    out.pop("statistics", None)
+    return out
+
+
+def check_query_log(train: Log, query: Log) -> None:
+    """A query log must have been written with the same config, modules and projection matrices."""
+    problems = []
+    a, b = _row_config(train.config), _row_config(query.config)
+    problems += [f"{k}: {b[k]!r} in the query log, {a[k]!r} in the train log" for k in a if a.get(k) != b.get(k)]
+    if list(train.modules) != list(query.modules):
+        problems.append(f"modules: {list(query.modules)} in the query log, {list(train.modules)} in the train log")
+    else:
+        for name, m in train.modules.items():
+            if query.modules[name] != m:
+                problems.append(f"module {name!r}: {query.modules[name]} in the query log, {m} in the train log")
+    if not problems:
+        mine, theirs = train.projections(), query.projections()
+        for name in train.modules:
+            for side, x, y in zip(("in", "out"), mine.get(name, (None, None)), theirs.get(name, (None, None))):
+                same = (x is None and y is None) or (
+                    x is not None and y is not None and x.shape == y.shape and torch.equal(x, y)
+                )
+                if not same:
+                    problems.append(f"projection {name}/{side} differs")
+    if problems:
+        raise CliError(
+            f"{query.path} is not a query log for {train.path} (write it with the same rank, dtype, projection, "
+            f"seed and watched modules): " + "; ".join(problems)
+        )
+
+
+def cmd_top(args) -> int:
+    log = open_log(args.path, args.pass_name)
+    modules = _modules_arg(log, args.modules)
+    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
+    _check_preconditioner(log, args.preconditioner, modules)
+    require_intact(log)
+    qlog = open_log(args.query, args.query_pass)
+    check_query_log(log, qlog)
+    require_intact(qlog)
+    if qlog.current is None:
+        raise CliError(f"the query log {qlog.path} holds no pass: nothing was captured", 1)
+    q_ids = qlog.ids.tolist()
+    if not q_ids:
+        raise CliError(f"pass {qlog.current.name!r} of the query log {qlog.path} holds no valid rows")
+    if qlog.current.nonfinite:
+        _say(args, f"logix: {qlog.current.nonfinite} query row(s) flagged non-finite are left out")
+    query = SimpleNamespace(rows=qlog.rows(), ids=q_ids)
+    result = log.influence(
+        query,
+        args.preconditioner,
+        damping=args.damping,
+        damping_factor=args.damping_factor,
+        mode=args.mode,
+        top_k=args.top,
+        largest=not args.lowest,
+        modules=modules,
+        progress=_bars(args),
+        curvature=args.curvature,
+    )
+    values, ids = result.values.tolist(), np.asarray(result.ids).tolist()
+    if args.json:
+        write_json(
+            {
+                "path": str(log.path),
+                "pass": log.current.name,
+                "query": str(qlog.path),
+                "query_pass": qlog.current.name,
+                "preconditioner": args.preconditioner,
+                "curvature": args.curvature,
+                "mode": args.mode,
+                "order": "lowest" if args.lowest else "highest",
+                "queries": [
+                    {"query_id": q, "results": [{"id": i, "score": v} for i, v in zip(ids[r], values[r])]}
+                    for r, q in enumerate(result.query_ids)
+                ],
+            }
+        )
+        return 0
+    rows = [
+        [q, rank + 1, i, v]
+        for r, q in enumerate(result.query_ids)
+        for rank, (i, v) in enumerate(zip(ids[r], values[r]))
+    ]
+    table = (["query_id", "rank", "train_id", "score"], rows)
+    if args.csv:
+        write_csv(*table)
+    else:
+        _say(
+            args,
+            f"pass {log.current.name!r} ({len(log)} rows) against {len(q_ids)} queries of "
+            f"{qlog.path} pass {qlog.current.name!r}: {args.preconditioner}, {args.mode}, "
+            f"{'most harmful' if args.lowest else 'most helpful'} first",
+        )
+        print(format_table(*table))
+    return 0

@@ -1,0 +1,449 @@
+"""`logix verify`: read everything in a log and name each problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..config import Config
+from ..errors import ConfigError, LogFormatError, NotInLogError
+from ..statistics import RAW_MAX_WIDTH, SUM_KEYS
+from ..storage import (
+    FLAG_NONFINITE,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    SEGMENTS,
+    read_manifest,
+    read_rows,
+)
+from .common import BLOCK_BYTES, CliError, _data_extent, _log_dir, _progress, _some, write_json
+from .info import _orphan_segments, _writer_text, writer_status
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """Reads every committed row and statistic of a log, collecting every problem it finds."""
+
+    def __init__(self, root: Path, args):
+        self.root = root
+        self.args = args
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.manifest_refused = False
+        self.counts = {"passes": 0, "segments": 0, "rows": 0, "nonfinite": 0, "projections": 0, "statistics_files": 0}
+
+    def problem(self, message: str) -> None:
+        self.problems.append(message)
+
+    def run(self) -> None:
+        try:
+            manifest = read_manifest(self.root)
+        except LogFormatError as e:
+            self.problem(str(e))
+            self.manifest_refused = True  # its own checks named the manifest's fault: no repeat below
+            manifest = self._raw_manifest()
+            if manifest is None:
+                return
+        wanted = getattr(self.args, "pass_name", None)
+        names = [p.get("name") for p in manifest["passes"] if isinstance(p, dict)]
+        if wanted is not None and wanted not in names:
+            raise NotInLogError(f"no pass named {wanted!r} in {self.root}; passes: {names}")
+        try:
+            self._check(manifest)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            self.problem(f"{MANIFEST}: cannot check further, a field has the wrong type ({type(e).__name__}: {e})")
+
+    def _raw_manifest(self) -> dict | None:
+        """The manifest as JSON even when read_manifest refuses it, to check the rest of the log."""
+        try:
+            data = json.loads((self.root / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict) and all(k in data for k in ("config", "modules", "passes", "width")):
+            return data
+        return None
+
+    def _inside(self, file, folder: str, what: str) -> Path | None:
+        """The path of a file the manifest names, if it lies inside the log's folder; else a problem
+        (a tampered manifest never makes verify open files elsewhere)."""
+        if not isinstance(file, str) or not file:
+            self.problem(f"{MANIFEST}: {what} must be a file name, got {file!r}")
+            return None
+        path = self.root / file
+        try:
+            inside = not Path(file).is_absolute() and path.resolve().is_relative_to((self.root / folder).resolve())
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            if self.problems and repr(file) in self.problems[0]:
+                return None  # read_manifest refused the manifest for this very file: said already
+            self.problem(f"{MANIFEST}: {what} {file!r} is not a file under {folder}/ of the log: not opened")
+            return None
+        return path
+
+    def _check(self, manifest: dict) -> None:
+        version = manifest.get("schema_version")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            return  # already reported: this logix cannot judge a newer format
+        config = None
+        try:
+            config = Config.from_json(manifest["config"])
+        except (ConfigError, TypeError) as e:
+            if not self.manifest_refused:
+                self.problem(f"{MANIFEST}: the config is invalid: {e}")
+        modules = self._check_modules(manifest)
+        self._check_projections(modules)
+        width = manifest["width"]
+        dtype = config.dtype if config else None
+        wanted = getattr(self.args, "pass_name", None)
+        status = writer_status(self.root)
+        if status["state"] == "writing":
+            self.notes.append(
+                f"the log is being written by {_writer_text(status)}: rows committed after this check are not covered"
+            )
+        jobs = []
+        for p in manifest["passes"]:
+            if wanted is not None and p.get("name") != wanted:
+                continue
+            self.counts["passes"] += 1
+            jobs.append((p, self._open_segments(p, width, dtype, manifest.get("id_kind"))))
+        total = sum(n for _, segs in jobs for _, n in segs)
+        with _progress(self.args, total, "verify") as bar:
+            for p, segments in jobs:
+                valid = self._check_rows(p, segments, width, bar)
+                self._check_statistics(p, modules, config, valid)
+        for orphan in _orphan_segments(self.root, manifest):
+            if status["state"] == "writing":
+                self.notes.append(f"{orphan} is not in the manifest yet: the running job writes it")
+            else:
+                self.notes.append(f"{orphan} is on disk but not in the manifest (a crash); resume=True adopts it")
+
+    def _check_modules(self, manifest: dict) -> list[dict]:
+        problem = (lambda message: None) if self.manifest_refused else self.problem
+        modules = manifest["modules"]
+        offset = 0
+        good = []
+        for m in modules:
+            name = m.get("name")
+            try:
+                k_in, k_out, d_in, d_out = (int(m[k]) for k in ("k_in", "k_out", "d_in", "d_out"))
+            except (KeyError, TypeError, ValueError) as e:
+                problem(f"{MANIFEST}: module {name!r} lacks a valid size ({e})")
+                continue
+            if not (0 < k_in <= d_in and 0 < k_out <= d_out):
+                problem(f"{MANIFEST}: module {name!r} has k_in={k_in}, k_out={k_out} for d_in={d_in}, d_out={d_out}")
+            if m.get("offset") != offset:
+                problem(f"{MANIFEST}: module {name!r} has offset {m.get('offset')}, expected {offset}")
+            offset += k_in * k_out
+            good.append(m)
+        if manifest["width"] != offset:
+            problem(f"{MANIFEST}: width is {manifest['width']} but the modules' blocks add up to {offset}")
+        return good
+
+    def _check_projections(self, modules: list[dict]) -> None:
+        if not modules:
+            return
+        path = self.root / PROJECTIONS
+        if not path.is_file():
+            self.problem(f"{PROJECTIONS} is missing")
+            return
+        try:
+            with h5py.File(path, "r") as f:
+                for m in modules:
+                    group = f.get(m["name"])
+                    for side, k, d in (("in", m["k_in"], m["d_in"]), ("out", m["k_out"], m["d_out"])):
+                        what = f"{PROJECTIONS}: {m['name']}/{side}"
+                        present = group is not None and side in group
+                        if not present:
+                            if k < d:
+                                self.problem(f"{what} is missing (the ({k}, {d}) projection of a projected side)")
+                            continue
+                        ds = group[side]
+                        if not isinstance(ds, h5py.Dataset) or ds.shape != (k, d):
+                            shape = getattr(ds, "shape", None)
+                            self.problem(f"{what} has shape {shape}, the manifest says ({k}, {d})")
+                            continue
+                        if ds.dtype.kind != "f":
+                            self.problem(f"{what} has dtype {ds.dtype}, expected floats")
+                            continue
+                        if not np.isfinite(ds[()]).all():
+                            self.problem(f"{what} holds non-finite numbers")
+                        self.counts["projections"] += 1
+        except (OSError, KeyError, ValueError) as e:
+            self.problem(f"{PROJECTIONS} cannot be read: {e}")
+
+    def _open_segments(self, p: dict, width, dtype, id_kind) -> list[tuple[dict, int]]:
+        """Check each segment's structure; the ones whose rows can be read, with their committed count."""
+        out = []
+        for entry in p.get("segments", []):
+            self.counts["segments"] += 1
+            file = entry.get("file")
+            where = f"pass {p['name']!r}: segment {file}"
+            path = self._inside(file, SEGMENTS, f"pass {p['name']!r}: segment")
+            if path is None:
+                continue
+            if not path.is_file():
+                self.problem(f"{where} is missing")
+                continue
+            try:
+                with h5py.File(path, "r", libver="latest", swmr=True) as f:
+                    missing = [k for k in ("committed", "ids", "grads", "flags", "step") if k not in f]
+                    if missing:
+                        self.problem(f"{where} lacks dataset(s) {missing}")
+                        continue
+                    n = int(f["committed"][0])
+                    grads, ids, flags, step = f["grads"], f["ids"], f["flags"], f["step"]
+                    ok = True
+                    if grads.ndim != 2 or grads.shape[1] != width:
+                        self.problem(f"{where}: grads has shape {grads.shape}, the manifest's width is {width}")
+                        ok = False
+                    if dtype is not None and grads.dtype != np.dtype(dtype):
+                        self.problem(f"{where}: grads are {grads.dtype}, the config says {dtype}")
+                    string_ids = h5py.check_string_dtype(ids.dtype) is not None
+                    if id_kind is not None and string_ids != (id_kind == "str"):
+                        self.problem(
+                            f"{where}: ids are {'strings' if string_ids else ids.dtype}, the manifest says {id_kind}"
+                        )
+                    if flags.dtype != np.uint8 or step.dtype.kind not in "iu":
+                        self.problem(f"{where}: flags are {flags.dtype} (want uint8), steps {step.dtype} (want int)")
+                    held = min(len(grads), len(ids), len(flags), len(step))
+                    if not 0 <= n <= held:
+                        self.problem(f"{where}: {n} rows marked committed but it holds {held}")
+                        ok = False
+                    recorded = entry.get("rows")
+                    if recorded is not None and recorded != n:
+                        self.problem(f"{where}: {n} rows committed, the manifest recorded {recorded} at close")
+                    reach = _data_extent(f)
+                    size = path.stat().st_size
+                    if reach > size:
+                        self.problem(
+                            f"{where} is truncated: the file has {size} bytes, its datasets reach {reach} "
+                            "(what lies past the end would read as zeros)"
+                        )
+                        ok = False
+                    attr = f.attrs.get("pass")
+                    if attr is not None and attr != p["name"]:
+                        self.problem(f"{where}: the file says it belongs to pass {attr!r}")
+                    if ok:
+                        out.append((entry, n))
+            except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+                self.problem(f"{where} cannot be read: {e}")
+        return out
+
+    def _check_rows(self, p: dict, segments: list[tuple[dict, int]], width: int, bar) -> int | None:
+        """Read every committed row; flags must match finiteness; ids unique. Returns valid rows."""
+        seen: dict = {}
+        valid = 0
+        readable = len(segments) == len(p.get("segments", []))
+        duplicates = []
+        block = max(1, BLOCK_BYTES // max(1, width * 4))
+        for entry, n in segments:
+            where = f"pass {p['name']!r}: segment {entry['file']}"
+            try:
+                with h5py.File(self.root / entry["file"], "r", libver="latest", swmr=True) as f:
+                    torn: list = []
+                    string_ids = h5py.check_string_dtype(f["ids"].dtype) is not None
+                    ids = read_rows(f["ids"].asstr() if string_ids else f["ids"], np.s_[:n], torn=torn)
+                    flags = read_rows(f["flags"], np.s_[:n], torn=torn)
+                    if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
+                        self.problem(f"{where}: flags hold values other than 0 and {FLAG_NONFINITE}")
+                    flagged = (flags & FLAG_NONFINITE) != 0
+                    for i in ids.tolist():
+                        if i in seen:
+                            duplicates.append(i)
+                        seen[i] = True
+                    unflagged_bad, flagged_good, corrupt = [], [], []
+                    grads = f["grads"]
+                    for start, end, rows in _readable_blocks(grads, n, block, corrupt, torn):
+                        finite = np.isfinite(rows).all(axis=1)
+                        unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
+                        flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
+                        bar.update(end - start)
+                    read_rows(f["step"], np.s_[:n], torn=torn)
+                    for name, chunk in sorted(set(torn)):
+                        self.notes.append(
+                            f"{where}: chunk {chunk} of {name!r} was torn by an interrupted write (a crash); its "
+                            "committed rows match the checksum of the last complete write"
+                        )
+                    if corrupt:
+                        bad = [i for a, b in corrupt for i in range(a, b)]
+                        self.problem(
+                            f"{where}: {len(bad)} row(s) fail their checksum (damaged data): rows "
+                            f"{', '.join(f'{a}..{b - 1}' for a, b in corrupt[:5])}, ids {_some([ids[i] for i in bad])}"
+                        )
+                    self.counts["rows"] += n
+                    self.counts["nonfinite"] += int(flagged.sum())
+                    valid += n - int(flagged.sum())
+                    if unflagged_bad:
+                        self.problem(
+                            f"{where}: {len(unflagged_bad)} row(s) hold NaN/Inf but are not flagged (damaged data): "
+                            f"rows {_some(unflagged_bad)}, ids {_some([ids[i] for i in unflagged_bad])}"
+                        )
+                    if flagged_good:
+                        self.problem(
+                            f"{where}: {len(flagged_good)} row(s) are flagged non-finite but are finite: "
+                            f"rows {_some(flagged_good)}, ids {_some([ids[i] for i in flagged_good])}"
+                        )
+            except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+                self.problem(f"{where}: committed rows cannot be read: {e}")
+                readable = False
+        if duplicates:
+            self.problem(f"pass {p['name']!r}: {len(duplicates)} id(s) appear more than once: {_some(duplicates)}")
+        if not p.get("finalized", False):
+            self.notes.append(f"pass {p['name']!r} is not finalized ({valid} valid rows committed; no statistics)")
+        return valid if readable else None
+
+    def _check_statistics(self, p: dict, modules: list[dict], config: Config | None, valid: int | None) -> None:
+        wanted = config.statistics if config is not None else ()
+        where = f"pass {p['name']!r}"
+        for part in p.get("statistics_parts", []):
+            path = self._inside(part, "statistics", f"{where}: statistics part")
+            if path is not None:
+                self._check_sums(f"{where}: statistics part {part}", path, modules)
+        name = p.get("statistics")
+        if name is None:
+            if p.get("finalized") and wanted and p.get("segments") and valid:
+                self.problem(
+                    f"{where} is finalized with statistics={list(wanted)} but the manifest names no statistics file"
+                )
+            return
+        path = self._inside(name, "statistics", f"{where}: statistics")
+        if path is None:
+            return
+        what = f"{where}: statistics {name}"
+        if not path.is_file():
+            self.problem(f"{what} is missing")
+            return
+        self.counts["statistics_files"] += 1
+        factors = "kfac" in wanted or "ekfac" in wanted
+        try:
+            with h5py.File(path, "r") as f:
+                for m in modules:
+                    ki, ko = m["k_in"], m["k_out"]
+                    expected = {}
+                    if factors:
+                        expected.update(
+                            a=(ki, ki),
+                            s=(ko, ko),
+                            eig_a=(ki,),
+                            vec_a=(ki, ki),
+                            eig_s=(ko,),
+                            vec_s=(ko, ko),
+                            a_sum=(ki, ki),
+                            s_sum=(ko, ko),
+                            a_count=(),
+                            s_count=(),
+                            skipped=(),
+                        )
+                    if "ekfac" in wanted:
+                        expected["lambda_star"] = (ko, ki)
+                    w = ki * ko
+                    if "raw" in wanted and w <= RAW_MAX_WIDTH:
+                        expected.update(fisher=(w, w), fisher_eig=(w,), fisher_vec=(w, w))
+                    group = f.get(m["name"])
+                    if expected and group is None:
+                        self.problem(f"{what} lacks module {m['name']!r}")
+                        continue
+                    for key, shape in expected.items():
+                        self._check_array(
+                            f"{what}: {m['name']}/{key}",
+                            group.get(key),
+                            shape,
+                            nonnegative=key in ("eig_a", "eig_s", "fisher_eig", "lambda_star"),
+                        )
+                kinds = ["identity"] + [k for k in ("kfac", "ekfac") if k in wanted or (k == "kfac" and factors)]
+                if "raw" in wanted and all(m["k_in"] * m["k_out"] <= RAW_MAX_WIDTH for m in modules):
+                    kinds.append("raw")
+                stored = f.get("self_influence")
+                for kind in kinds:
+                    ds = None if stored is None else stored.get(kind)
+                    shape = (valid,) if valid is not None else None
+                    self._check_array(f"{what}: self_influence/{kind}", ds, shape, nonnegative=True)
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            self.problem(f"{what} cannot be read: {e}")
+
+    def _check_sums(self, what: str, path: Path, modules: list[dict]) -> None:
+        if not path.is_file():
+            self.problem(f"{what} is missing")
+            return
+        self.counts["statistics_files"] += 1
+        try:
+            with h5py.File(path, "r") as f:
+                for m in modules:
+                    group = f.get(m["name"])
+                    if group is None:
+                        self.problem(f"{what} lacks module {m['name']!r}")
+                        continue
+                    ki, ko = m["k_in"], m["k_out"]
+                    shapes = {"a_sum": (ki, ki), "s_sum": (ko, ko), "a_count": (), "s_count": (), "skipped": ()}
+                    for key in SUM_KEYS:
+                        self._check_array(f"{what}: {m['name']}/{key}", group.get(key), shapes[key])
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            self.problem(f"{what} cannot be read: {e}")
+
+    def _check_array(self, what: str, ds, shape, nonnegative: bool = False) -> None:
+        if ds is None:
+            self.problem(f"{what} is missing")
+            return
+        if not isinstance(ds, h5py.Dataset):
+            self.problem(f"{what} is not a dataset")
+            return
+        if shape is not None and ds.shape != tuple(shape):
+            self.problem(f"{what} has shape {ds.shape}, expected {tuple(shape)}")
+            return
+        if ds.dtype.kind != "f":
+            self.problem(f"{what} has dtype {ds.dtype}, expected floats")
+            return
+        values = ds[()]
+        if not np.isfinite(values).all():
+            self.problem(f"{what} holds non-finite numbers")
+        elif nonnegative and np.any(values < 0):
+            self.problem(f"{what} holds negative values (it must be >= 0)")
+
+
+def _readable_blocks(grads, n: int, block: int, corrupt: list, torn: list):
+    """(start, end, rows) over the committed rows; ranges whose checksum fails go to `corrupt`,
+    narrowed down to the HDF5 chunks that hold them (a torn chunk whose committed rows verify is read)."""
+    chunk = grads.chunks[0] if grads.chunks else block
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        try:
+            yield start, end, read_rows(grads, np.s_[start:end], torn=torn)
+        except OSError:
+            for a in range(start, end, chunk):
+                b = min(end, a + chunk)
+                try:
+                    yield a, b, read_rows(grads, np.s_[a:b], torn=torn)
+                except OSError:
+                    corrupt.append((a, b))
+
+
+def cmd_verify(args) -> int:
+    root = _log_dir(args.path)
+    v = Verifier(root, args)
+    v.run()
+    c = v.counts
+    if args.json:
+        write_json({"path": str(root), "ok": not v.problems, "problems": v.problems, "notes": v.notes, "checked": c})
+    else:
+        print(
+            f"checked {c['passes']} pass(es), {c['segments']} segment(s), {c['rows']} committed rows "
+            f"({c['nonfinite']} flagged non-finite), {c['projections']} projection(s), "
+            f"{c['statistics_files']} statistics file(s)"
+        )
+        for n in v.notes:
+            print(f"note: {n}")
+        if v.problems:
+            print(f"DAMAGED: {len(v.problems)} problem(s):")
+            for problem in v.problems:
+                print(f"  - {problem}")
+        else:
+            print(f"OK: {root} is sound")
+    if v.problems:
+        raise CliError(f"{root} is damaged: {len(v.problems)} problem(s), listed above", 1)
+    return 0
