@@ -23,7 +23,7 @@ class World:
 
     def __init__(self):
         self.size = 1
-        self.rank = 0
+        self.process_index = 0  # torch.distributed's rank: which process this is
         self._group = None
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and not (dist.is_available() and dist.is_initialized()):
@@ -35,15 +35,15 @@ class World:
             )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.size = dist.get_world_size()
-            self.rank = dist.get_rank()
+            self.process_index = dist.get_rank()
             # every rank creates the group in the same order: this is itself collective
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     @classmethod
-    def alone(cls, rank: int = 0) -> World:
+    def alone(cls, process_index: int = 0) -> World:
         """This process on its own, exchanging nothing (distributed=False, or closing at exit)."""
         world = cls.__new__(cls)
-        world.size, world.rank, world._group = 1, rank, None
+        world.size, world.process_index, world._group = 1, process_index, None
         return world
 
     @property

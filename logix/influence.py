@@ -51,7 +51,7 @@ class ModuleCurvature:
     name: str
     k_in: int
     k_out: int
-    kind: str
+    preconditioner: str  # identity, raw, kfac or ekfac
     vec_a: Tensor | None = None  # (k_in, k_in)   kfac/ekfac eigenbasis, input side
     vec_s: Tensor | None = None  # (k_out, k_out) output side
     values: Tensor | None = None  # (k_out, k_in) for kfac/ekfac; (k_in*k_out,) for raw
@@ -60,7 +60,7 @@ class ModuleCurvature:
 
     def apply(self, rows: Tensor) -> Tensor:
         """(n, k_out*k_in) -> (F + lambda I)^{-1} rows, in float64."""
-        if self.kind == "identity":
+        if self.preconditioner == "identity":
             return rows.double()
         return self.apply_function(rows, 1.0 / (self.values + self.damping))
 
@@ -68,13 +68,13 @@ class ModuleCurvature:
         """(n, k_out*k_in) rows -> their coordinates in the block's eigenbasis, float64, shaped like
         `values` flattened."""
         g = rows.double()
-        if self.kind == "raw":
+        if self.preconditioner == "raw":
             return g @ self.vec_f
         return (self.vec_s.T @ g.reshape(-1, self.k_out, self.k_in) @ self.vec_a).reshape(rows.shape[0], -1)
 
     def unrotate(self, coordinates: Tensor) -> Tensor:
         """The inverse of `rotate`: eigenbasis coordinates -> (n, k_out*k_in) rows."""
-        if self.kind == "raw":
+        if self.preconditioner == "raw":
             return coordinates @ self.vec_f.T
         c = coordinates.reshape(-1, self.k_out, self.k_in)
         return (self.vec_s @ c @ self.vec_a.T).reshape(coordinates.shape[0], -1)
@@ -83,7 +83,7 @@ class ModuleCurvature:
         """(n, k_out*k_in) -> f(F) rows in float64, f given by its value at each eigenvalue of F
         (`multipliers`, shaped like `values`): the block's eigenbasis, scaled, and back."""
         g = rows.double()
-        if self.kind == "raw":
+        if self.preconditioner == "raw":
             return ((g @ self.vec_f) * multipliers) @ self.vec_f.T
         g = g.reshape(-1, self.k_out, self.k_in)
         rotated = (self.vec_s.T @ g @ self.vec_a) * multipliers
@@ -153,7 +153,7 @@ def resolve_preconditioner(log, preconditioner: str) -> str:
         return "identity"
     have = available_preconditioners(log)
     narrow = all(m.width <= RAW_MAX_WIDTH for m in log.modules.values())
-    return next((kind for kind in AUTO if kind in have and (kind != "raw" or narrow)), "identity")
+    return next((p for p in AUTO if p in have and (p != "raw" or narrow)), "identity")
 
 
 def load_curvature(
@@ -277,7 +277,7 @@ class Preconditioner:
         curvature: str = "auto",
     ):
         preconditioner = resolve_preconditioner(log, preconditioner)
-        self.kind = preconditioner
+        self.preconditioner = preconditioner
         names = list(log.modules) if modules is None else _module_names(modules)
         for n in names:
             if n not in log.modules:
@@ -510,12 +510,12 @@ def _train_ids(log, train_ids) -> np.ndarray:
     if isinstance(train_ids, (str, bytes, int)) or not hasattr(train_ids, "__iter__"):
         raise ConfigError(f"train_ids must be a list of ids, got {type(train_ids).__name__} {train_ids!r}")
     values = train_ids.tolist() if hasattr(train_ids, "tolist") else list(train_ids)
-    kind = "str" if log.ids.dtype.kind in "OUS" else "int"
+    id_kind = "str" if log.ids.dtype.kind in "OUS" else "int"
     for i in values:
-        ok = isinstance(i, str) if kind == "str" else isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+        ok = isinstance(i, str) if id_kind == "str" else isinstance(i, (int, np.integer)) and not isinstance(i, bool)
         if not ok:
-            raise ConfigError(f"this log's ids are {kind}s; train_ids holds {type(i).__name__} {i!r}")
-    return np.asarray(values, dtype=object if kind == "str" else np.int64)
+            raise ConfigError(f"this log's ids are {id_kind}s; train_ids holds {type(i).__name__} {i!r}")
+    return np.asarray(values, dtype=object if id_kind == "str" else np.int64)
 
 
 def _shard_rows(log, shard) -> tuple[slice | None, int]:
@@ -569,7 +569,7 @@ def score(
     train_norms = None
     if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
         train_norms = log.self_influence(
-            pre.kind, damping, damping_factor, modules, progress=progress, curvature=curvature
+            pre.preconditioner, damping, damping_factor, modules, progress=progress, curvature=curvature
         )
         train_norms = train_norms.values.float().clamp_min(0).sqrt()
     if not isinstance(largest, bool):

@@ -416,7 +416,7 @@ class Log:
             if shard is not None:
                 raise ConfigError("pass shard or across_ranks, not both")
             world = World()
-            shard = (world.rank, world.size)
+            shard = (world.process_index, world.size)
         result = score(
             self,
             query,

@@ -158,7 +158,7 @@ class Run:
         self.world = World.alone() if distributed is False else World()
         if distributed and not self.world.distributed:
             raise ConfigError("distributed=True but torch.distributed is not initialised with more than one rank")
-        self.rank = self.world.rank
+        self.process_index = self.world.process_index
         self.step = 0
         self.watched: list[Watched] = []
         self._optimizer_hook = None
@@ -238,7 +238,7 @@ class Run:
     def _open_on_rank0(self) -> dict:
         """Rank 0 opens or creates the log and counts the session; the other ranks get its manifest."""
         outcome, error = None, None
-        if self.rank == 0:
+        if self.process_index == 0:
             try:
                 self._refuse_foreign_directory()
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,7 @@ class Run:
 
     def _save_manifest(self) -> None:
         """Rank 0 owns the manifest; the other ranks keep their copy in memory only."""
-        if self.rank == 0:
+        if self.process_index == 0:
             write_json_atomic(self.path / MANIFEST, self._manifest)
 
     # -- choosing what to log ----------------------------------------------------------------------
@@ -352,7 +352,7 @@ class Run:
 
     def _write_modules(self, modules: list[dict], width: int) -> None:
         """The row layout and projections, written once: the log's rows mean this from now on."""
-        if self.rank == 0:
+        if self.process_index == 0:
             write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
         self._manifest["modules"] = modules
         self._manifest["width"] = width
@@ -629,12 +629,12 @@ class Run:
                     "logix: pass %r: rank %d skipped %d ids already logged in the pass and logged %d; "
                     "a new epoch needs run.start_pass()",
                     p["name"],
-                    self.rank,
+                    self.process_index,
                     self._skipped,
                     logged,
                 )
             logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._skipped)
-        mine = [s for s in p["segments"] if s["rank"] == self.rank and s["session"] == self.session]
+        mine = [s for s in p["segments"] if s["rank"] == self.process_index and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
         reports = self.world.gather(report)
         listed = {s["file"] for s in p["segments"]}
@@ -647,8 +647,8 @@ class Run:
         sums = self._sums.to_host() if self._sums is not None else None
         if sums is not None and self.world.distributed:
             sums = reduce_sums(self.world, sums)
-        if sums and self.rank == 0:
-            file = f"statistics/p{p['index']:03d}-r{self.rank}-s{self.session:03d}.h5"
+        if sums and self.process_index == 0:
+            file = f"statistics/p{p['index']:03d}-r{self.process_index}-s{self.session:03d}.h5"
             save_sums(self.path / file, sums)
             p.setdefault("statistics_parts", []).append(file)
         self._sums = None
@@ -659,7 +659,7 @@ class Run:
             raise error
 
     def _partial_sums_file(self, p: dict) -> Path:
-        return self.path / f"statistics/p{p['index']:03d}-r{self.rank}-s{self.session:03d}.partial.h5"
+        return self.path / f"statistics/p{p['index']:03d}-r{self.process_index}-s{self.session:03d}.partial.h5"
 
     def _checkpoint_sums(self) -> None:
         """Save this rank's statistics of the open pass so far, in step with the committed rows.
@@ -686,15 +686,15 @@ class Run:
     def _writer_for_pass(self, id_kind: str) -> BackgroundWriter:
         self._manifest["id_kind"] = id_kind
         if self._writer is None:
-            file = segment_name(self._pass["index"], self.rank, self.session)
+            file = segment_name(self._pass["index"], self.process_index, self.session)
             attrs = {
                 "pass": self._pass["name"],
-                "rank": self.rank,
+                "rank": self.process_index,
                 "session": self.session,
                 "schema_version": SCHEMA_VERSION,
             }
             segment = SegmentWriter(self.path / file, self._manifest["width"], self.config.dtype, id_kind, attrs)
-            self._pass["segments"].append({"file": file, "rank": self.rank, "session": self.session})
+            self._pass["segments"].append({"file": file, "rank": self.process_index, "session": self.session})
             self._save_manifest()
             self._writer = BackgroundWriter(segment, self.queue_size, self.commit_interval)
         return self._writer
@@ -782,9 +782,9 @@ class Run:
         everyone = self.world.gather(ids)  # one small exchange per step, only under torch.distributed
         elsewhere = set(self._seen_elsewhere)
         for r, theirs in enumerate(everyone):
-            if r < self.rank:
+            if r < self.process_index:
                 elsewhere.update(theirs)
-            if r != self.rank:
+            if r != self.process_index:
                 self._seen_elsewhere.update(theirs)
         if self.on_duplicate == "error" and not self.world.distributed:  # samplers pad with repeats there
             if len(set(ids)) != len(ids):
@@ -908,7 +908,7 @@ class Run:
     def _finalize_on_rank0(self) -> None:
         """Rank 0 derives the statistics from every rank's segments; the others learn how it went."""
         error = None
-        if self.rank == 0:
+        if self.process_index == 0:
             try:
                 ours = [p["index"] for p in self._manifest["passes"] if p["name"] in self._session_passes]
                 resumed_at = min(ours, default=len(self._manifest["passes"]))
@@ -1046,7 +1046,7 @@ def _close_open_runs() -> None:
     """Commit what is queued if the user never called finalize (passes stay unfinalized)."""
     for run in list(_open_runs):
         try:
-            run.world = World.alone(run.rank)  # other ranks may be gone: no collectives at exit
+            run.world = World.alone(run.process_index)  # other ranks may be gone: no collectives at exit
             run.close()
         except Exception as e:  # noqa: BLE001 - nothing to raise to at interpreter exit
             logger.error("logix: closing %s at exit failed: %s", run.path, e)

@@ -272,11 +272,11 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
     if raw_modules and len(raw_modules) == len(log.modules):
         available.append("raw")
-    pres = {kind: influence.Preconditioner(log, kind, curvature="own") for kind in available}
+    pres = {name: influence.Preconditioner(log, name, curvature="own") for name in available}
     _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
     with h5py.File(path, "a") as f:
-        for kind, v in values.items():
-            dataset = f.create_dataset(f"self_influence/{kind}", data=v.numpy())
+        for name, v in values.items():
+            dataset = f.create_dataset(f"self_influence/{name}", data=v.numpy())
             dataset.attrs.update(
                 damping_rule=influence.DAMPING_RULE,
                 damping_factor=influence.DEFAULT_DAMPING_FACTOR,

@@ -226,8 +226,9 @@ def check_manifest(root: Path, data: dict) -> None:
         raise bad(f"'sessions' must be a non-negative int, got {sessions!r}")
 
 
-def segment_name(pass_index: int, rank: int, session: int) -> str:
-    return f"{SEGMENTS}/p{pass_index:03d}-r{rank}-s{session:03d}.h5"
+def segment_name(pass_index: int, process_index: int, session: int) -> str:
+    """The file of one (pass, process, session); its "r" and the manifest's "rank" name the process."""
+    return f"{SEGMENTS}/p{pass_index:03d}-r{process_index}-s{session:03d}.h5"
 
 
 def pass_segments(root: Path, pass_index: int) -> list[dict]:
@@ -241,11 +242,11 @@ def pass_segments(root: Path, pass_index: int) -> list[dict]:
         if match is None or not path.is_file() or path.is_symlink():
             logger.warning("logix: %s is not a segment file of this log; ignored", path)
             continue
-        rank, session = int(match.group(1)), int(match.group(2))
-        if segment_name(pass_index, rank, session) != f"{SEGMENTS}/{path.name}":
+        process_index, session = int(match.group(1)), int(match.group(2))
+        if segment_name(pass_index, process_index, session) != f"{SEGMENTS}/{path.name}":
             logger.warning("logix: %s is not a segment file of this log; ignored", path)
             continue
-        found.append({"file": f"{SEGMENTS}/{path.name}", "rank": rank, "session": session})
+        found.append({"file": f"{SEGMENTS}/{path.name}", "rank": process_index, "session": session})
     return found
 
 
