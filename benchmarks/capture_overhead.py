@@ -327,7 +327,7 @@ class Bench:
 def write_rate(tmp: Path, width: int, dtype: str, batch: int, total: int = 128 << 20) -> float:
     """Bytes/s at which logix's segment writer stores batches of such rows here, with nothing else
     running (checksums included, one commit at the end): the disk side of the physical bound."""
-    from logix.storage import SegmentWriter
+    from logix.disk import SegmentWriter
 
     rows = np.random.default_rng(0).standard_normal((batch, width)).astype(dtype)
     count = max(4, total // rows.nbytes)

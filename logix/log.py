@@ -21,6 +21,17 @@ import torch
 
 from . import across_training
 from .config import Config
+from .disk import (
+    FLAG_NONFINITE,
+    PROJECTIONS,
+    check_projections,
+    check_segment,
+    open_segment,
+    read_ids,
+    read_manifest,
+    read_projections,
+    read_rows,
+)
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import (
@@ -37,17 +48,6 @@ from .influence import (
 )
 from .lock import Writer, find_writer
 from .query import Query
-from .storage import (
-    FLAG_NONFINITE,
-    PROJECTIONS,
-    check_projections,
-    check_segment,
-    open_segment,
-    read_ids,
-    read_manifest,
-    read_projections,
-    read_rows,
-)
 
 logger = logging.getLogger("logix")
 

@@ -32,6 +32,23 @@ from torch import Tensor, nn
 
 from .capture import Capture, id_kind, refuse_unentered, running
 from .config import Config
+from .disk import (
+    FLAG_NONFINITE,
+    FORMAT,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    BackgroundWriter,
+    Batch,
+    SegmentWriter,
+    committed_ids,
+    pass_segments,
+    read_manifest,
+    read_projections,
+    segment_name,
+    write_json_atomic,
+    write_projections,
+)
 from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
@@ -49,23 +66,6 @@ from .projection import (
     side_rank,
 )
 from .statistics import CovarianceSums, eigh, factors, finalize_pass, read_sums_attrs, save_sums
-from .storage import (
-    FLAG_NONFINITE,
-    FORMAT,
-    MANIFEST,
-    PROJECTIONS,
-    SCHEMA_VERSION,
-    BackgroundWriter,
-    Batch,
-    SegmentWriter,
-    committed_ids,
-    pass_segments,
-    read_manifest,
-    read_projections,
-    segment_name,
-    write_json_atomic,
-    write_projections,
-)
 from .version import __version__
 
 logger = logging.getLogger("logix")

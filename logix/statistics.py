@@ -23,8 +23,8 @@ import h5py
 import torch
 from torch import Tensor
 
+from .disk import replace_atomic
 from .errors import LogFormatError, StatisticsError
-from .storage import replace_atomic
 
 
 class CovarianceSums:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import logix
-from logix.storage import SEGMENTS
+from logix.disk import SEGMENTS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402

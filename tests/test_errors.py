@@ -368,7 +368,7 @@ def test_writer_error_message_counts_committed_rows(setup, monkeypatch):
     def broken(self, ids, grads, steps, flags):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(logix.storage.SegmentWriter, "append", broken)
+    monkeypatch.setattr(logix.disk.SegmentWriter, "append", broken)
     log_batch(run, model, [4, 5], *batch_for(2, seed=2))  # fails in the writer thread
     with pytest.raises(WriterError, match="The 4 rows committed before the failure are kept"):
         run.finalize()
@@ -382,7 +382,7 @@ def test_writer_failure_keeps_committed_rows(setup, monkeypatch):
     def broken(self, ids, grads, steps, flags):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(logix.storage.SegmentWriter, "append", broken)
+    monkeypatch.setattr(logix.disk.SegmentWriter, "append", broken)
     log_batch(run, model, [4, 5], *batch_for(2, seed=2))
     with pytest.raises(WriterError, match="disk full"):
         run.finalize()

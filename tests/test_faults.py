@@ -24,8 +24,8 @@ from torch import nn
 
 import logix
 from logix import LogFormatError
+from logix.disk import SCHEMA_VERSION, committed_ids
 from logix.statistics import load_sums
-from logix.storage import SCHEMA_VERSION, committed_ids
 
 SEGMENT = "segments/p000-r0-s000.h5"
 STATS = "statistics/p000.h5"
@@ -747,7 +747,7 @@ def test_untouched_copy_reads_back_exactly(log_copy):
 
 
 def test_stray_files_in_segments_are_not_adopted_on_resume(log_copy):
-    from logix.storage import pass_segments
+    from logix.disk import pass_segments
 
     path, _, _ = log_copy
     for name in ("p000-rX-s000.h5", "p000-r0-s0.h5", "p000-r01-s000.h5", "p000-r1-s000.h5.h5"):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import logix
+from logix.disk import MANIFEST
 from logix.statistics import load_sums
-from logix.storage import MANIFEST
 
 
 def model() -> nn.Module:

@@ -19,7 +19,7 @@ from conftest import exact_gradients, projected
 from torch import nn
 
 import logix
-import logix.storage
+import logix.disk
 from logix import (
     CaptureError,
     ConfigError,
@@ -138,7 +138,7 @@ def test_round_trip_full_rank(tmp_path):
     assert torch.equal(log.rows(), torch.from_numpy(seg["grads"]))
 
     manifest = json.loads((tmp_path / "log" / "manifest.json").read_text())
-    assert manifest["schema_version"] == logix.storage.SCHEMA_VERSION == 1
+    assert manifest["schema_version"] == logix.disk.SCHEMA_VERSION == 1
     assert manifest["format"] == "logix-log"
     assert manifest["config"] == {
         "rank": "full",
@@ -584,7 +584,7 @@ print(json.dumps(out))
 
 def slow_writer(monkeypatch, seconds: float) -> list[int]:
     """Make every append sleep first; returns a one-element list counting finished appends."""
-    original = logix.storage.SegmentWriter.append
+    original = logix.disk.SegmentWriter.append
     done = [0]
 
     def slow_append(self, *args, **kwargs):
@@ -592,7 +592,7 @@ def slow_writer(monkeypatch, seconds: float) -> list[int]:
         original(self, *args, **kwargs)
         done[0] += 1
 
-    monkeypatch.setattr(logix.storage.SegmentWriter, "append", slow_append)
+    monkeypatch.setattr(logix.disk.SegmentWriter, "append", slow_append)
     return done
 
 
@@ -635,7 +635,7 @@ def test_flush_makes_rows_visible_to_a_concurrent_reader(tmp_path, monkeypatch):
 
 
 def failing_on_call(monkeypatch, failing_call: int) -> list[int]:
-    original = logix.storage.SegmentWriter.append
+    original = logix.disk.SegmentWriter.append
     calls = [0]
 
     def append(self, *args, **kwargs):
@@ -644,7 +644,7 @@ def failing_on_call(monkeypatch, failing_call: int) -> list[int]:
             raise OSError("disk full")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(logix.storage.SegmentWriter, "append", append)
+    monkeypatch.setattr(logix.disk.SegmentWriter, "append", append)
     return calls
 
 
@@ -732,7 +732,7 @@ def test_a_missing_segment_raises_log_format_error(finished_log):
 def test_a_newer_schema_version_raises_log_format_error(finished_log):
     manifest_path = finished_log / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["schema_version"] = logix.storage.SCHEMA_VERSION + 1
+    manifest["schema_version"] = logix.disk.SCHEMA_VERSION + 1
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(LogFormatError, match="schema version"):
         logix.open(finished_log)

@@ -20,7 +20,7 @@ from torch import nn
 import logix
 from logix import LogFormatError
 from logix.cli import main as cli_main
-from logix.storage import fletcher32_from_sums, open_segment
+from logix.disk import fletcher32_from_sums, open_segment
 
 FIRST, SECOND = 24, 16  # rows committed before the kill; rows of the write the kill interrupted
 

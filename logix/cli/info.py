@@ -9,9 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import NotInLogError
-from ..lock import find_writer, last_writer
-from ..storage import (
+from ..disk import (
     FLAG_NONFINITE,
     FORMAT,
     PROJECTIONS,
@@ -19,6 +17,8 @@ from ..storage import (
     read_manifest,
     read_rows,
 )
+from ..errors import NotInLogError
+from ..lock import find_writer, last_writer
 from .common import CliError, _log_dir, format_table, write_csv, write_json
 
 # -- info ------------------------------------------------------------------------------------------

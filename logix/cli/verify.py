@@ -9,9 +9,7 @@ import h5py
 import numpy as np
 
 from ..config import Config
-from ..errors import ConfigError, LogFormatError, NotInLogError
-from ..statistics import RAW_MAX_WIDTH, SUM_KEYS
-from ..storage import (
+from ..disk import (
     FLAG_NONFINITE,
     MANIFEST,
     PROJECTIONS,
@@ -20,6 +18,8 @@ from ..storage import (
     read_manifest,
     read_rows,
 )
+from ..errors import ConfigError, LogFormatError, NotInLogError
+from ..statistics import RAW_MAX_WIDTH, SUM_KEYS
 from .common import BLOCK_BYTES, CliError, _data_extent, _log_dir, _progress, _some, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 

@@ -1,0 +1,63 @@
+"""The disk wing: every file of a log, its names, its checks and its writers live here.
+
+A log is a directory:
+
+    manifest.json        passes, segments, modules, config, schema version (written atomically)
+    projections.h5       P_in / P_out per module, so any later process rebuilds them exactly
+    segments/pNNN-rR-sSSS.h5   one per (pass, rank, session), written in SWMR mode
+
+Each segment holds `ids` (int64 or UTF-8), `grads` (N, D), `flags` (uint8), `step` (int64) and a
+one-element `committed` dataset. The writer moves `committed` only after the rows below it are
+written and flushed, so readers trust exactly the rows below it, even after a SIGKILL. A segment
+opens only with `h5py.File(path, "r", swmr=True)`. Nothing here is pickled.
+"""
+
+from .files import (
+    FLAG_NONFINITE,
+    FORMAT,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    SEGMENTS,
+    replace_atomic,
+    write_json_atomic,
+)
+from .manifest import read_manifest
+from .projections import check_projections, read_projections, write_projections
+from .segments import (
+    check_segment,
+    committed_ids,
+    fletcher32_from_sums,
+    open_segment,
+    pass_segments,
+    read_ids,
+    read_rows,
+    segment_name,
+)
+from .writer import BackgroundWriter, Batch, SegmentWriter
+
+__all__ = [
+    "BackgroundWriter",
+    "Batch",
+    "FLAG_NONFINITE",
+    "FORMAT",
+    "MANIFEST",
+    "PROJECTIONS",
+    "SCHEMA_VERSION",
+    "SEGMENTS",
+    "SegmentWriter",
+    "check_projections",
+    "check_segment",
+    "committed_ids",
+    "fletcher32_from_sums",
+    "open_segment",
+    "pass_segments",
+    "read_ids",
+    "read_manifest",
+    "read_projections",
+    "read_rows",
+    "replace_atomic",
+    "segment_name",
+    "write_json_atomic",
+    "write_projections",
+]

@@ -1,0 +1,76 @@
+"""projections.h5: each module's P_in and P_out, written once and checked when read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import LogFormatError
+from .files import replace_atomic
+from .segments import self_contained
+
+
+def write_projections(path: Path, projections: dict[str, tuple]) -> None:
+    """Store each module's (P_in, P_out); a missing side means identity."""
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for name, (p_in, p_out) in projections.items():
+            group = f.create_group(name)
+            for side, matrix in (("in", p_in), ("out", p_out)):
+                if matrix is not None:
+                    group.create_dataset(side, data=matrix.numpy())
+    replace_atomic(tmp, path)
+
+
+def read_projections(path: Path) -> dict[str, tuple]:
+    out = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for name, group in f.items():
+                if not isinstance(group, h5py.Group):
+                    raise LogFormatError(f"projections {path} are damaged: {name!r} is not a group")
+                sides = []
+                for side in ("in", "out"):
+                    if side not in group:
+                        sides.append(None)
+                        continue
+                    ds = group[side]
+                    if (
+                        not isinstance(ds, h5py.Dataset)
+                        or ds.ndim != 2
+                        or ds.dtype.kind != "f"
+                        or not self_contained(ds)
+                    ):
+                        raise LogFormatError(f"projections {path} are damaged: {name}/{side} is not a matrix of floats")
+                    sides.append(torch.from_numpy(ds[()].astype(np.float32, copy=False)))
+                out[name] = tuple(sides)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, LogFormatError):
+            raise
+        raise LogFormatError(f"cannot read projections {path}: {e}") from e
+    return out
+
+
+def check_projections(projections: dict[str, tuple], modules, path: Path) -> dict[str, tuple]:
+    """Each logged module has its (P_in, P_out): (k, d) and finite where k < d, absent where k == d."""
+    for m in modules:
+        if m.name not in projections:
+            raise LogFormatError(f"projections {path} lack module {m.name!r}: the file is damaged")
+        for matrix, k, d, side in zip(projections[m.name], (m.k_in, m.k_out), (m.d_in, m.d_out), ("in", "out")):
+            if matrix is None:
+                if k != d:
+                    raise LogFormatError(f"projections {path} lack {m.name}/{side}, a ({k}, {d}) matrix")
+            elif k == d:
+                raise LogFormatError(
+                    f"projections {path}: {m.name}/{side} is stored but that side is not projected (k = d = {d})"
+                )
+            elif tuple(matrix.shape) != (k, d):
+                raise LogFormatError(
+                    f"projections {path}: {m.name}/{side} has shape {tuple(matrix.shape)}, the manifest says ({k}, {d})"
+                )
+            elif not torch.isfinite(matrix).all():
+                raise LogFormatError(f"projections {path}: {m.name}/{side} holds non-finite numbers")
+    return projections

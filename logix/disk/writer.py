@@ -1,0 +1,177 @@
+"""Writing rows: a segment file's writer, and the background thread that feeds it."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import WriterError
+from .files import replace_atomic
+
+logger = logging.getLogger("logix")
+
+
+class SegmentWriter:
+    """Appends rows to one segment file; owned by exactly one thread at a time."""
+
+    def __init__(self, path: Path, width: int, dtype: str, id_kind: str, attrs: dict):
+        """Build the file under a temporary name and rename it once it is in SWMR mode, so that a
+        crash at any moment leaves either no segment or a well-formed one."""
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raise FileExistsError(f"segment {path} exists already")
+        building = path.with_name(f".{path.name}.building")
+        building.unlink(missing_ok=True)  # left by a crash during an earlier creation
+        self.file = h5py.File(building, "x", libver="latest")
+        self.file.attrs.update(attrs)
+        itemsize = np.dtype(dtype).itemsize
+        chunk_rows = int(max(1, min(4096, (1 << 20) // (width * itemsize))))
+
+        def column(name, dt, shape=()):  # fletcher32: a flipped bit is a read error, not another number
+            checksum = h5py.check_string_dtype(np.dtype(dt)) is None  # HDF5 cannot filter variable-length strings
+            return self.file.create_dataset(
+                name, (0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk_rows, *shape), fletcher32=checksum
+            )
+
+        self.grads = column("grads", dtype, (width,))
+        self.ids = column("ids", "i8" if id_kind == "int" else h5py.string_dtype("utf-8"))
+        self.flags = column("flags", "u1")
+        self.step = column("step", "i8")
+        self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
+        self.file.swmr_mode = True
+        self.file.flush()
+        replace_atomic(building, path)
+        self.rows = 0
+        self.committed_rows = 0
+        self.nonfinite = 0
+
+    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
+        n = grads.shape[0]
+        if n == 0:
+            return
+        end = self.rows + n
+        for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
+            ds.resize(end, axis=0)
+            ds[self.rows : end] = values
+        self.rows = end
+        bad = int(flags.astype(bool).sum())
+        if bad:
+            self.nonfinite += bad
+            logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
+
+    def commit(self) -> None:
+        """Make every appended row durable for readers: data first, then the counter."""
+        self.file.flush()
+        self.committed[0] = self.rows
+        self.file.flush()
+        self.committed_rows = self.rows
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.commit()
+            self.file.close()
+
+
+@dataclass
+class Batch:
+    ids: list | np.ndarray
+    grads: torch.Tensor  # on the host, possibly pinned and still being filled by a CUDA copy
+    flags: torch.Tensor  # uint8 per row, FLAG_NONFINITE where the stored row is not finite
+    step: int
+    ready: object | None = None  # a torch.cuda.Event recorded after the copy, or None
+
+
+_COMMIT = object()  # a queue item asking the writer to commit now
+
+
+class BackgroundWriter:
+    """A thread that owns a SegmentWriter and drains a bounded queue of batches into it.
+
+    `put` blocks while the queue is full, so a slow disk slows training instead of growing memory
+    or dropping rows. A failure in the thread is kept and re-raised in the training thread at the
+    next `put` or at `close`; rows committed before it stay readable.
+    """
+
+    def __init__(self, segment: SegmentWriter, queue_size: int = 16, commit_interval: float = 1.0):
+        self.segment = segment
+        self.commit_interval = commit_interval
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"logix-writer-{segment.path.name}", daemon=True)
+        self.thread.start()
+
+    def put(self, batch: Batch) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def flush(self) -> None:
+        """Block until every queued batch is written and committed."""
+        self.put(_COMMIT)
+        self.queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> SegmentWriter:
+        """Write everything queued, commit, close the file; re-raise a writer failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._raise_if_failed()
+        return self.segment
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise WriterError(
+                f"writing {self.segment.path} failed: {self.error!r}. The "
+                f"{self.segment.committed_rows} rows committed before the failure are kept."
+            ) from self.error
+
+    def _loop(self) -> None:
+        """Write batches as they come; commit at most once per interval, and at the latest one
+        interval after the last write even if no batch follows (a stalled job loses nothing)."""
+        last_commit = time.monotonic()
+        while True:
+            uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
+            wait = max(0.0, self.commit_interval - (time.monotonic() - last_commit)) if uncommitted else None
+            try:
+                batch, from_queue = self.queue.get(timeout=wait), True
+            except queue.Empty:
+                batch, from_queue = _COMMIT, False  # the interval passed with rows not yet committed
+            if batch is None:
+                self.queue.task_done()
+                break
+            try:
+                if self.error is not None:
+                    continue  # keep draining so put() never blocks on a dead writer
+                if batch is not _COMMIT:
+                    if batch.ready is not None:
+                        batch.ready.synchronize()
+                    grads = batch.grads.numpy()
+                    steps = np.full(grads.shape[0], batch.step, dtype="i8")
+                    self.segment.append(batch.ids, grads, steps, batch.flags.numpy())
+                if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
+                    self.segment.commit()
+                    last_commit = time.monotonic()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self.error = e
+            finally:
+                if from_queue:
+                    self.queue.task_done()
+        try:
+            self.segment.close()
+        except BaseException as e:  # noqa: BLE001
+            if self.error is None:
+                self.error = e
