@@ -26,12 +26,13 @@ import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .disk.results import read_result, write_result
+from .disk.statistics import open_statistics
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .statistics import RAW_MAX_WIDTH
 
@@ -165,67 +166,50 @@ def load_curvature(
         raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     if curvature not in CURVATURE_SOURCES:
         raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
-    out = {}
     names = list(log.modules) if names is None else names
     if preconditioner == "identity":
-        for name in names:
-            out[name] = ModuleCurvature(name, log.modules[name].k_in, log.modules[name].k_out, "identity")
-        return out
-    path = log.path / statistics_file(log, curvature)
-    try:
-        with h5py.File(path, "r") as f:
-            for name in names:
-                m = log.modules[name]
-                c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
-                if name not in f or not isinstance(f[name], h5py.Group):
-                    raise LogFormatError(f"statistics {path} lack module {name!r}: the file is damaged")
-                group = f[name]
-                if preconditioner == "raw":
-                    if "fisher_eig" not in group:
-                        raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
-                    w = m.k_in * m.k_out
-                    c.values = _statistic(group, "fisher_eig", (w,), path, eigenvalues=True)
-                    c.vec_f = _statistic(group, "fisher_vec", (w, w), path)
-                else:
-                    if "vec_a" not in group:
-                        raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
-                    c.vec_a = _statistic(group, "vec_a", (m.k_in, m.k_in), path)
-                    c.vec_s = _statistic(group, "vec_s", (m.k_out, m.k_out), path)
-                    if preconditioner == "kfac":
-                        eig_a = _statistic(group, "eig_a", (m.k_in,), path, eigenvalues=True)
-                        eig_s = _statistic(group, "eig_s", (m.k_out,), path, eigenvalues=True)
-                        c.values = eig_s[:, None] * eig_a[None, :]
-                    else:
-                        if "lambda_star" not in group:
-                            raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
-                        c.values = _statistic(group, "lambda_star", (m.k_out, m.k_in), path, eigenvalues=True)
-                out[name] = c
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-        if isinstance(e, LogFormatError):
-            raise
-        raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
+        return build_curvature(log.modules, names, preconditioner, None, damping, damping_factor)
+    with open_statistics(log.path / statistics_file(log, curvature)) as stats:
+        return build_curvature(log.modules, names, preconditioner, stats.module, damping, damping_factor)
+
+
+def build_curvature(
+    modules, names, preconditioner: str, statistics, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR
+) -> dict[str, ModuleCurvature]:
+    """{module: ModuleCurvature} from each module's statistics: statistics(name) has has(key) and
+    array(key, shape, eigenvalues) (a statistics file's group, or arrays finalize holds in memory)."""
+    out = {}
+    for name in names:
+        m = modules[name]
+        c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
+        out[name] = c
+        if preconditioner == "identity":
+            continue
+        group = statistics(name)
+        if preconditioner == "raw":
+            if not group.has("fisher_eig"):
+                raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
+            w = m.k_in * m.k_out
+            c.values = group.array("fisher_eig", (w,), eigenvalues=True)
+            c.vec_f = group.array("fisher_vec", (w, w))
+            continue
+        if not group.has("vec_a"):
+            raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
+        c.vec_a = group.array("vec_a", (m.k_in, m.k_in))
+        c.vec_s = group.array("vec_s", (m.k_out, m.k_out))
+        if preconditioner == "kfac":
+            eig_a = group.array("eig_a", (m.k_in,), eigenvalues=True)
+            eig_s = group.array("eig_s", (m.k_out,), eigenvalues=True)
+            c.values = eig_s[:, None] * eig_a[None, :]
+        else:
+            if not group.has("lambda_star"):
+                raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
+            c.values = group.array("lambda_star", (m.k_out, m.k_in), eigenvalues=True)
     for name, c in out.items():
-        m = log.modules[name]
-        c.damping = _damping(name, c.values, damping, damping_factor, m.d_in * m.d_out)
+        if c.values is not None:
+            m = modules[name]
+            c.damping = _damping(name, c.values, damping, damping_factor, m.d_in * m.d_out)
     return out
-
-
-def _statistic(group, key: str, shape: tuple, path, eigenvalues: bool = False) -> Tensor:
-    """One stored statistic, checked: present, of the expected shape, finite (eigenvalues >= 0)."""
-    where = f"statistics {path}: {group.name.lstrip('/')}/{key}"
-    if key not in group or not isinstance(group[key], h5py.Dataset):
-        raise LogFormatError(f"{where} is missing: the file is damaged")
-    if group[key].external is not None or group[key].is_virtual:
-        raise LogFormatError(f"{where} keeps its data in other files: refused")
-    ds = group[key]
-    if ds.shape != shape or ds.dtype.kind != "f":
-        raise LogFormatError(f"{where} is {ds.dtype} of shape {ds.shape}, expected floats of shape {shape}")
-    values = torch.from_numpy(ds[()].astype(np.float64, copy=False))
-    if not torch.isfinite(values).all():
-        raise LogFormatError(f"{where} holds non-finite numbers: the file is damaged")
-    if eigenvalues and bool((values < 0).any()):
-        raise LogFormatError(f"{where} holds negative eigenvalues: the file is damaged")
-    return values
 
 
 def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int) -> float:
@@ -282,8 +266,19 @@ class Preconditioner:
         for n in names:
             if n not in log.modules:
                 raise NotInLogError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
-        curv = load_curvature(log, preconditioner, damping, damping_factor, names, curvature)
-        self.parts = [(log.modules[n].columns, curv[n]) for n in names]
+        self._use(log, load_curvature(log, preconditioner, damping, damping_factor, names, curvature))
+
+    @classmethod
+    def from_curvature(cls, log, preconditioner: str, blocks: dict) -> Preconditioner:
+        """A Preconditioner over curvature already built (finalize's, before it is on disk)."""
+        self = cls.__new__(cls)
+        self.preconditioner = preconditioner
+        self._use(log, blocks)
+        return self
+
+    def _use(self, log, blocks: dict) -> None:
+        names = list(blocks)
+        self.parts = [(log.modules[n].columns, blocks[n]) for n in names]
         self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
 
     def columns(self, rows: Tensor) -> Tensor:
@@ -349,39 +344,20 @@ def _values(values) -> Tensor:
     return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
 
 
-def _ids_for_hdf5(ids) -> np.ndarray:
-    ids = as_ids(ids)
-    if ids.dtype.kind in "iu":
-        return ids
-    return ids.astype(h5py.string_dtype("utf-8"))
-
-
-def _ids_from_hdf5(dataset) -> np.ndarray:
-    return as_ids(dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()])
-
-
 class _Saved:
-    """save(path) / load(path): a result as plain HDF5 datasets, one per field ("values" a float array)."""
+    """save(path) / load(path): a result as plain HDF5 datasets (logix.disk.results)."""
 
     def _saved_fields(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
 
     def save(self, path) -> None:
-        with h5py.File(path, "w") as f:
-            f.attrs["logix_result"] = type(self).__name__
-            for name, value in self._saved_fields().items():
-                data = value.numpy() if isinstance(value, Tensor) else _ids_for_hdf5(value)
-                f.create_dataset(name, data=data)
+        fields = {k: v if isinstance(v, Tensor) else as_ids(v) for k, v in self._saved_fields().items()}
+        write_result(path, type(self).__name__, fields)
 
     @classmethod
     def load(cls, path):
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("logix_result") != cls.__name__:
-                raise LogFormatError(f"{path} does not hold logix {cls.__name__}")
-            fields = {}
-            for name, dataset in f.items():
-                fields[name] = torch.from_numpy(dataset[()]) if name == "values" else _ids_from_hdf5(dataset)
-        return cls(**fields)
+        fields = read_result(path, cls.__name__)
+        return cls(**{k: v if k == "values" else as_ids(v) for k, v in fields.items()})
 
 
 def _same_queries(parts) -> np.ndarray | None:

@@ -32,6 +32,7 @@ from .disk import (
     read_projections,
     read_rows,
 )
+from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import (
@@ -484,25 +485,14 @@ class Log:
         if name is None:
             return None
         path = self.path / name
-        try:
-            with h5py.File(path, "r") as f:
-                key = f"self_influence/{preconditioner}"
-                if key not in f:
-                    return None
-                dataset = f[key]
-                if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.dtype.kind != "f":
-                    raise LogFormatError(f"statistics {path}: {key} is not a vector of floats; the file is damaged")
-                if preconditioner != "identity" and not _stored_under_default(dataset.attrs):
-                    return None  # another damping rule (an older logix): recomputed, never reused
-                values = torch.from_numpy(dataset[()].astype(np.float64, copy=False))
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            if isinstance(e, LogFormatError):
-                raise
-            raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
+        stored = read_self_influence(path, preconditioner)
+        if stored is None:
+            return None
+        values, attrs = stored
+        if preconditioner != "identity" and not _stored_under_default(attrs):
+            return None  # another damping rule (an older logix): recomputed, never reused
         if len(values) != len(self):
             return None  # rows were added since finalize: recompute
-        if not torch.isfinite(values).all():
-            raise LogFormatError(f"statistics {path}: self_influence/{preconditioner} holds non-finite numbers")
         return SelfInfluence(values, self.ids)
 
     @property

@@ -49,6 +49,7 @@ from .disk import (
     write_json_atomic,
     write_projections,
 )
+from .disk.statistics import partial_sums, read_sums_attrs, save_sums, sums_name, sums_owner
 from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
@@ -65,7 +66,7 @@ from .projection import (
     pca_fits,
     side_rank,
 )
-from .statistics import CovarianceSums, eigh, factors, finalize_pass, read_sums_attrs, save_sums
+from .statistics import CovarianceSums, eigh, factors, finalize_pass
 from .version import __version__
 
 logger = logging.getLogger("logix")
@@ -574,14 +575,12 @@ class Run:
             for entry in p["segments"]:
                 if entry["session"] not in finished:
                     covered[(entry["rank"], entry["session"])] = 0
-        for file in sorted((self.path / "statistics").glob(f"p{p['index']:03d}-r*-s*.partial.h5")):
-            name = f"statistics/{file.name}"
-            session = _session_of(name)
+        for name in partial_sums(self.path, p["index"]):
+            process_index, session = sums_owner(name)
             if session in finished or session == self.session or name in parts:
                 continue
             parts.append(name)
-            rank = int(file.name.split("-r")[1].split("-")[0])
-            covered[(rank, session)] = int(read_sums_attrs(file).get("rows_covered", 0))
+            covered[(process_index, session)] = int(read_sums_attrs(self.path / name).get("rows_covered", 0))
         return covered
 
     def _begin_pass(self, committed: set, rows_only: set = frozenset()) -> None:
@@ -648,7 +647,7 @@ class Run:
         if sums is not None and self.world.distributed:
             sums = reduce_sums(self.world, sums)
         if sums and self.process_index == 0:
-            file = f"statistics/p{p['index']:03d}-r{self.process_index}-s{self.session:03d}.h5"
+            file = sums_name(p["index"], self.process_index, self.session)
             save_sums(self.path / file, sums)
             p.setdefault("statistics_parts", []).append(file)
         self._sums = None
@@ -659,7 +658,7 @@ class Run:
             raise error
 
     def _partial_sums_file(self, p: dict) -> Path:
-        return self.path / f"statistics/p{p['index']:03d}-r{self.process_index}-s{self.session:03d}.partial.h5"
+        return self.path / sums_name(p["index"], self.process_index, self.session, partial=True)
 
     def _checkpoint_sums(self) -> None:
         """Save this rank's statistics of the open pass so far, in step with the committed rows.

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 
-import h5py
 import torch
 from torch import Tensor
 
-from .disk import replace_atomic
-from .errors import LogFormatError, StatisticsError
+from .disk.statistics import SUM_KEYS, load_sums, statistics_name, write_statistics
+from .errors import StatisticsError
 
 
 class CovarianceSums:
@@ -120,109 +119,49 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0), vectors
 
 
-# -- on disk ---------------------------------------------------------------------------------------
-#
-# statistics/pNNN-rR-sSSS.h5   raw sums and counts of one (pass, rank, session), written when
-#                              that writer's part of the pass ends (so a resumed pass can add to it)
-# statistics/pNNN.h5           what finalize derives for the whole pass: per module group
-#                              a, s, a_count, s_count, eig_a, vec_a, eig_s, vec_s, and where asked
-#                              lambda_star (k_out, k_in), fisher (k_in*k_out square); plus
-#                              self_influence/<preconditioner> (N,) at default damping
-
-SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
-
-
-def save_sums(path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None) -> None:
-    """Write partial sums atomically (a temporary file renamed into place); attrs: small metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(attrs or {})
-        for name, values in sums.items():
-            group = f.create_group(name)
-            for key in SUM_KEYS:
-                group.create_dataset(key, data=values[key].numpy())
-    replace_atomic(tmp, path)
-
-
-def read_sums_attrs(path) -> dict:
-    """The metadata save_sums stored with a partial-sums file ({} when it cannot be read)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return {key: f.attrs[key].item() if hasattr(f.attrs[key], "item") else f.attrs[key] for key in f.attrs}
-    except OSError:
-        return {}
-
-
-def load_sums(paths) -> dict[str, dict[str, Tensor]]:
-    """Add up the partial sums of several (rank, session) files of one pass."""
-
-    total: dict[str, dict[str, Tensor]] = {}
-    for path in paths:
-        try:
-            with h5py.File(path, "r") as f:
-                parts = {name: _read_sums(path, name, group) for name, group in f.items()}
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            if isinstance(e, LogFormatError):
-                raise
-            raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
-        for name, part in parts.items():
-            if name in total:
-                if any(total[name][key].shape != part[key].shape for key in SUM_KEYS):
-                    raise LogFormatError(f"statistics {path}: module {name!r} has other shapes than in earlier parts")
-                for key in SUM_KEYS:
-                    total[name][key] = total[name][key] + part[key]
-            else:
-                total[name] = part
-    return total
-
-
-def _read_sums(path, name: str, group) -> dict[str, Tensor]:
-    """One module's partial sums, checked: square float matrices, scalar counts, all finite."""
-
-    where = f"statistics {path}: module {name!r}"
-    if not isinstance(group, h5py.Group):
-        raise LogFormatError(f"{where} is not a group; the file is damaged")
-    part = {}
-    for key in SUM_KEYS:
-        if key not in group or not isinstance(group[key], h5py.Dataset) or group[key].dtype.kind != "f":
-            raise LogFormatError(f"{where} lacks {key!r} (or it is not numbers); the file is damaged")
-        part[key] = torch.as_tensor(group[key][()].astype("f8", copy=False))
-    for key in ("a_sum", "s_sum"):
-        shape = part[key].shape
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise LogFormatError(f"{where}: {key} has shape {tuple(shape)}, expected a square matrix")
-    for key in ("a_count", "s_count", "skipped"):
-        if part[key].shape != () or float(part[key]) < 0:
-            raise LogFormatError(f"{where}: {key} must be one non-negative number, got shape {tuple(part[key].shape)}")
-    if not all(torch.isfinite(v).all() for v in part.values()):
-        raise LogFormatError(f"{where} holds non-finite sums; the file is damaged")
-    return part
-
-
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
 
 
 def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: int | None = None) -> str | None:
-    """Derive a pass's curvature from its partial sums and rows; returns the statistics file name.
+    """Derive a pass's curvature from its partial sums and rows, and the self-influences under every
+    preconditioner that allows; write them as the pass's statistics file (one atomic replace) and
+    return its name.
 
-    parts: the pass's partial-sum files (relative to root). wanted: the config's statistics.
-    Reads the rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influence
-    under every preconditioner the statistics allow.
+    parts: the pass's sums files (relative to root). wanted: the config's statistics. Reads the
+    rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influences.
     """
-    from . import influence
+    from . import influence  # influence reads statistics files through the disk wing; no cycle at import
     from .log import Log
 
     if not wanted:
         return None
     log = Log(root, pass_name=pass_name)
-    index = log.current.index
-    file = f"statistics/p{index:03d}.h5"
     sums = load_sums([root / p for p in parts]) if parts else {}
+    derived, raw_modules = derive(log, sums, wanted, pass_name, block_rows)
+    # self-influence at default damping, kept so normalised scores never recompute it
+    available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
+    if raw_modules and len(raw_modules) == len(log.modules):
+        available.append("raw")
+    pres = {
+        name: influence.Preconditioner.from_curvature(
+            log, name, influence.build_curvature(log.modules, list(log.modules), name, lambda m: _Held(derived[m]))
+        )
+        for name in available
+    }
+    _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
+    file = statistics_name(log.current.index)
+    attrs = dict(damping_rule=influence.DAMPING_RULE, damping_factor=influence.DEFAULT_DAMPING_FACTOR, curvature="own")
+    write_statistics(root / file, derived, values, attrs)
+    return file
+
+
+def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | None = None) -> tuple[dict, list]:
+    """Per module: A, S, their eigenbases and counts (from the sums), and from one read of the rows
+    EK-FAC's Lambda* = mean_i (Q_S^T G_i Q_A)^2 and the raw Fisher mean_i g_i g_i^T where asked
+    (modules up to RAW_MAX_WIDTH). Returns ({module: {array name: tensor}}, modules with a raw Fisher)."""
     derived: dict[str, dict[str, Tensor]] = {name: {} for name in log.modules}
-    factors_wanted = "kfac" in wanted or "ekfac" in wanted
-    for name in log.modules:
-        if factors_wanted:
+    if "kfac" in wanted or "ekfac" in wanted:
+        for name in log.modules:
             if name not in sums:
                 raise StatisticsError(f"module {name!r}: no covariance was gathered in pass {pass_name!r}")
             a, s = factors(sums[name], name)
@@ -230,7 +169,6 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
             eig_s, vec_s = eigh(s, name, "S")
             derived[name].update(a=a, s=s, eig_a=eig_a, vec_a=vec_a, eig_s=eig_s, vec_s=vec_s)
             derived[name].update({k: sums[name][k] for k in SUM_KEYS})
-    # one read of the rows: Lambda* = mean_i (Q_S^T G_i Q_A)^2 and the raw Fisher sum_i g_i g_i^T
     raw_modules = [n for n, m in log.modules.items() if "raw" in wanted and m.width <= RAW_MAX_WIDTH]
     if "raw" in wanted and len(raw_modules) < len(log.modules):
         skipped = sorted(set(log.modules) - set(raw_modules))
@@ -258,28 +196,20 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
                 f_matrix = fisher[name] / count
                 values, vectors = eigh(f_matrix, name, "the raw Fisher")
                 derived[name].update(fisher=f_matrix, fisher_eig=values, fisher_vec=vectors)
-    path = root / file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        for name, values in derived.items():
-            group = f.create_group(name)
-            for key, value in values.items():
-                group.create_dataset(key, data=value.numpy() if isinstance(value, Tensor) else value)
-    replace_atomic(tmp, path)
-    # self-influence at default damping, kept so normalised scores never recompute it
-    log._stats_files[pass_name] = file
-    available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
-    if raw_modules and len(raw_modules) == len(log.modules):
-        available.append("raw")
-    pres = {name: influence.Preconditioner(log, name, curvature="own") for name in available}
-    _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
-    with h5py.File(path, "a") as f:
-        for name, v in values.items():
-            dataset = f.create_dataset(f"self_influence/{name}", data=v.numpy())
-            dataset.attrs.update(
-                damping_rule=influence.DAMPING_RULE,
-                damping_factor=influence.DEFAULT_DAMPING_FACTOR,
-                curvature="own",
-            )
-    return file
+    return derived, raw_modules
+
+
+class _Held:
+    """One module's derived arrays, read like a statistics file's group (influence.build_curvature)."""
+
+    def __init__(self, arrays: dict[str, Tensor]):
+        self.arrays = arrays
+
+    def has(self, key: str) -> bool:
+        return key in self.arrays
+
+    def array(self, key: str, shape: tuple, eigenvalues: bool = False) -> Tensor:
+        value = self.arrays[key].double()
+        if tuple(value.shape) != shape:
+            raise StatisticsError(f"{key} has shape {tuple(value.shape)}, expected {shape}")
+        return value

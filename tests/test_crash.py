@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import logix
-from logix.statistics import load_sums
+from logix.disk.statistics import load_sums
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

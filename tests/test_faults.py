@@ -25,7 +25,7 @@ from torch import nn
 import logix
 from logix import LogFormatError
 from logix.disk import SCHEMA_VERSION, committed_ids
-from logix.statistics import load_sums
+from logix.disk.statistics import load_sums
 
 SEGMENT = "segments/p000-r0-s000.h5"
 STATS = "statistics/p000.h5"

@@ -12,7 +12,7 @@ from torch import nn
 
 import logix
 from logix.disk import MANIFEST
-from logix.statistics import load_sums
+from logix.disk.statistics import load_sums
 
 
 def model() -> nn.Module:

@@ -18,8 +18,9 @@ from ..disk import (
     read_manifest,
     read_rows,
 )
+from ..disk.statistics import SUM_KEYS
 from ..errors import ConfigError, LogFormatError, NotInLogError
-from ..statistics import RAW_MAX_WIDTH, SUM_KEYS
+from ..statistics import RAW_MAX_WIDTH
 from .common import BLOCK_BYTES, CliError, _data_extent, _log_dir, _progress, _some, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 

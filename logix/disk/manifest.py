@@ -62,7 +62,6 @@ def check_manifest(root: Path, data: dict) -> None:
     def bad(what: str) -> LogFormatError:
         return LogFormatError(f"{path} is damaged: {what}")
 
-
     if not isinstance(data["config"], dict):
         raise bad(f"'config' must be an object, got {type(data['config']).__name__}")
     try:

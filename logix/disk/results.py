@@ -1,0 +1,41 @@
+"""Saved results (`Scores`, `TopK`, `SelfInfluence`): plain HDF5 datasets, one per field, so any
+HDF5 reader opens them; `values` is a float array, ids int64 or UTF-8 strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import LogFormatError
+
+
+def write_result(path: Path, kind: str, fields: dict) -> None:
+    """fields: name -> a tensor (`values`) or an id array (int64 or object str)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["logix_result"] = kind
+        for name, value in fields.items():
+            if isinstance(value, Tensor):
+                data = value.numpy()
+            else:
+                data = value if value.dtype.kind in "iu" else value.astype(h5py.string_dtype("utf-8"))
+            f.create_dataset(name, data=data)
+
+
+def read_result(path: Path, kind: str) -> dict:
+    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `kind`."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("logix_result") != kind:
+            raise LogFormatError(f"{path} does not hold logix {kind}")
+        fields = {}
+        for name, dataset in f.items():
+            if not isinstance(dataset, h5py.Dataset) or dataset.external is not None or dataset.is_virtual:
+                raise LogFormatError(f"{path}: {name!r} is not a dataset held in the file: refused")
+            if name == "values":
+                fields[name] = torch.from_numpy(dataset[()])
+            else:
+                fields[name] = np.asarray(dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()])
+    return fields
