@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -511,23 +511,31 @@ def _shard_rows(log, shard) -> tuple[slice | None, int]:
     return slice(start, stop), int(log._valid()[:start].sum())
 
 
-def score(
-    log,
-    query,
-    preconditioner: str = "auto",
-    damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
-    mode: str = "dot",
-    top_k: int | None = None,
-    largest: bool = True,
-    modules=None,
-    train_ids=None,
-    block_rows: int | None = None,
-    progress: bool | None = None,
-    shard: tuple[int, int] | None = None,
-    curvature: str = "auto",
-):
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How `log.influence` scores: the options that travel together from the call to the loop
+    (what each means: `Log.influence`)."""
+
+    preconditioner: str = "auto"
+    damping: Any = None
+    damping_factor: float = DEFAULT_DAMPING_FACTOR
+    mode: str = "dot"
+    top_k: int | None = None
+    largest: bool = True
+    modules: Any = None
+    train_ids: Any = None
+    block_rows: int | None = None
+    progress: bool | None = None
+    shard: tuple[int, int] | None = None
+    curvature: str = "auto"
+
+
+def score(log, query, options: ScoreOptions):
     """Scores (or, with top_k, a streamed TopK) of the query rows against the log's train rows."""
+    o = options
+    preconditioner, damping, damping_factor, mode = o.preconditioner, o.damping, o.damping_factor, o.mode
+    top_k, largest, modules, train_ids, curvature = o.top_k, o.largest, o.modules, o.train_ids, o.curvature
+    block_rows, progress, shard = o.block_rows, o.progress, o.shard
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

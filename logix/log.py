@@ -40,6 +40,7 @@ from .influence import (
     DAMPING_RULE,
     DEFAULT_DAMPING_FACTOR,
     Preconditioner,
+    ScoreOptions,
     Scores,
     SelfInfluence,
     resolve_preconditioner,
@@ -418,22 +419,21 @@ class Log:
                 raise ConfigError("pass shard or across_ranks, not both")
             world = World()
             shard = (world.process_index, world.size)
-        result = score(
-            self,
-            query,
-            preconditioner,
-            damping,
-            damping_factor,
-            mode,
-            top_k,
-            largest,
-            modules,
-            train_ids,
-            block_rows,
-            progress,
-            shard,
-            curvature,
+        options = ScoreOptions(
+            preconditioner=preconditioner,
+            damping=damping,
+            damping_factor=damping_factor,
+            mode=mode,
+            top_k=top_k,
+            largest=largest,
+            modules=modules,
+            train_ids=train_ids,
+            block_rows=block_rows,
+            progress=progress,
+            shard=shard,
+            curvature=curvature,
         )
+        result = score(self, query, options)
         if not across_ranks or not world.distributed:
             return result
         parts = world.gather(result)
