@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .disk.results import read_result, write_result
 from .disk.statistics import open_statistics
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .statistics import RAW_MAX_WIDTH
+from .statistics import RAW_MAX_WIDTH, preconditioners
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
@@ -127,18 +127,10 @@ def statistics_file(log, curvature: str = "auto") -> str:
 
 def available_preconditioners(log) -> list[str]:
     """What the current pass can be scored with: identity always; the rest once it is finalized."""
-    out = ["identity"]
     p = log.current
     if p is None or not p.finalized:
-        return out
-    stats = log.config.statistics
-    if "raw" in stats:
-        out.append("raw")
-    if "kfac" in stats or "ekfac" in stats:
-        out.append("kfac")
-    if "ekfac" in stats:
-        out.append("ekfac")
-    return out
+        return ["identity"]
+    return preconditioners(log.config.statistics)
 
 
 def resolve_preconditioner(log, preconditioner: str) -> str:

@@ -119,6 +119,20 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0), vectors
 
 
+def preconditioners(statistics, raw: bool = True) -> list[str]:
+    """What a pass finalized with these statistics can be scored with: identity always, raw where
+    gathered (and, with raw=False, not built for every module: not), kfac from K-FAC or EK-FAC
+    factors, ekfac from EK-FAC's eigenvalues."""
+    out = ["identity"]
+    if "raw" in statistics and raw:
+        out.append("raw")
+    if "kfac" in statistics or "ekfac" in statistics:
+        out.append("kfac")
+    if "ekfac" in statistics:
+        out.append("ekfac")
+    return out
+
+
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
 
 
@@ -139,9 +153,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     sums = load_sums([root / p for p in parts]) if parts else {}
     derived, raw_modules = derive(log, sums, wanted, pass_name, block_rows)
     # self-influence at default damping, kept so normalised scores never recompute it
-    available = ["identity"] + [p for p in ("kfac", "ekfac") if p in wanted or (p == "kfac" and "ekfac" in wanted)]
-    if raw_modules and len(raw_modules) == len(log.modules):
-        available.append("raw")
+    available = preconditioners(wanted, raw=bool(raw_modules) and len(raw_modules) == len(log.modules))
     pres = {
         name: influence.Preconditioner.from_curvature(
             log, name, influence.build_curvature(log.modules, list(log.modules), name, lambda m: _Held(derived[m]))

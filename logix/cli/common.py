@@ -17,8 +17,6 @@ from ..influence import available_preconditioners
 from ..log import Log
 from ..statistics import RAW_MAX_WIDTH
 
-BLOCK_BYTES = 64 << 20  # rows read per block in verify / export: about this many bytes
-
 
 class CliError(Exception):
     """An error to report as one line, with the exit status it deserves (2 usage, 1 damage)."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..log import Log
-from .common import BLOCK_BYTES, CliError, _progress, _say, _some, open_log, require_intact
+from ..log import Log, default_block_rows
+from .common import CliError, _progress, _say, _some, open_log, require_intact
 
 # -- export ----------------------------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ def cmd_export(args) -> int:
         order = np.argsort(positions, kind="stable")
         sorted_pos = positions[order]
         done, offset = 0, 0
-        block = max(1, BLOCK_BYTES // max(1, log.width * 4))
+        block = default_block_rows(log.width)
         with _progress(args, len(all_ids), "export") as bar:
             for block_ids, rows in log.blocks(columns=columns, block_rows=block, recycle=True):
                 end = offset + len(block_ids)

@@ -20,8 +20,9 @@ from ..disk import (
 )
 from ..disk.statistics import SUM_KEYS
 from ..errors import ConfigError, LogFormatError, NotInLogError
+from ..log import default_block_rows
 from ..statistics import RAW_MAX_WIDTH
-from .common import BLOCK_BYTES, CliError, _data_extent, _log_dir, _progress, _some, write_json
+from .common import CliError, _data_extent, _log_dir, _progress, _some, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class Verifier:
         valid = 0
         readable = len(segments) == len(p.get("segments", []))
         duplicates = []
-        block = max(1, BLOCK_BYTES // max(1, width * 4))
+        block = default_block_rows(width)
         for entry, n in segments:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
