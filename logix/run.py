@@ -52,9 +52,10 @@ from .disk import (
 from .disk.statistics import partial_sums, read_sums_attrs, save_sums, sums_name, sums_owner
 from .distributed import World, reduce_sums
 from .engines import attacher_for
-from .errors import CaptureError, ConfigError, DuplicateIdError, LogInUseError, LogixError, ModelMismatchError
+from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .lock import LOCK_FILE, WriterLock
+from .pass_ids import PassIds
 from .projection import (
     AUTO_SKETCH,
     PCA_MAX_DIM,
@@ -160,6 +161,7 @@ class Run:
         if distributed and not self.world.distributed:
             raise ConfigError("distributed=True but torch.distributed is not initialised with more than one rank")
         self.process_index = self.world.process_index
+        self._ids = PassIds(on_duplicate, self.world.distributed, self.process_index)
         self.step = 0
         self.watched: list[Watched] = []
         self._optimizer_hook = None
@@ -169,11 +171,6 @@ class Run:
         self._pca_pending: dict[str, tuple[bool, bool]] = {}
         self._fitting = None
         self._pass: dict | None = None
-        self._seen: set = set()  # ids this rank logged in the pass
-        self._seen_elsewhere: set = set()  # ids other ranks captured in the pass
-        self._committed_before: set = set()  # ids a resumed pass had committed already
-        self._rows_committed_before: set = set()  # of those, ids whose statistics a crash lost
-        self._skipped = 0
         self._session_passes: set[str] = set()
         self._failed_passes: set[str] = set()
         self._closed = False
@@ -589,9 +586,7 @@ class Run:
         self._sums = CovarianceSums() if self.config.factors else None
         self._sums_saved = time.monotonic()
         self._session_passes.add(self._pass["name"])
-        self._seen, self._seen_elsewhere, self._committed_before = set(), set(), committed
-        self._rows_committed_before = set(rows_only)
-        self._skipped = 0
+        self._ids.begin(committed, rows_only)
         self._save_manifest()
 
     def _default_pass(self) -> None:
@@ -621,18 +616,18 @@ class Run:
             entry["rows"] = writer.segment.committed_rows
             segment = writer.segment
             logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
-        if self._skipped:
-            logged = len(self._seen)
-            if self.world.distributed and self._skipped > max(logged // 2, 64):
+        if self._ids.skipped:
+            logged = len(self._ids.logged)
+            if self.world.distributed and self._ids.skipped > max(logged // 2, 64):
                 logger.warning(
                     "logix: pass %r: rank %d skipped %d ids already logged in the pass and logged %d; "
                     "a new epoch needs run.start_pass()",
                     p["name"],
                     self.process_index,
-                    self._skipped,
+                    self._ids.skipped,
                     logged,
                 )
-            logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._skipped)
+            logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._ids.skipped)
         mine = [s for s in p["segments"] if s["rank"] == self.process_index and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
         reports = self.world.gather(report)
@@ -770,53 +765,22 @@ class Run:
         return running(self._last_capture)
 
     def _check_batch(self, ids: list) -> list[bool] | None:
-        """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip.
-
-        Skipped (left out of rows and statistics): ids a resumed pass had committed, and ids
-        repeated within the pass when on_duplicate="skip" or under torch.distributed, where the
-        samplers of DDP and Accelerate repeat a few examples to even out the last batches (when
-        two ranks get the same id in one step, the lower rank keeps it).
-        """
+        """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip
+        (logix.pass_ids); one small exchange of the step's ids under torch.distributed."""
         self._check_id_kind(ids)
-        everyone = self.world.gather(ids)  # one small exchange per step, only under torch.distributed
-        elsewhere = set(self._seen_elsewhere)
-        for r, theirs in enumerate(everyone):
-            if r < self.process_index:
-                elsewhere.update(theirs)
-            if r != self.process_index:
-                self._seen_elsewhere.update(theirs)
-        if self.on_duplicate == "error" and not self.world.distributed:  # samplers pad with repeats there
-            if len(set(ids)) != len(ids):
-                dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
-                raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
-            seen = [i for i in ids if i in self._seen]
-            if seen:
-                raise DuplicateIdError(
-                    f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
-                    "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
-                )
-        keep, here = [], set()
-        for i in ids:
-            keep.append(not (i in self._seen or i in here or i in elsewhere or i in self._committed_before))
-            here.add(i)
-        self._skipped += keep.count(False)
-        return None if all(keep) else keep
+        return self._ids.check(ids, self.world.gather(ids))
 
     def _accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
         """Queue a captured batch's rows, leaving out the examples `_check_batch` skipped."""
         if self._sums is not None:
             self._sums.close_batch(factor)
-        keep = self._last_capture.keep if self._last_capture is not None else None
-        if self._rows_committed_before:
-            keep = [k and i not in self._rows_committed_before for i, k in zip(ids, keep or [True] * len(ids))]
-            self._rows_committed_before.difference_update(ids)
-            self._skipped += keep.count(False)
+        keep = self._ids.rows_to_write(ids, self._last_capture.keep if self._last_capture is not None else None)
         if keep is not None and not all(keep):
             rows = rows[torch.tensor(keep, device=rows.device)]
             ids = [i for i, k in zip(ids, keep) if k]
         if ids:
             self._write(ids, rows, self.step if step is None else int(step))
-            self._seen.update(ids)
+            self._ids.wrote(ids)
         if self._sums is not None and time.monotonic() - self._sums_saved > STATISTICS_CHECKPOINT:
             self._checkpoint_sums()
         if self._optimizer_hook is None and step is None:

@@ -1,0 +1,68 @@
+"""Which ids of a pass are logged, skipped or refused: the id policy of a Run.
+
+Within a pass an id is logged once. A repeat is an error (DuplicateIdError), or is skipped with
+on_duplicate="skip" and always under torch.distributed, where the samplers of DDP and Accelerate
+pad the last batches with repeats (when two processes get the same id in one step, the lower
+process keeps it). A resumed pass skips the ids it had committed; those whose statistics a crash
+lost are still counted in the statistics when they come again, but their rows are not rewritten.
+"""
+
+from __future__ import annotations
+
+from .errors import DuplicateIdError
+
+
+class PassIds:
+    """The ids one process has logged, seen elsewhere and must skip, for the open pass."""
+
+    def __init__(self, on_duplicate: str, distributed: bool, process_index: int):
+        self.refuse_repeats = on_duplicate == "error" and not distributed
+        self.process_index = process_index
+        self.begin(set())
+
+    def begin(self, committed: set, rows_only: set = frozenset()) -> None:
+        """A new (or resumed) pass. committed: ids to skip; rows_only: ids whose rows are committed
+        but whose statistics were lost: their rows are skipped, their statistics counted."""
+        self.logged: set = set()  # ids this process logged in the pass
+        self.elsewhere: set = set()  # ids other processes captured in the pass
+        self.committed = committed
+        self.rows_only = set(rows_only)
+        self.skipped = 0
+
+    def check(self, ids: list, everyone: list[list]) -> list[bool] | None:
+        """Before the forward: refuse a repeat, or pick the examples to skip (None: keep all).
+        everyone: each process's ids of this step, in process order (just `[ids]` alone)."""
+        lower = set(self.elsewhere)
+        for index, theirs in enumerate(everyone):
+            if index < self.process_index:
+                lower.update(theirs)
+            if index != self.process_index:
+                self.elsewhere.update(theirs)
+        if self.refuse_repeats:
+            if len(set(ids)) != len(ids):
+                dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
+                raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
+            seen = [i for i in ids if i in self.logged]
+            if seen:
+                raise DuplicateIdError(
+                    f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
+                    "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
+                )
+        keep, here = [], set()
+        for i in ids:
+            keep.append(not (i in self.logged or i in here or i in lower or i in self.committed))
+            here.add(i)
+        self.skipped += keep.count(False)
+        return None if all(keep) else keep
+
+    def rows_to_write(self, ids: list, keep: list[bool] | None) -> list[bool] | None:
+        """After the backward: also leave out rows a crash had committed (their statistics counted)."""
+        if not self.rows_only:
+            return keep
+        keep = [k and i not in self.rows_only for i, k in zip(ids, keep or [True] * len(ids))]
+        self.rows_only.difference_update(ids)
+        self.skipped += keep.count(False)
+        return keep
+
+    def wrote(self, ids: list) -> None:
+        self.logged.update(ids)
