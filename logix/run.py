@@ -33,13 +33,11 @@ from torch import Tensor, nn
 from .capture import Capture, id_kind, refuse_unentered, running
 from .config import Config
 from .disk import (
-    FLAG_NONFINITE,
     FORMAT,
     MANIFEST,
     PROJECTIONS,
     SCHEMA_VERSION,
     BackgroundWriter,
-    Batch,
     SegmentWriter,
     committed_ids,
     pass_segments,
@@ -54,6 +52,7 @@ from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched, select_modules
+from .host_copy import HostCopies
 from .lock import LOCK_FILE, WriterLock
 from .pass_ids import PassIds
 from .projection import (
@@ -166,7 +165,7 @@ class Run:
         self.watched: list[Watched] = []
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
-        self._copy_streams: dict = {}  # CUDA device -> the side stream that copies rows to the host
+        self._host_copies = HostCopies(config.dtype)
         self._sums: CovarianceSums | None = None
         self._pca_pending: dict[str, tuple[bool, bool]] = {}
         self._fitting = None
@@ -787,39 +786,9 @@ class Run:
             self.step += 1
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
-        """One device-to-host copy per batch (pinned and asynchronous on CUDA), then the queue."""
+        """The batch's rows to the pass's writer, through one host copy (logix.host_copy)."""
         writer = self._writer_for_pass(self._check_id_kind(ids))
-        dtype = torch.float16 if self.config.dtype == "float16" else torch.float32
-        rows = rows.to(dtype)
-        flags = (~torch.isfinite(rows).all(dim=1)).to(torch.uint8) * FLAG_NONFINITE  # after the cast: overflow too
-        ready = None
-        if rows.device.type == "cuda":
-            rows, flags, ready = self._copy_to_host(rows, flags)
-        writer.put(Batch(ids=ids, grads=rows, flags=flags, step=step, ready=ready))
-
-    def _copy_to_host(self, rows: Tensor, flags: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """Start copying a batch into pinned host memory on a side stream and return at once.
-
-        The copy overlaps the next step's kernels instead of queueing between them; the writer
-        thread waits on the returned event before it reads the host tensors. record_stream keeps
-        the caching allocator from handing the device tensors to the next step before the copy
-        has read them.
-        """
-        device = rows.device
-        stream = self._copy_streams.get(device)
-        if stream is None:
-            stream = self._copy_streams[device] = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))  # the rows are finished before they are read
-        with torch.cuda.stream(stream):
-            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            host.copy_(rows, non_blocking=True)
-            host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host_flags.copy_(flags, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        rows.record_stream(stream)
-        flags.record_stream(stream)
-        return host, host_flags, ready
+        writer.put(self._host_copies.batch(ids, rows, step))
 
     # -- the end -------------------------------------------------------------------------------
 
