@@ -83,14 +83,19 @@ def auto_log(path, model, x, y, row_bytes, dtype="float32", resume=False, fit=Tr
     return run
 
 
-def test_auto_rows_are_exact_projections_within_the_budget(tmp_path):
+def logged(path, row_bytes):
+    """A fitted rank="auto" log of all 64 examples, finalized: (model, x, y, log)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 6))
     x, y = data()
-    run = auto_log(tmp_path / "log", model, x, y, row_bytes=4 * 40)
+    run = auto_log(path, model, x, y, row_bytes=row_bytes)
     with run.capture(range(64)):
         F.cross_entropy(model(x), y).backward()
     run.finalize()
-    log = logix.open(tmp_path / "log")
+    return model, x, y, logix.open(path)
+
+
+def test_auto_rows_are_exact_projections_within_the_budget(tmp_path):
+    model, x, y, log = logged(tmp_path / "log", 4 * 40)
     widths = {n: m.k_in * m.k_out for n, m in log.modules.items()}
     assert sum(widths.values()) <= 40 and log.width == sum(widths.values())
     assert len(set(widths.values())) > 1 or len(widths) == 1
@@ -176,13 +181,7 @@ def test_sides_too_wide_to_measure_whole_go_through_a_sketch(tmp_path, monkeypat
 
     monkeypatch.setattr(logix.run, "PCA_MAX_DIM", 10)  # the 16-wide sides are "too wide" here
     monkeypatch.setattr(logix.run, "AUTO_SKETCH", 5)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 6))
-    x, y = data()
-    run = auto_log(tmp_path / "log", model, x, y, row_bytes=4 * 200)
-    with run.capture(range(64)):
-        F.cross_entropy(model(x), y).backward()
-    run.finalize()
-    log = logix.open(tmp_path / "log")
+    model, x, y, log = logged(tmp_path / "log", 4 * 200)
     assert log.modules["0"].k_out <= 5 and log.modules["2"].k_in <= 5  # no more than the sketch measured
     exact = exact_gradients(model, F.cross_entropy, x, y)
     for name in ("0", "2"):

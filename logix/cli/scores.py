@@ -26,12 +26,18 @@ from .common import (
 # -- self-influence --------------------------------------------------------------------------------
 
 
-def cmd_self_influence(args) -> int:
+def _scored_log(args):
+    """The log to score and its --modules, its preconditioner resolved and checked, its data intact."""
     log = open_log(args.path, args.pass_name)
     modules = _modules_arg(log, args.modules)
     args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
     _check_preconditioner(log, args.preconditioner, modules)
     require_intact(log)
+    return log, modules
+
+
+def cmd_self_influence(args) -> int:
+    log, modules = _scored_log(args)
     si = log.self_influence(
         args.preconditioner,
         damping=args.damping,
@@ -107,11 +113,7 @@ def check_query_log(train: Log, query: Log) -> None:
 
 
 def cmd_top(args) -> int:
-    log = open_log(args.path, args.pass_name)
-    modules = _modules_arg(log, args.modules)
-    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
-    _check_preconditioner(log, args.preconditioner, modules)
-    require_intact(log)
+    log, modules = _scored_log(args)
     qlog = open_log(args.query, args.query_pass)
     check_query_log(log, qlog)
     require_intact(qlog)
