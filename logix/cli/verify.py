@@ -15,13 +15,17 @@ from ..disk import (
     PROJECTIONS,
     SCHEMA_VERSION,
     SEGMENTS,
+    check_projections,
+    check_segment,
+    open_segment,
     read_manifest,
+    read_projections,
     read_rows,
 )
-from ..disk.statistics import SUM_KEYS
+from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
 from ..errors import ConfigError, LogFormatError, NotInLogError
-from ..log import default_block_rows
-from ..statistics import RAW_MAX_WIDTH
+from ..log import ModuleInfo, default_block_rows
+from ..statistics import RAW_MAX_WIDTH, preconditioners
 from .common import CliError, _data_extent, _log_dir, _progress, _some, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 
@@ -148,6 +152,7 @@ class Verifier:
         return good
 
     def _check_projections(self, modules: list[dict]) -> None:
+        """The library's own reading and checks (logix.disk.projections), one module at a time."""
         if not modules:
             return
         path = self.root / PROJECTIONS
@@ -155,32 +160,22 @@ class Verifier:
             self.problem(f"{PROJECTIONS} is missing")
             return
         try:
-            with h5py.File(path, "r") as f:
-                for m in modules:
-                    group = f.get(m["name"])
-                    for side, k, d in (("in", m["k_in"], m["d_in"]), ("out", m["k_out"], m["d_out"])):
-                        what = f"{PROJECTIONS}: {m['name']}/{side}"
-                        present = group is not None and side in group
-                        if not present:
-                            if k < d:
-                                self.problem(f"{what} is missing (the ({k}, {d}) projection of a projected side)")
-                            continue
-                        ds = group[side]
-                        if not isinstance(ds, h5py.Dataset) or ds.shape != (k, d):
-                            shape = getattr(ds, "shape", None)
-                            self.problem(f"{what} has shape {shape}, the manifest says ({k}, {d})")
-                            continue
-                        if ds.dtype.kind != "f":
-                            self.problem(f"{what} has dtype {ds.dtype}, expected floats")
-                            continue
-                        if not np.isfinite(ds[()]).all():
-                            self.problem(f"{what} holds non-finite numbers")
-                        self.counts["projections"] += 1
-        except (OSError, KeyError, ValueError) as e:
-            self.problem(f"{PROJECTIONS} cannot be read: {e}")
+            projections = read_projections(path)
+        except LogFormatError as e:
+            self.problem(str(e))
+            return
+        for m in modules:
+            try:
+                check_projections(projections, [ModuleInfo(**m)], path)
+            except (LogFormatError, TypeError) as e:
+                self.problem(str(e))
+                continue
+            self.counts["projections"] += sum(matrix is not None for matrix in projections[m["name"]])
 
     def _open_segments(self, p: dict, width, dtype, id_kind) -> list[tuple[dict, int]]:
-        """Check each segment's structure; the ones whose rows can be read, with their committed count."""
+        """Each segment opened and checked as logix.open does (logix.disk.segments), then for what
+        only verify looks at (its extent against the file's size, the pass it names); the ones
+        whose rows can be read, with their committed count."""
         out = []
         for entry in p.get("segments", []):
             self.counts["segments"] += 1
@@ -193,46 +188,21 @@ class Verifier:
                 self.problem(f"{where} is missing")
                 continue
             try:
-                with h5py.File(path, "r", libver="latest", swmr=True) as f:
-                    missing = [k for k in ("committed", "ids", "grads", "flags", "step") if k not in f]
-                    if missing:
-                        self.problem(f"{where} lacks dataset(s) {missing}")
-                        continue
-                    n = int(f["committed"][0])
-                    grads, ids, flags, step = f["grads"], f["ids"], f["flags"], f["step"]
-                    ok = True
-                    if grads.ndim != 2 or grads.shape[1] != width:
-                        self.problem(f"{where}: grads has shape {grads.shape}, the manifest's width is {width}")
-                        ok = False
-                    if dtype is not None and grads.dtype != np.dtype(dtype):
-                        self.problem(f"{where}: grads are {grads.dtype}, the config says {dtype}")
-                    string_ids = h5py.check_string_dtype(ids.dtype) is not None
-                    if id_kind is not None and string_ids != (id_kind == "str"):
-                        self.problem(
-                            f"{where}: ids are {'strings' if string_ids else ids.dtype}, the manifest says {id_kind}"
-                        )
-                    if flags.dtype != np.uint8 or step.dtype.kind not in "iu":
-                        self.problem(f"{where}: flags are {flags.dtype} (want uint8), steps {step.dtype} (want int)")
-                    held = min(len(grads), len(ids), len(flags), len(step))
-                    if not 0 <= n <= held:
-                        self.problem(f"{where}: {n} rows marked committed but it holds {held}")
-                        ok = False
-                    recorded = entry.get("rows")
-                    if recorded is not None and recorded != n:
-                        self.problem(f"{where}: {n} rows committed, the manifest recorded {recorded} at close")
-                    reach = _data_extent(f)
-                    size = path.stat().st_size
+                with open_segment(path) as f:
+                    n = check_segment(f, path, width, dtype, id_kind, entry.get("rows"))
+                    reach, size = _data_extent(f), path.stat().st_size
                     if reach > size:
                         self.problem(
                             f"{where} is truncated: the file has {size} bytes, its datasets reach {reach} "
                             "(what lies past the end would read as zeros)"
                         )
-                        ok = False
+                        continue
                     attr = f.attrs.get("pass")
                     if attr is not None and attr != p["name"]:
                         self.problem(f"{where}: the file says it belongs to pass {attr!r}")
-                    if ok:
-                        out.append((entry, n))
+                    out.append((entry, n))
+            except LogFormatError as e:
+                self.problem(f"pass {p['name']!r}: {e}")
             except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
                 self.problem(f"{where} cannot be read: {e}")
         return out
@@ -247,7 +217,7 @@ class Verifier:
         for entry, n in segments:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
-                with h5py.File(self.root / entry["file"], "r", libver="latest", swmr=True) as f:
+                with open_segment(self.root / entry["file"]) as f:
                     torn: list = []
                     string_ids = h5py.check_string_dtype(f["ids"].dtype) is not None
                     ids = read_rows(f["ids"].asstr() if string_ids else f["ids"], np.s_[:n], torn=torn)
@@ -324,7 +294,7 @@ class Verifier:
         self.counts["statistics_files"] += 1
         factors = "kfac" in wanted or "ekfac" in wanted
         try:
-            with h5py.File(path, "r") as f:
+            with open_statistics(path) as stats:
                 for m in modules:
                     ki, ko = m["k_in"], m["k_out"]
                     expected = {}
@@ -347,65 +317,56 @@ class Verifier:
                     w = ki * ko
                     if "raw" in wanted and w <= RAW_MAX_WIDTH:
                         expected.update(fisher=(w, w), fisher_eig=(w,), fisher_vec=(w, w))
-                    group = f.get(m["name"])
-                    if expected and group is None:
-                        self.problem(f"{what} lacks module {m['name']!r}")
+                    if not expected:
+                        continue
+                    try:
+                        group = stats.module(m["name"])
+                    except LogFormatError as e:
+                        self.problem(str(e))
                         continue
                     for key, shape in expected.items():
-                        self._check_array(
-                            f"{what}: {m['name']}/{key}",
-                            group.get(key),
-                            shape,
-                            nonnegative=key in ("eig_a", "eig_s", "fisher_eig", "lambda_star"),
-                        )
-                kinds = ["identity"] + [k for k in ("kfac", "ekfac") if k in wanted or (k == "kfac" and factors)]
-                if "raw" in wanted and all(m["k_in"] * m["k_out"] <= RAW_MAX_WIDTH for m in modules):
-                    kinds.append("raw")
-                stored = f.get("self_influence")
-                for kind in kinds:
-                    ds = None if stored is None else stored.get(kind)
-                    shape = (valid,) if valid is not None else None
-                    self._check_array(f"{what}: self_influence/{kind}", ds, shape, nonnegative=True)
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            self.problem(f"{what} cannot be read: {e}")
+                        self._check_array(group, key, shape, key in ("eig_a", "eig_s", "fisher_eig", "lambda_star"))
+                raw = all(m["k_in"] * m["k_out"] <= RAW_MAX_WIDTH for m in modules)
+                stored = stats.f.get("self_influence")
+                for kind in preconditioners(wanted, raw=raw):
+                    if stored is None or kind not in stored:
+                        self.problem(f"{what}: self_influence/{kind} is missing")
+                        continue
+                    shape = (valid,) if valid is not None else getattr(stored[kind], "shape", None)
+                    self._check_array(ModuleStatistics(stored, path), kind, shape, True)
+        except LogFormatError as e:
+            self.problem(str(e))
 
     def _check_sums(self, what: str, path: Path, modules: list[dict]) -> None:
+        """A sums file, read as finalize reads it (logix.disk.statistics.load_sums), then its shapes
+        against the manifest's modules."""
         if not path.is_file():
             self.problem(f"{what} is missing")
             return
         self.counts["statistics_files"] += 1
         try:
-            with h5py.File(path, "r") as f:
-                for m in modules:
-                    group = f.get(m["name"])
-                    if group is None:
-                        self.problem(f"{what} lacks module {m['name']!r}")
-                        continue
-                    ki, ko = m["k_in"], m["k_out"]
-                    shapes = {"a_sum": (ki, ki), "s_sum": (ko, ko), "a_count": (), "s_count": (), "skipped": ()}
-                    for key in SUM_KEYS:
-                        self._check_array(f"{what}: {m['name']}/{key}", group.get(key), shapes[key])
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            self.problem(f"{what} cannot be read: {e}")
+            sums = load_sums([path])
+        except LogFormatError as e:
+            self.problem(str(e))
+            return
+        for m in modules:
+            if m["name"] not in sums:
+                self.problem(f"{what} lacks module {m['name']!r}")
+                continue
+            ki, ko = m["k_in"], m["k_out"]
+            for key, shape in (("a_sum", (ki, ki)), ("s_sum", (ko, ko))):
+                if tuple(sums[m["name"]][key].shape) != shape:
+                    self.problem(
+                        f"{what}: {m['name']}/{key} has shape {tuple(sums[m['name']][key].shape)}, expected {shape}"
+                    )
 
-    def _check_array(self, what: str, ds, shape, nonnegative: bool = False) -> None:
-        if ds is None:
-            self.problem(f"{what} is missing")
-            return
-        if not isinstance(ds, h5py.Dataset):
-            self.problem(f"{what} is not a dataset")
-            return
-        if shape is not None and ds.shape != tuple(shape):
-            self.problem(f"{what} has shape {ds.shape}, expected {tuple(shape)}")
-            return
-        if ds.dtype.kind != "f":
-            self.problem(f"{what} has dtype {ds.dtype}, expected floats")
-            return
-        values = ds[()]
-        if not np.isfinite(values).all():
-            self.problem(f"{what} holds non-finite numbers")
-        elif nonnegative and np.any(values < 0):
-            self.problem(f"{what} holds negative values (it must be >= 0)")
+    def _check_array(self, group: ModuleStatistics, key: str, shape, nonnegative: bool) -> None:
+        """One stored array, read and checked by the library (present, shape, in the file, finite,
+        >= 0 where it must be); its complaint, if any, is a problem."""
+        try:
+            group.array(key, tuple(shape), eigenvalues=nonnegative)
+        except LogFormatError as e:
+            self.problem(str(e))
 
 
 def _readable_blocks(grads, n: int, block: int, corrupt: list, torn: list):

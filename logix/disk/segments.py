@@ -68,8 +68,10 @@ def open_segment(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except (OSError, RuntimeError, ValueError) as e:
-        growing = "truncated file" in str(e) and _being_written(path)
-        if "already open for write" not in str(e) and not growing:
+        truncated = "truncated file" in str(e)
+        if truncated and not _being_written(path):
+            raise LogFormatError(f"segment {path} is truncated: it cannot be opened (damaged: {e})") from e
+        if "already open for write" not in str(e) and not truncated:
             raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
     try:
         return h5py.File(path, "r", libver="latest", swmr=True)

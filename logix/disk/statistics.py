@@ -157,7 +157,7 @@ class ModuleStatistics:
             raise LogFormatError(f"{where} keeps its data in other files: refused")
         if ds.shape != shape or ds.dtype.kind != "f":
             raise LogFormatError(f"{where} is {ds.dtype} of shape {ds.shape}, expected floats of shape {shape}")
-        values = torch.from_numpy(ds[()].astype(np.float64, copy=False))
+        values = torch.from_numpy(np.asarray(ds[()], dtype=np.float64))
         if not torch.isfinite(values).all():
             raise LogFormatError(f"{where} holds non-finite numbers: the file is damaged")
         if eigenvalues and bool((values < 0).any()):
