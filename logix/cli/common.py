@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..disk.segments import segment_reach
 from ..errors import NotInLogError
 from ..influence import available_preconditioners
 from ..log import Log
@@ -136,9 +136,7 @@ def require_intact(log: Log) -> None:
     for segment in log.current.segments:
         path = log.path / segment.file
         try:
-            with h5py.File(path, "r", libver="latest", swmr=True) as f:
-                reach = _data_extent(f)
-            size = path.stat().st_size
+            reach, size = segment_reach(path)
         except (OSError, ValueError) as e:
             raise CliError(f"segment {path} cannot be read: {e}", 1) from None
         if reach > size:
@@ -178,24 +176,6 @@ def _check_preconditioner(log: Log, preconditioner: str, modules: list[str] | No
                 f"modules {wide} have k_in * k_out > {RAW_MAX_WIDTH}: no raw Fisher was built for them; "
                 "leave them out with --modules or pick another --preconditioner"
             )
-
-
-def _data_extent(f: h5py.File) -> int:
-    """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros)."""
-    reach = 0
-    for ds in f.values():
-        if not isinstance(ds, h5py.Dataset):
-            continue
-        if ds.chunks is None:
-            offset = ds.id.get_offset()
-            if offset is not None:
-                reach = max(reach, offset + ds.id.get_storage_size())
-            continue
-        for i in range(ds.id.get_num_chunks()):
-            info = ds.id.get_chunk_info(i)
-            if info.byte_offset is not None:
-                reach = max(reach, info.byte_offset + info.size)
-    return reach
 
 
 def _some(values: list, n: int = 5) -> str:

@@ -6,17 +6,17 @@ import json
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..disk import (
-    FLAG_NONFINITE,
     FORMAT,
     PROJECTIONS,
     SEGMENTS,
     read_manifest,
-    read_rows,
 )
+from ..disk.projections import projected_sides
+from ..disk.segments import segment_summary
+from ..disk.statistics import statistics_summary
 from ..errors import NotInLogError
 from ..lock import find_writer, last_writer
 from .common import CliError, _log_dir, format_table, write_csv, write_json
@@ -40,10 +40,7 @@ def _segment_summary(root: Path, entry: dict) -> dict:
         out["error"] = "missing"
         return out
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            n = int(f["committed"][0])
-            out["committed"] = n
-            out["nonfinite"] = int(((read_rows(f["flags"], np.s_[:n]) & FLAG_NONFINITE) != 0).sum())
+        out["committed"], out["nonfinite"] = segment_summary(path)
     except (OSError, KeyError, ValueError, IndexError) as e:
         out["error"] = f"cannot be read ({e})"
     return out
@@ -66,19 +63,7 @@ def _statistics_summary(root: Path, p: dict, modules: list[dict]) -> dict:
         out["error"] = "missing"
         return out
     try:
-        with h5py.File(path, "r") as f:
-            names = [m["name"] for m in modules]
-
-            def everywhere(key):
-                return bool(names) and all(n in f and key in f[n] for n in names)
-
-            out["preconditioners"] = [
-                pre
-                for pre, key in (("raw", "fisher_eig"), ("kfac", "eig_a"), ("ekfac", "lambda_star"))
-                if everywhere(key)
-            ]
-            if "self_influence" in f:
-                out["self_influence"] = sorted(f["self_influence"])
+        out["preconditioners"], out["self_influence"] = statistics_summary(path, [m["name"] for m in modules])
     except (OSError, KeyError, ValueError) as e:
         out["error"] = f"cannot be read ({e})"
     return out
@@ -148,10 +133,7 @@ def overview(root: Path, pass_name: str | None = None) -> dict:
     projected = {}
     problems = []
     try:
-        with h5py.File(root / PROJECTIONS, "r") as f:
-            for m in modules:
-                group = f.get(m["name"])
-                projected[m["name"]] = [s for s in ("in", "out") if group is not None and s in group]
+        projected = projected_sides(root / PROJECTIONS, [m["name"] for m in modules])
     except OSError as e:
         projected = {m["name"]: None for m in modules}
         if modules:

@@ -22,11 +22,12 @@ from ..disk import (
     read_projections,
     read_rows,
 )
+from ..disk.segments import data_extent
 from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
 from ..errors import ConfigError, LogFormatError, NotInLogError
 from ..log import ModuleInfo, default_block_rows
 from ..statistics import RAW_MAX_WIDTH, preconditioners
-from .common import CliError, _data_extent, _log_dir, _progress, _some, write_json
+from .common import CliError, _log_dir, _progress, _some, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class Verifier:
             try:
                 with open_segment(path) as f:
                     n = check_segment(f, path, width, dtype, id_kind, entry.get("rows"))
-                    reach, size = _data_extent(f), path.stat().st_size
+                    reach, size = data_extent(f), path.stat().st_size
                     if reach > size:
                         self.problem(
                             f"{where} is truncated: the file has {size} bytes, its datasets reach {reach} "

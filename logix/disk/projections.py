@@ -74,3 +74,9 @@ def check_projections(projections: dict[str, tuple], modules, path: Path) -> dic
             elif not torch.isfinite(matrix).all():
                 raise LogFormatError(f"projections {path}: {m.name}/{side} holds non-finite numbers")
     return projections
+
+
+def projected_sides(path: Path, names: list[str]) -> dict[str, list[str]]:
+    """Per module, which sides ("in", "out") have a stored projection, for `logix info`."""
+    with h5py.File(path, "r") as f:
+        return {n: [s for s in ("in", "out") if f.get(n) is not None and s in f[n]] for n in names}

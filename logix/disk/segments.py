@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import LogFormatError
 from ..lock import find_writer
-from .files import SEGMENTS
+from .files import FLAG_NONFINITE, SEGMENTS
 
 logger = logging.getLogger("logix")
 
@@ -265,3 +265,36 @@ def read_ids(dataset: h5py.Dataset, n: int, path: Path) -> np.ndarray:
         return read_rows(dataset.asstr(), np.s_[:n])
     except UnicodeDecodeError as e:
         raise LogFormatError(f"segment {path} is damaged: an id is not UTF-8 text ({e})") from None
+
+
+def data_extent(f: h5py.File) -> int:
+    """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros)."""
+    reach = 0
+    for ds in f.values():
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        if ds.chunks is None:
+            offset = ds.id.get_offset()
+            if offset is not None:
+                reach = max(reach, offset + ds.id.get_storage_size())
+            continue
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            if info.byte_offset is not None:
+                reach = max(reach, info.byte_offset + info.size)
+    return reach
+
+
+def segment_reach(path: Path) -> tuple[int, int]:
+    """(bytes the segment's data reach, bytes the file has), from its metadata alone; a segment
+    whose data reach past its end is truncated."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        reach = data_extent(f)
+    return reach, path.stat().st_size
+
+
+def segment_summary(path: Path) -> tuple[int, int]:
+    """(committed rows, of those flagged non-finite), read without trusting the rest of the file."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        n = int(f["committed"][0])
+        return n, int(((read_rows(f["flags"], np.s_[:n]) & FLAG_NONFINITE) != 0).sum())

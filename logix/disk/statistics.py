@@ -206,3 +206,17 @@ def read_self_influence(path: Path, preconditioner: str) -> tuple[Tensor, dict] 
     if not torch.isfinite(values).all():
         raise LogFormatError(f"statistics {path}: {key} holds non-finite numbers")
     return values, attrs
+
+
+def statistics_summary(path: Path, module_names: list[str]) -> tuple[list[str], list[str]]:
+    """(preconditioners every module has arrays for, self-influences stored), for `logix info`."""
+    with h5py.File(path, "r") as f:
+
+        def everywhere(key):
+            return bool(module_names) and all(n in f and key in f[n] for n in module_names)
+
+        have = [
+            pre for pre, key in (("raw", "fisher_eig"), ("kfac", "eig_a"), ("ekfac", "lambda_star")) if everywhere(key)
+        ]
+        stored = sorted(f["self_influence"]) if "self_influence" in f else []
+    return have, stored
