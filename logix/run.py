@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -47,7 +46,7 @@ from .disk import (
     write_json_atomic,
     write_projections,
 )
-from .disk.statistics import partial_sums, read_sums_attrs, save_sums, sums_name, sums_owner
+from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
 from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
@@ -55,6 +54,7 @@ from .hooks import Watched, select_modules
 from .host_copy import HostCopies
 from .lock import LOCK_FILE, WriterLock
 from .pass_ids import PassIds
+from .pass_sums import PassSums
 from .projection import (
     AUTO_SKETCH,
     PCA_MAX_DIM,
@@ -72,7 +72,6 @@ from .version import __version__
 logger = logging.getLogger("logix")
 
 _open_runs: weakref.WeakSet = weakref.WeakSet()
-STATISTICS_CHECKPOINT = 60.0  # seconds between saves of an open pass's statistics (crash safety)
 
 
 def init(
@@ -166,7 +165,6 @@ class Run:
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
         self._host_copies = HostCopies(config.dtype)
-        self._sums: CovarianceSums | None = None
         self._pca_pending: dict[str, tuple[bool, bool]] = {}
         self._fitting = None
         self._pass: dict | None = None
@@ -180,6 +178,7 @@ class Run:
         self._check_ranks_agree()
         self._manifest = self._open_on_rank0()
         self.session = self._manifest["sessions"] - 1
+        self._pass_sums = PassSums(self.path, config.factors, self.process_index, self.session)
         _open_runs.add(self)
 
     # -- the log directory -----------------------------------------------------------------------
@@ -582,8 +581,7 @@ class Run:
     def _begin_pass(self, committed: set, rows_only: set = frozenset()) -> None:
         """committed: ids to skip; rows_only: ids whose rows are committed but whose statistics were
         lost in a crash: their rows are skipped, their statistics counted when they come again."""
-        self._sums = CovarianceSums() if self.config.factors else None
-        self._sums_saved = time.monotonic()
+        self._pass_sums.begin()
         self._session_passes.add(self._pass["name"])
         self._ids.begin(committed, rows_only)
         self._save_manifest()
@@ -637,37 +635,14 @@ class Run:
                 self._failed_passes.add(p["name"])
             self._manifest["id_kind"] = self._manifest["id_kind"] or report["id_kind"]
         p["segments"].sort(key=lambda s: (s["session"], s["rank"]))
-        sums = self._sums.to_host() if self._sums is not None else None
-        if sums is not None and self.world.distributed:
-            sums = reduce_sums(self.world, sums)
-        if sums and self.process_index == 0:
-            file = sums_name(p["index"], self.process_index, self.session)
-            save_sums(self.path / file, sums)
+        file = self._pass_sums.end(self.world, p["index"])  # collective: every process's sums added up
+        if file is not None:
             p.setdefault("statistics_parts", []).append(file)
-        self._sums = None
         self._pass = None
         self._save_manifest()
-        self._partial_sums_file(p).unlink(missing_ok=True)  # the final sums are listed now
+        self._pass_sums.partial_file(p["index"]).unlink(missing_ok=True)  # the final sums are listed now
         if error is not None:
             raise error
-
-    def _partial_sums_file(self, p: dict) -> Path:
-        return self.path / sums_name(p["index"], self.process_index, self.session, partial=True)
-
-    def _checkpoint_sums(self) -> None:
-        """Save this rank's statistics of the open pass so far, in step with the committed rows.
-
-        A resumed run counts them when this process dies before the pass ends; only what came in
-        since the last checkpoint (at most STATISTICS_CHECKPOINT seconds of training) is lost.
-        """
-        if self._sums is None or not self._sums.a_sum:
-            return
-        covered = 0
-        if self._writer is not None:
-            self._writer.flush()  # the rows these statistics saw are committed before they are saved
-            covered = self._writer.segment.committed_rows
-        save_sums(self._partial_sums_file(self._pass), self._sums.to_host(), attrs={"rows_covered": covered})
-        self._sums_saved = time.monotonic()
 
     def _check_id_kind(self, ids: list) -> str:
         kind = id_kind(ids)
@@ -747,8 +722,8 @@ class Run:
             scaler=scaler,
             check=self._check_batch,
             accept=lambda ids, rows, factor: self._accept(ids, rows, factor, step),
-            observer=self._sums.observe if self._sums is not None else None,
-            discard=self._sums.discard_batch if self._sums is not None else lambda: None,
+            observer=self._pass_sums.observer,
+            discard=self._pass_sums.discard,
         )
         self._created = self._last_capture
         return self._last_capture
@@ -771,8 +746,7 @@ class Run:
 
     def _accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
         """Queue a captured batch's rows, leaving out the examples `_check_batch` skipped."""
-        if self._sums is not None:
-            self._sums.close_batch(factor)
+        self._pass_sums.close_batch(factor)
         keep = self._ids.rows_to_write(ids, self._last_capture.keep if self._last_capture is not None else None)
         if keep is not None and not all(keep):
             rows = rows[torch.tensor(keep, device=rows.device)]
@@ -780,8 +754,8 @@ class Run:
         if ids:
             self._write(ids, rows, self.step if step is None else int(step))
             self._ids.wrote(ids)
-        if self._sums is not None and time.monotonic() - self._sums_saved > STATISTICS_CHECKPOINT:
-            self._checkpoint_sums()
+        if self._pass_sums.due():
+            self._pass_sums.checkpoint(self._pass["index"], self._writer)
         if self._optimizer_hook is None and step is None:
             self.step += 1
 
@@ -800,7 +774,7 @@ class Run:
         if self._writer is not None:
             self._writer.flush()
         if self._pass is not None:
-            self._checkpoint_sums()
+            self._pass_sums.checkpoint(self._pass["index"], self._writer)
 
     def finalize(self) -> None:
         """Write out every row and mark this session's passes complete. Idempotent.
