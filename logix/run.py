@@ -50,23 +50,13 @@ from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
 from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
-from .hooks import Watched, select_modules
+from .hooks import Watched
 from .host_copy import HostCopies
+from .layout import RowLayout
 from .lock import LOCK_FILE, WriterLock
 from .pass_ids import PassIds
 from .pass_sums import PassSums
-from .projection import (
-    AUTO_SKETCH,
-    PCA_MAX_DIM,
-    allocate_ranks,
-    auto_projection,
-    gaussian,
-    leading_directions,
-    module_seed,
-    pca_fits,
-    side_rank,
-)
-from .statistics import CovarianceSums, eigh, factors, finalize_pass
+from .statistics import CovarianceSums, finalize_pass
 from .version import __version__
 
 logger = logging.getLogger("logix")
@@ -161,11 +151,10 @@ class Run:
         self.process_index = self.world.process_index
         self._ids = PassIds(on_duplicate, self.world.distributed, self.process_index)
         self.step = 0
-        self.watched: list[Watched] = []
+        self._layout = RowLayout(config)  # what a row holds, once a model is watched
         self._optimizer_hook = None
         self._writer: BackgroundWriter | None = None
         self._host_copies = HostCopies(config.dtype)
-        self._pca_pending: dict[str, tuple[bool, bool]] = {}
         self._fitting = None
         self._pass: dict | None = None
         self._session_passes: set[str] = set()
@@ -287,37 +276,11 @@ class Run:
         self._check_open()
         if self.watched:
             raise ConfigError("this run already watches a model; one model per run")
-        chosen = select_modules(model, include, exclude, include_frozen)
         stored = read_projections(self.path / PROJECTIONS) if self._manifest["modules"] else {}
+        layout = RowLayout(self.config)
         logged = {m["name"]: m for m in self._manifest["modules"]}
-        auto = self.config.rank == "auto"
-        watched, offset = [], 0
-        for name, module, kind in chosen:
-            try:
-                d_in, d_out = kind.dims(module)
-            except (AttributeError, IndexError, TypeError, ValueError) as e:
-                raise ConfigError(
-                    f"cannot read the dimensions of module {name!r} ({kind.name}): {e}; if its weights are "
-                    "partitioned (DeepSpeed ZeRO-3), watch the model before deepspeed.initialize, or exclude it"
-                ) from e
-            if not auto:
-                k_in, k_out = side_rank(self.config.rank_in, d_in), side_rank(self.config.rank_out, d_out)
-            elif name in logged:  # ranks chosen when the log was started
-                k_in, k_out = logged[name]["k_in"], logged[name]["k_out"]
-            else:  # chosen in fit_projections; until then the sides are measured whole
-                k_in, k_out = d_in, d_out
-            if name in stored:
-                p_in, p_out = stored[name]
-            else:
-                p_in = gaussian(k_in, d_in, module_seed(self.config.seed, name, "in"))
-                p_out = gaussian(k_out, d_out, module_seed(self.config.seed, name, "out"))
-                if auto:
-                    self._pca_pending[name] = (True, True)
-                elif self.config.projection == "pca":
-                    self._pca_pending[name] = (pca_fits(k_in, d_in), pca_fits(k_out, d_out))
-            watched.append(Watched(name, module, kind, d_in, d_out, k_in, k_out, offset, p_in, p_out))
-            offset += k_in * k_out
-        modules = _module_entries(watched)
+        layout.choose(model, include, exclude, include_frozen, logged, stored)
+        modules = layout.entries()
         per_rank = self.world.gather(modules)
         differ = [r for r, m in enumerate(per_rank) if m != per_rank[0]]
         if differ:
@@ -334,24 +297,29 @@ class Run:
                     f"the model does not match the modules logged in {self.path}: "
                     f"{_module_differences(self._manifest['modules'], modules)}"
                 )
-        self.watched = watched
-        if not self._manifest["modules"] and not self._pca_pending:  # else written once fit_projections has run
-            self._write_modules(modules, offset)
+        self._layout = layout
+        if not self._manifest["modules"] and not layout.pending:  # else written once fit_projections has run
+            self._write_modules()
         _warn_if_compiled(model)
         attach = attacher_for(model)  # an engine (DeepSpeed's) whose backward an adapter follows
         if attach is not None:
             attach(self, model)
         if optimizer is not None:
             self._optimizer_hook = _torch_optimizer(optimizer).register_step_post_hook(self._on_optimizer_step)
-        logger.info("logix: watching %d modules, %d numbers per row", len(watched), offset)
-        return [w.name for w in watched]
+        logger.info("logix: watching %d modules, %d numbers per row", len(layout.watched), layout.width)
+        return [w.name for w in layout.watched]
 
-    def _write_modules(self, modules: list[dict], width: int) -> None:
+    @property
+    def watched(self) -> list[Watched]:
+        """The watched modules, with their ranks, projections and places in a row."""
+        return self._layout.watched
+
+    def _write_modules(self) -> None:
         """The row layout and projections, written once: the log's rows mean this from now on."""
         if self.process_index == 0:
-            write_projections(self.path / PROJECTIONS, {w.name: (w.proj_in, w.proj_out) for w in self.watched})
-        self._manifest["modules"] = modules
-        self._manifest["width"] = width
+            write_projections(self.path / PROJECTIONS, self._layout.projections())
+        self._manifest["modules"] = self._layout.entries()
+        self._manifest["width"] = self._layout.width
         self._save_manifest()
 
     @contextmanager
@@ -367,69 +335,21 @@ class Run:
             raise ConfigError("fit_projections needs logix.init(..., projection='pca')")
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.fit_projections()")
-        if not self._pca_pending:
+        if not self._layout.pending:
             raise ConfigError("this log's projections are already fitted (they are stored in the log)")
-        auto = self.config.rank == "auto"
-        fit_watched, sketches = [], {}
-        for w in self.watched:
-            fit_in, fit_out = self._pca_pending[w.name]
-            if auto:  # every side measured, whole or (past PCA_MAX_DIM) through a Gaussian sketch
-                sketches[w.name] = tuple(
-                    gaussian(AUTO_SKETCH, d, module_seed(self.config.seed, w.name, side)) if d > PCA_MAX_DIM else None
-                    for d, side in ((w.d_in, "in"), (w.d_out, "out"))
-                )
-                p_in, p_out = sketches[w.name]
-                k_in, k_out = (w.d_in if p is None else AUTO_SKETCH for p in (p_in, p_out))
-            else:
-                p_in, k_in = (None, w.d_in) if fit_in else (w.proj_in, w.k_in)
-                p_out, k_out = (None, w.d_out) if fit_out else (w.proj_out, w.k_out)
-            fit_watched.append(Watched(w.name, w.module, w.kind, w.d_in, w.d_out, k_in, k_out, 0, p_in, p_out))
-        self._fitting = (fit_watched, CovarianceSums())
+        self._fitting = (self._layout.fitting(), CovarianceSums())
         try:
             yield self
             self._refuse_unentered()
             sums = reduce_sums(self.world, self._fitting[1].to_host())
         finally:
             self._fitting = None
-        bases = {}
-        for w in self.watched:
-            if w.name not in sums:
-                raise CaptureError(f"module {w.name!r} received no gradient during fit_projections")
-            a, s = factors(sums[w.name], w.name)
-            bases[w.name] = (eigh(a, w.name, "A"), eigh(s, w.name, "S"))
-        if auto:
-            try:
-                chosen = allocate_ranks(
-                    {n: (ea, es) for n, ((ea, _), (es, _)) in bases.items()}, self.config.row_numbers
-                )
-            except ValueError as e:
-                raise ConfigError(f"rank='auto': row_bytes={self.config.row_bytes} is too small: {e}") from None
-        for w in self.watched:
-            fit_in, fit_out = self._pca_pending[w.name]
-            (_, vec_a), (_, vec_s) = bases[w.name]
-            if auto:
-                w.k_in, w.k_out = chosen[w.name]
-                w.proj_in, w.proj_out = (
-                    auto_projection(vectors, k, d, sketch)
-                    for vectors, k, d, sketch in zip(
-                        (vec_a, vec_s), chosen[w.name], (w.d_in, w.d_out), sketches[w.name]
-                    )
-                )
-                continue
-            if fit_in:
-                w.proj_in = leading_directions(vec_a, w.k_in)
-            if fit_out:
-                w.proj_out = leading_directions(vec_s, w.k_out)
         # bit-identical on every rank, whatever each rank's eigh returned
-        fitted = self.world.broadcast({w.name: (w.k_in, w.k_out, w.proj_in, w.proj_out) for w in self.watched})
-        offset = 0
-        for w in self.watched:
-            w.k_in, w.k_out, w.proj_in, w.proj_out = fitted[w.name]
-            w.offset, offset = offset, offset + w.k_in * w.k_out
-            w._cache.clear()
-        self._pca_pending = {}
-        self._write_modules(_module_entries(self.watched), offset)
-        logger.info("logix: PCA projections fitted for %d modules, %d numbers per row", len(self.watched), offset)
+        self._layout.adopt(self.world.broadcast(self._layout.fit(sums)))
+        self._write_modules()
+        logger.info(
+            "logix: PCA projections fitted for %d modules, %d numbers per row", len(self.watched), self._layout.width
+        )
 
     def _on_optimizer_step(self, optimizer, *args) -> None:
         """Count the step, and add it to the open pass's training record (attribution across
@@ -709,7 +629,7 @@ class Run:
                 keep_rows=False,
             )
             return self._created
-        if self._pca_pending:
+        if self._layout.pending:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
         if self._pass is None:
             self._default_pass()
@@ -856,23 +776,6 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
-
-
-def _module_entries(watched: list[Watched]) -> list[dict]:
-    """The manifest's description of each watched module and its place in a row."""
-    return [
-        {
-            "name": w.name,
-            "kind": w.kind.name,
-            "d_in": w.d_in,
-            "d_out": w.d_out,
-            "k_in": w.k_in,
-            "k_out": w.k_out,
-            "offset": w.offset,
-            "bias": w.kind.has_bias(w.module),
-        }
-        for w in watched
-    ]
 
 
 def _module_differences(logged: list[dict], asked: list[dict]) -> str:

@@ -177,10 +177,10 @@ def test_auto_errors_name_the_problem(tmp_path):
 
 
 def test_sides_too_wide_to_measure_whole_go_through_a_sketch(tmp_path, monkeypatch):
-    import logix.run
+    import logix.layout
 
-    monkeypatch.setattr(logix.run, "PCA_MAX_DIM", 10)  # the 16-wide sides are "too wide" here
-    monkeypatch.setattr(logix.run, "AUTO_SKETCH", 5)
+    monkeypatch.setattr(logix.layout, "PCA_MAX_DIM", 10)  # the 16-wide sides are "too wide" here
+    monkeypatch.setattr(logix.layout, "AUTO_SKETCH", 5)
     model, x, y, log = logged(tmp_path / "log", 4 * 200)
     assert log.modules["0"].k_out <= 5 and log.modules["2"].k_in <= 5  # no more than the sketch measured
     exact = exact_gradients(model, F.cross_entropy, x, y)
