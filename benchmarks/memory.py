@@ -98,8 +98,9 @@ def held_by(run) -> int:
     tensors = []
     for w in run.watched:
         tensors += [w.proj_in, w.proj_out] + [t for pair in w._cache.values() for t in pair]
-    if run._sums is not None:
-        for store in (run._sums.a_sum, run._sums.s_sum):
+    sums = run._pass_sums.sums  # the open pass's covariance sums (logix.pass_sums)
+    if sums is not None:
+        for store in (sums.a_sum, sums.s_sum):
             tensors += store.values()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     return sum(storages.values())
