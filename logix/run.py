@@ -36,13 +36,10 @@ from .disk import (
     MANIFEST,
     PROJECTIONS,
     SCHEMA_VERSION,
-    BackgroundWriter,
-    SegmentWriter,
     committed_ids,
     pass_segments,
     read_manifest,
     read_projections,
-    segment_name,
     write_json_atomic,
     write_projections,
 )
@@ -51,11 +48,11 @@ from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
 from .hooks import Watched
-from .host_copy import HostCopies
 from .layout import RowLayout
 from .lock import LOCK_FILE, WriterLock
 from .pass_ids import PassIds
 from .pass_sums import PassSums
+from .pass_writer import PassWriter
 from .statistics import CovarianceSums, finalize_pass
 from .version import __version__
 
@@ -153,8 +150,6 @@ class Run:
         self.step = 0
         self._layout = RowLayout(config)  # what a row holds, once a model is watched
         self._optimizer_hook = None
-        self._writer: BackgroundWriter | None = None
-        self._host_copies = HostCopies(config.dtype)
         self._fitting = None
         self._pass: dict | None = None
         self._session_passes: set[str] = set()
@@ -168,6 +163,7 @@ class Run:
         self._manifest = self._open_on_rank0()
         self.session = self._manifest["sessions"] - 1
         self._pass_sums = PassSums(self.path, config.factors, self.process_index, self.session)
+        self._rows = PassWriter(self.path, config.dtype, self.process_index, self.session, queue_size, commit_interval)
         _open_runs.add(self)
 
     # -- the log directory -----------------------------------------------------------------------
@@ -523,15 +519,10 @@ class Run:
             return
         self._settle_lr()
         p, error = self._pass, None
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            entry = next(s for s in p["segments"] if self.path / s["file"] == writer.segment.path)
-            try:
-                writer.close()
-            except BaseException as e:
-                error = e
-            entry["rows"] = writer.segment.committed_rows
-            segment = writer.segment
+        segment, error = self._rows.close()
+        if segment is not None:
+            entry = next(s for s in p["segments"] if self.path / s["file"] == segment.path)
+            entry["rows"] = segment.committed_rows
             logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
         if self._ids.skipped:
             logged = len(self._ids.logged)
@@ -570,22 +561,6 @@ class Run:
         if logged is not None and logged != kind:
             raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
         return kind
-
-    def _writer_for_pass(self, id_kind: str) -> BackgroundWriter:
-        self._manifest["id_kind"] = id_kind
-        if self._writer is None:
-            file = segment_name(self._pass["index"], self.process_index, self.session)
-            attrs = {
-                "pass": self._pass["name"],
-                "rank": self.process_index,
-                "session": self.session,
-                "schema_version": SCHEMA_VERSION,
-            }
-            segment = SegmentWriter(self.path / file, self._manifest["width"], self.config.dtype, id_kind, attrs)
-            self._pass["segments"].append({"file": file, "rank": self.process_index, "session": self.session})
-            self._save_manifest()
-            self._writer = BackgroundWriter(segment, self.queue_size, self.commit_interval)
-        return self._writer
 
     # -- capture ---------------------------------------------------------------------------------
 
@@ -675,14 +650,19 @@ class Run:
             self._write(ids, rows, self.step if step is None else int(step))
             self._ids.wrote(ids)
         if self._pass_sums.due():
-            self._pass_sums.checkpoint(self._pass["index"], self._writer)
+            self._pass_sums.checkpoint(self._pass["index"], self._rows.writer)
         if self._optimizer_hook is None and step is None:
             self.step += 1
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
-        """The batch's rows to the pass's writer, through one host copy (logix.host_copy)."""
-        writer = self._writer_for_pass(self._check_id_kind(ids))
-        writer.put(self._host_copies.batch(ids, rows, step))
+        """The batch's rows to the pass's segment (logix.pass_writer), listed in the manifest first."""
+        id_kind = self._check_id_kind(ids)
+        self._manifest["id_kind"] = id_kind
+        entry = self._rows.open(self._pass, self._manifest["width"], id_kind)
+        if entry is not None:
+            self._pass["segments"].append(entry)
+            self._save_manifest()
+        self._rows.put(ids, rows, step)
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -691,10 +671,9 @@ class Run:
         (the pass stays open)."""
         self._check_open()
         self._refuse_unentered()
-        if self._writer is not None:
-            self._writer.flush()
+        self._rows.flush()
         if self._pass is not None:
-            self._pass_sums.checkpoint(self._pass["index"], self._writer)
+            self._pass_sums.checkpoint(self._pass["index"], self._rows.writer)
 
     def finalize(self) -> None:
         """Write out every row and mark this session's passes complete. Idempotent.

@@ -1,0 +1,58 @@
+"""The open pass's segment on this process: created with the pass's first rows, fed one host copy
+per batch (logix.host_copy), committed by a background thread, closed when the pass ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from .disk import SCHEMA_VERSION, BackgroundWriter, SegmentWriter, segment_name
+from .host_copy import HostCopies
+
+
+class PassWriter:
+    """Rows of the open pass on their way to this process's segment file."""
+
+    def __init__(self, root: Path, dtype: str, process_index: int, session: int, queue_size: int, commit_interval):
+        self.root, self.dtype = root, dtype
+        self.process_index, self.session = process_index, session
+        self.queue_size, self.commit_interval = queue_size, commit_interval
+        self.host = HostCopies(dtype)
+        self.writer: BackgroundWriter | None = None
+
+    def open(self, p: dict, width: int, id_kind: str) -> dict | None:
+        """The pass's segment, created at its first batch: then its manifest entry (to list before
+        any row is queued), else None."""
+        if self.writer is not None:
+            return None
+        file = segment_name(p["index"], self.process_index, self.session)
+        attrs = {
+            "pass": p["name"],
+            "rank": self.process_index,
+            "session": self.session,
+            "schema_version": SCHEMA_VERSION,
+        }
+        segment = SegmentWriter(self.root / file, width, self.dtype, id_kind, attrs)
+        self.writer = BackgroundWriter(segment, self.queue_size, self.commit_interval)
+        return {"file": file, "rank": self.process_index, "session": self.session}
+
+    def put(self, ids: list, rows: Tensor, step: int) -> None:
+        self.writer.put(self.host.batch(ids, rows, step))
+
+    def flush(self) -> None:
+        """Every queued row written and committed."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> tuple[SegmentWriter | None, BaseException | None]:
+        """Drain and close the segment: (its writer, or None if the pass wrote nothing here; the
+        error closing raised, if any, for the caller to raise once the pass is recorded)."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return None, None
+        try:
+            writer.close()
+        except BaseException as e:  # noqa: BLE001 - re-raised by Run._end_pass after the manifest is saved
+            return writer.segment, e
+        return writer.segment, None
