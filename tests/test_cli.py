@@ -289,6 +289,18 @@ def test_verify_names_the_damage_and_exits_1(capsys, tmp_path, logs, damage):
     assert not result["ok"] and any(expected in p for p in result["problems"])
 
 
+def test_verify_lists_every_problem_the_library_check_finds(capsys, tmp_path, logs):
+    """logix.open stops at the first damaged projection; verify names each (the same check)."""
+    path = damaged_copy(tmp_path, logs)
+    with h5py.File(path / "projections.h5", "r+") as f:
+        del f["0/in"], f["2/in"]
+    with pytest.raises(logix.LogFormatError, match="lack 0/in"):
+        logix.open(path).projections()
+    code, out, _ = run_cli(capsys, "verify", "-q", path)
+    assert code == 1
+    assert "lack 0/in, a (4, 7) matrix" in out and "lack 2/in, a (4, 6) matrix" in out, out
+
+
 def test_verify_names_the_row_and_id_of_damaged_data(capsys, tmp_path, logs):
     path = damaged_copy(tmp_path, logs)
     _nan_bytes_in_grads(path)

@@ -15,14 +15,13 @@ from ..disk import (
     PROJECTIONS,
     SCHEMA_VERSION,
     SEGMENTS,
-    check_projections,
-    check_segment,
     open_segment,
     read_manifest,
     read_projections,
     read_rows,
 )
-from ..disk.segments import data_extent
+from ..disk.projections import projection_problems
+from ..disk.segments import data_extent, segment_problems
 from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
 from ..errors import ConfigError, LogFormatError, NotInLogError
 from ..log import ModuleInfo, default_block_rows
@@ -165,13 +164,14 @@ class Verifier:
         except LogFormatError as e:
             self.problem(str(e))
             return
-        for m in modules:
-            try:
-                check_projections(projections, [ModuleInfo(**m)], path)
-            except (LogFormatError, TypeError) as e:
-                self.problem(str(e))
-                continue
-            self.counts["projections"] += sum(matrix is not None for matrix in projections[m["name"]])
+        try:
+            infos = [ModuleInfo(**m) for m in modules]
+        except TypeError as e:
+            self.problem(f"{MANIFEST}: a module entry has other fields than logix writes ({e})")
+            return
+        for problem in projection_problems(projections, infos, path):
+            self.problem(problem)
+        self.counts["projections"] += sum(m is not None for pair in projections.values() for m in pair)
 
     def _open_segments(self, p: dict, width, dtype, id_kind) -> list[tuple[dict, int]]:
         """Each segment opened and checked as logix.open does (logix.disk.segments), then for what
@@ -190,7 +190,11 @@ class Verifier:
                 continue
             try:
                 with open_segment(path) as f:
-                    n = check_segment(f, path, width, dtype, id_kind, entry.get("rows"))
+                    n, problems = segment_problems(f, path, width, dtype, id_kind, entry.get("rows"))
+                    for problem in problems:
+                        self.problem(f"pass {p['name']!r}: segment {path} is damaged: {problem}")
+                    if problems:
+                        continue
                     reach, size = data_extent(f), path.stat().st_size
                     if reach > size:
                         self.problem(

@@ -55,25 +55,36 @@ def read_projections(path: Path) -> dict[str, tuple]:
 
 
 def check_projections(projections: dict[str, tuple], modules, path: Path) -> dict[str, tuple]:
-    """Each logged module has its (P_in, P_out): (k, d) and finite where k < d, absent where k == d."""
+    """Each logged module has its (P_in, P_out): (k, d) and finite where k < d, absent where k == d.
+    The first problem projection_problems finds is a LogFormatError."""
+    problems = projection_problems(projections, modules, path)
+    if problems:
+        raise LogFormatError(problems[0])
+    return projections
+
+
+def projection_problems(projections: dict[str, tuple], modules, path: Path) -> list[str]:
+    """Every way the stored projections differ from the modules' (see check_projections)."""
+    problems = []
     for m in modules:
         if m.name not in projections:
-            raise LogFormatError(f"projections {path} lack module {m.name!r}: the file is damaged")
+            problems.append(f"projections {path} lack module {m.name!r}: the file is damaged")
+            continue
         for matrix, k, d, side in zip(projections[m.name], (m.k_in, m.k_out), (m.d_in, m.d_out), ("in", "out")):
             if matrix is None:
                 if k != d:
-                    raise LogFormatError(f"projections {path} lack {m.name}/{side}, a ({k}, {d}) matrix")
+                    problems.append(f"projections {path} lack {m.name}/{side}, a ({k}, {d}) matrix")
             elif k == d:
-                raise LogFormatError(
+                problems.append(
                     f"projections {path}: {m.name}/{side} is stored but that side is not projected (k = d = {d})"
                 )
             elif tuple(matrix.shape) != (k, d):
-                raise LogFormatError(
+                problems.append(
                     f"projections {path}: {m.name}/{side} has shape {tuple(matrix.shape)}, the manifest says ({k}, {d})"
                 )
             elif not torch.isfinite(matrix).all():
-                raise LogFormatError(f"projections {path}: {m.name}/{side} holds non-finite numbers")
-    return projections
+                problems.append(f"projections {path}: {m.name}/{side} holds non-finite numbers")
+    return problems
 
 
 def projected_sides(path: Path, names: list[str]) -> dict[str, list[str]]:

@@ -101,46 +101,65 @@ def check_segment(
 ) -> int:
     """The number of committed rows of an open segment, after checking that its datasets are the
     ones the writer makes (names, dtypes, shapes) and agree with the manifest where it is given:
-    row width, storage dtype, id kind, and the row count recorded when the segment was closed."""
+    row width, storage dtype, id kind, and the row count recorded when the segment was closed.
+    The first problem segment_problems finds is a LogFormatError."""
+    n, problems = segment_problems(f, path, width, dtype, id_kind, rows)
+    if problems:
+        raise LogFormatError(f"segment {path} is damaged: {problems[0]}")
+    return n
 
-    def bad(what: str) -> LogFormatError:
-        return LogFormatError(f"segment {path} is damaged: {what}")
 
+def segment_problems(
+    f: h5py.File,
+    path: Path,
+    width: int | None = None,
+    dtype: str | None = None,
+    id_kind: str | None = None,
+    rows: int | None = None,
+) -> tuple[int | None, list[str]]:
+    """Every way an open segment differs from what the writer makes (see check_segment), in the
+    order check_segment reports them: (its committed rows, or None when its structure cannot say;
+    the problems). `logix.open` refuses a segment with any; `logix verify` lists them all."""
+    problems = []
     for name in SEGMENT_DATASETS:
         if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f.get(name), h5py.Dataset):
-            raise bad(f"it has no {name!r} dataset")
-        if not self_contained(f[name]):
-            raise bad(f"{name!r} keeps its data in other files (external or virtual storage): refused")
+            problems.append(f"it has no {name!r} dataset")
+        elif not self_contained(f[name]):
+            problems.append(f"{name!r} keeps its data in other files (external or virtual storage): refused")
+    if problems:
+        return None, problems
     committed, ids, grads, flags, step = (f[name] for name in SEGMENT_DATASETS)
     if committed.shape != (1,) or committed.dtype.kind not in "iu":
-        raise bad(f"'committed' must be one integer, got {committed.dtype} of shape {committed.shape}")
+        return None, [f"'committed' must be one integer, got {committed.dtype} of shape {committed.shape}"]
     n = int(committed[0])
     if f.swmr_mode:  # a writer is appending: see the datasets as they are now, after the counter
         for ds in (ids, grads, flags, step):
             ds.refresh()
     if grads.ndim != 2 or grads.dtype not in (np.float16, np.float32):
-        raise bad(f"'grads' must be (rows, width) float16 or float32, got {grads.dtype} of shape {grads.shape}")
-    if width is not None and grads.shape[1] != width:
-        raise bad(f"its rows have {grads.shape[1]} numbers, the manifest says {width}")
+        problems.append(f"'grads' must be (rows, width) float16 or float32, got {grads.dtype} of shape {grads.shape}")
+    elif width is not None and grads.shape[1] != width:
+        problems.append(f"its rows have {grads.shape[1]} numbers, the manifest says {width}")
     if dtype is not None and grads.dtype != np.dtype(dtype):
-        raise bad(f"its rows are stored as {grads.dtype}, the manifest's config says {dtype}")
+        problems.append(f"its rows are stored as {grads.dtype}, the manifest's config says {dtype}")
     if flags.dtype != np.uint8 or step.dtype.kind not in "iu":
-        raise bad(f"'flags' must be uint8 and 'step' integers, got {flags.dtype} and {step.dtype}")
+        problems.append(f"'flags' must be uint8 and 'step' integers, got {flags.dtype} and {step.dtype}")
     string_ids = h5py.check_string_dtype(ids.dtype) is not None
     if not (ids.dtype == np.int64 or string_ids):
-        raise bad(f"'ids' must be int64 or UTF-8 strings, got {ids.dtype}")
-    if id_kind is not None and string_ids != (id_kind == "str"):
-        raise bad(f"its ids are {'strings' if string_ids else 'ints'}, the manifest says {id_kind}")
-    for ds in (ids, grads, flags, step):
-        if ds.ndim != (2 if ds is grads else 1):
-            raise bad(f"{ds.name.lstrip('/')!r} has shape {ds.shape}")
-    if not 0 <= n <= min(len(ids), len(grads), len(flags), len(step)):
-        raise bad(f"{n} rows are marked committed but it holds {min(len(ids), len(grads), len(flags), len(step))}")
+        problems.append(f"'ids' must be int64 or UTF-8 strings, got {ids.dtype}")
+    elif id_kind is not None and string_ids != (id_kind == "str"):
+        problems.append(f"its ids are {'strings' if string_ids else 'ints'}, the manifest says {id_kind}")
+    shapeless = [ds for ds in (ids, grads, flags, step) if ds.ndim != (2 if ds is grads else 1)]
+    problems += [f"{ds.name.lstrip('/')!r} has shape {ds.shape}" for ds in shapeless]
+    if shapeless:
+        return n, problems
+    held = min(len(ids), len(grads), len(flags), len(step))
+    if not 0 <= n <= held:
+        problems.append(f"{n} rows are marked committed but it holds {held}")
     if id_kind is None and n and width is not None:  # checked against a manifest that names no id kind
-        raise bad(f"it holds {n} committed rows but the manifest's 'id_kind' is not set")
+        problems.append(f"it holds {n} committed rows but the manifest's 'id_kind' is not set")
     if rows is not None and n != rows:
-        raise bad(f"it holds {n} committed rows, the manifest recorded {rows} when it was closed")
-    return n
+        problems.append(f"it holds {n} committed rows, the manifest recorded {rows} when it was closed")
+    return n, problems
 
 
 def self_contained(dataset: h5py.Dataset) -> bool:
