@@ -480,7 +480,7 @@ class Run:
         A session that ended cleanly covers all its rows; a crashed one the rows committed at its
         last checkpoint (none without one)."""
         parts = p.setdefault("statistics_parts", [])
-        finished = {_session_of(f) for f in parts}
+        finished = {sums_owner(f)[1] for f in parts}
         covered = {}
         if self.config.factors:
             for entry in p["segments"]:
@@ -518,7 +518,7 @@ class Run:
         if self._pass is None:
             return
         self._settle_lr()
-        p, error = self._pass, None
+        p = self._pass
         segment, error = self._rows.close()
         if segment is not None:
             entry = next(s for s in p["segments"] if self.path / s["file"] == segment.path)
@@ -777,11 +777,6 @@ def _module_differences(logged: list[dict], asked: list[dict]) -> str:
         parts.append("the projected sizes differ (another rank= or the same model with other include/exclude)")
     advice = "Watch the same model with the same include/exclude, or write to a new path"
     return "; ".join(parts) + f" (gradient shapes d_out x d_in). {advice}"
-
-
-def _session_of(file: str) -> int:
-    """The session number in a statistics file name (p000-r0-s003.h5 -> 3)."""
-    return int(Path(file).name.split("-s")[1][:3])
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
