@@ -32,7 +32,6 @@ class RowLayout:
         self.config = config
         self.watched: list[Watched] = []
         self.pending: dict[str, tuple[bool, bool]] = {}  # module -> (fit P_in, fit P_out)
-        self.sketches: dict[str, tuple] = {}  # rank="auto": a side past PCA_MAX_DIM is measured through one
 
     @property
     def width(self) -> int:
@@ -104,17 +103,21 @@ class RowLayout:
         for w in self.watched:
             fit_in, fit_out = self.pending[w.name]
             if auto:
-                self.sketches[w.name] = tuple(
-                    gaussian(AUTO_SKETCH, d, module_seed(self.config.seed, w.name, side)) if d > PCA_MAX_DIM else None
-                    for d, side in ((w.d_in, "in"), (w.d_out, "out"))
-                )
-                p_in, p_out = self.sketches[w.name]
+                p_in, p_out = self._sketches(w)
                 k_in, k_out = (w.d_in if p is None else AUTO_SKETCH for p in (p_in, p_out))
             else:
                 p_in, k_in = (None, w.d_in) if fit_in else (w.proj_in, w.k_in)
                 p_out, k_out = (None, w.d_out) if fit_out else (w.proj_out, w.k_out)
             out.append(Watched(w.name, w.module, w.kind, w.d_in, w.d_out, k_in, k_out, 0, p_in, p_out))
         return out
+
+    def _sketches(self, w: Watched) -> tuple[Tensor | None, Tensor | None]:
+        """rank="auto": the Gaussian sketch a side wider than PCA_MAX_DIM is measured through (seeded
+        like a projection, so the fit rebuilds the one the fitting pass used), else None."""
+        return tuple(
+            gaussian(AUTO_SKETCH, d, module_seed(self.config.seed, w.name, side)) if d > PCA_MAX_DIM else None
+            for d, side in ((w.d_in, "in"), (w.d_out, "out"))
+        )
 
     def fit(self, sums: dict) -> dict[str, tuple]:
         """From the fitting pass's covariance sums: each module's (k_in, k_out, P_in, P_out), the
@@ -139,7 +142,7 @@ class RowLayout:
             (_, vec_a), (_, vec_s) = bases[w.name]
             if auto:
                 k_in, k_out = chosen[w.name]
-                sketch_in, sketch_out = self.sketches[w.name]
+                sketch_in, sketch_out = self._sketches(w)
                 p_in = auto_projection(vec_a, k_in, w.d_in, sketch_in)
                 p_out = auto_projection(vec_s, k_out, w.d_out, sketch_out)
             else:
