@@ -538,7 +538,9 @@ class Log:
             path = self.path / segment.file
             with self._open(segment) as f:
                 try:
-                    n = check_segment(f, path, self.width, self.config.dtype, self.id_kind, segment.rows)
+                    n = check_segment(
+                        f, path, width=self.width, dtype=self.config.dtype, id_kind=self.id_kind, rows=segment.rows
+                    )
                     ids.append(read_ids(f["ids"], n, path))
                     flags.append(read_rows(f["flags"], np.s_[:n]))
                     steps.append(read_rows(f["step"], np.s_[:n]))

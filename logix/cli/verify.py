@@ -190,7 +190,9 @@ class Verifier:
                 continue
             try:
                 with open_segment(path) as f:
-                    n, problems = segment_problems(f, path, width, dtype, id_kind, entry.get("rows"))
+                    n, problems = segment_problems(
+                        f, path, width=width, dtype=dtype, id_kind=id_kind, rows=entry.get("rows")
+                    )
                     for problem in problems:
                         self.problem(f"pass {p['name']!r}: segment {path} is damaged: {problem}")
                     if problems:

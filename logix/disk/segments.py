@@ -91,19 +91,10 @@ def _being_written(segment: Path) -> bool:
 SEGMENT_DATASETS = ("committed", "ids", "grads", "flags", "step")
 
 
-def check_segment(
-    f: h5py.File,
-    path: Path,
-    width: int | None = None,
-    dtype: str | None = None,
-    id_kind: str | None = None,
-    rows: int | None = None,
-) -> int:
-    """The number of committed rows of an open segment, after checking that its datasets are the
-    ones the writer makes (names, dtypes, shapes) and agree with the manifest where it is given:
-    row width, storage dtype, id kind, and the row count recorded when the segment was closed.
-    The first problem segment_problems finds is a LogFormatError."""
-    n, problems = segment_problems(f, path, width, dtype, id_kind, rows)
+def check_segment(f: h5py.File, path: Path, **expected) -> int:
+    """The number of committed rows of an open segment; the first problem segment_problems finds
+    (with `expected` its width, dtype, id_kind, rows) is a LogFormatError."""
+    n, problems = segment_problems(f, path, **expected)
     if problems:
         raise LogFormatError(f"segment {path} is damaged: {problems[0]}")
     return n
@@ -112,14 +103,16 @@ def check_segment(
 def segment_problems(
     f: h5py.File,
     path: Path,
+    *,
     width: int | None = None,
     dtype: str | None = None,
     id_kind: str | None = None,
     rows: int | None = None,
 ) -> tuple[int | None, list[str]]:
-    """Every way an open segment differs from what the writer makes (see check_segment), in the
-    order check_segment reports them: (its committed rows, or None when its structure cannot say;
-    the problems). `logix.open` refuses a segment with any; `logix verify` lists them all."""
+    """Every way an open segment differs from what the writer makes (names, dtypes, shapes) or from
+    the manifest where it is given (row width, storage dtype, id kind, the row count recorded when
+    the segment was closed), in order: (its committed rows, or None when its structure cannot say;
+    the problems). `logix.open` refuses a segment with any (check_segment); `logix verify` lists them all."""
     problems = []
     for name in SEGMENT_DATASETS:
         if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f.get(name), h5py.Dataset):
