@@ -121,7 +121,7 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
 
 def preconditioners(statistics, raw: bool = True) -> list[str]:
     """What a pass finalized with these statistics can be scored with: identity always, raw where
-    gathered (and, with raw=False, not built for every module: not), kfac from K-FAC or EK-FAC
+    gathered and built for every module (raw=False says it was not), kfac from K-FAC or EK-FAC
     factors, ekfac from EK-FAC's eigenvalues."""
     out = ["identity"]
     if "raw" in statistics and raw:
@@ -144,7 +144,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     parts: the pass's sums files (relative to root). wanted: the config's statistics. Reads the
     rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influences.
     """
-    from . import influence  # influence reads statistics files through the disk wing; no cycle at import
+    from . import influence  # influence imports this module (RAW_MAX_WIDTH, preconditioners)
     from .log import Log
 
     if not wanted:
