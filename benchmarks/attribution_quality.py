@@ -101,7 +101,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import logix
-from logix.influence import Preconditioner, load_curvature
+from logix.curvature import Preconditioner, load_curvature
 
 try:
     from scipy.stats import rankdata

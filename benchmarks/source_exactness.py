@@ -38,7 +38,7 @@ from torch.func import functional_call, hessian, jacrev
 
 import logix
 from logix.across_training import segments
-from logix.influence import load_curvature
+from logix.curvature import load_curvature
 
 N, B, Q = 16, 2, 3
 G = torch.Generator().manual_seed(7)

@@ -24,10 +24,10 @@ from .errors import (
     StatisticsError,
     WriterError,
 )
-from .influence import Scores, SelfInfluence, TopK
 from .labels import sampled_labels
 from .log import Log, ModuleInfo, PassInfo
 from .query import Query
+from .results import Scores, SelfInfluence, TopK
 from .run import Run, init
 from .version import __version__
 

@@ -47,16 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, load_curvature
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .influence import (
-    DEFAULT_DAMPING_FACTOR,
-    Preconditioner,
-    Scores,
-    SelfInfluence,
-    as_ids,
-    load_curvature,
-    self_influence_values,
-)
+from .influence import self_influence_values
+from .results import Scores, SelfInfluence, as_ids
 
 METHODS = ("source", "tracin", "checkpoint")
 CURVATURES = ("raw", "kfac", "ekfac")

@@ -21,6 +21,14 @@ import torch
 
 from . import across_training
 from .config import Config
+from .curvature import (
+    CURVATURE_SOURCES,
+    DAMPING_RULE,
+    DEFAULT_DAMPING_FACTOR,
+    Preconditioner,
+    resolve_preconditioner,
+    statistics_file,
+)
 from .disk import (
     FLAG_NONFINITE,
     PROJECTIONS,
@@ -35,21 +43,10 @@ from .disk import (
 from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .influence import (
-    CURVATURE_SOURCES,
-    DAMPING_RULE,
-    DEFAULT_DAMPING_FACTOR,
-    Preconditioner,
-    ScoreOptions,
-    Scores,
-    SelfInfluence,
-    resolve_preconditioner,
-    score,
-    self_influence_values,
-    statistics_file,
-)
+from .influence import ScoreOptions, score, self_influence_values
 from .lock import Writer, find_writer
 from .query import Query
+from .results import Scores, SelfInfluence
 
 logger = logging.getLogger("logix")
 
@@ -251,7 +248,10 @@ class Log:
             self.current = self.pass_info(self._pass_name)
         return self
 
-    def pass_info(self, name: str) -> PassInfo:
+    def pass_info(self, name: str | None = None) -> PassInfo:
+        """The pass named `name`, or the one this view reads (an error when the log has none)."""
+        if name is None:
+            return self._require_pass()
         for p in self.passes:
             if p.name == name:
                 return p
@@ -286,6 +286,16 @@ class Log:
 
     def _valid(self) -> np.ndarray:
         return (self._flags[self.current.name] & FLAG_NONFINITE) == 0
+
+    @property
+    def valid_mask(self) -> np.ndarray:
+        """One bool per committed row of the pass, False where the row is flagged (the rows `ids` leaves out)."""
+        return self._valid() if self.current is not None else np.zeros(0, dtype=bool)
+
+    @property
+    def statistics_files(self) -> dict[str, str]:
+        """The statistics file of each finalized pass that has one (relative to the log), by pass name."""
+        return dict(self._stats_files)
 
     @property
     def ids(self) -> np.ndarray:

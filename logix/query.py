@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .capture import Capture, refuse_unentered, running
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
-from .influence import as_ids
 from .kinds import kind_of
+from .results import as_ids
 
 
 class Query:

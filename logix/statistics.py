@@ -144,7 +144,7 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     parts: the pass's sums files (relative to root). wanted: the config's statistics. Reads the
     rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influences.
     """
-    from . import influence  # influence imports this module (RAW_MAX_WIDTH, preconditioners)
+    from . import curvature, influence  # curvature imports this module (RAW_MAX_WIDTH, preconditioners)
     from .log import Log
 
     if not wanted:
@@ -155,14 +155,14 @@ def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: 
     # self-influence at default damping, kept so normalised scores never recompute it
     available = preconditioners(wanted, raw=bool(raw_modules) and len(raw_modules) == len(log.modules))
     pres = {
-        name: influence.Preconditioner.from_curvature(
-            log, name, influence.build_curvature(log.modules, list(log.modules), name, lambda m: _Held(derived[m]))
+        name: curvature.Preconditioner.from_curvature(
+            log, name, curvature.build_curvature(log.modules, list(log.modules), name, lambda m: _Held(derived[m]))
         )
         for name in available
     }
     _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
     file = statistics_name(log.current.index)
-    attrs = dict(damping_rule=influence.DAMPING_RULE, damping_factor=influence.DEFAULT_DAMPING_FACTOR, curvature="own")
+    attrs = dict(damping_rule=curvature.DAMPING_RULE, damping_factor=curvature.DEFAULT_DAMPING_FACTOR, curvature="own")
     write_statistics(root / file, derived, values, attrs)
     return file
 
@@ -212,7 +212,7 @@ def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | Non
 
 
 class _Held:
-    """One module's derived arrays, read like a statistics file's group (influence.build_curvature)."""
+    """One module's derived arrays, read like a statistics file's group (curvature.build_curvature)."""
 
     def __init__(self, arrays: dict[str, Tensor]):
         self.arrays = arrays

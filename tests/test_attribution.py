@@ -34,7 +34,8 @@ from conftest import exact_gradients
 from torch import nn
 
 import logix
-from logix.influence import TopK, statistics_file
+from logix.curvature import statistics_file
+from logix.results import TopK
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 CURVED = ("raw", "kfac", "ekfac")
@@ -840,7 +841,7 @@ def test_auto_preconditioner_takes_the_best_statistics_the_pass_has(tmp_path, st
     with log.query(model) as q:
         with q.capture(["a", "b"]):
             ce(model(x[:2] * 0.5), y[:2]).mean().backward()
-    assert logix.influence.resolve_preconditioner(log, "auto") == chosen
+    assert logix.curvature.resolve_preconditioner(log, "auto") == chosen
     torch.testing.assert_close(log.influence(q).values, log.influence(q, chosen).values, rtol=0, atol=0)
     torch.testing.assert_close(log.self_influence().values, log.self_influence(chosen).values, rtol=0, atol=0)
 
@@ -855,7 +856,7 @@ def test_auto_preconditioner_is_identity_until_the_pass_is_finalized(tmp_path):
         ce(model(x), y).mean().backward()
     run.flush()
     try:
-        assert logix.influence.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "identity"
+        assert logix.curvature.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "identity"
     finally:
         run.finalize()
-    assert logix.influence.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "ekfac"
+    assert logix.curvature.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "ekfac"

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 import logix
 from logix import ConfigError, LogFormatError
 from logix.across_training import training_passes
-from logix.influence import load_curvature
+from logix.curvature import load_curvature
 
 N, D_IN, D_HID, CLASSES = 12, 4, 3, 3
 G = torch.Generator().manual_seed(3)

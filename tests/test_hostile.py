@@ -494,7 +494,7 @@ def test_scoring_with_odd_but_valid_arguments_is_exact(scored, case):
     pre = kw.pop("preconditioner", "identity")
     result = log.influence(q, pre, **kw)
     # the direct computation: precondition the query, dot with every selected train row
-    from logix.influence import Preconditioner
+    from logix.curvature import Preconditioner
 
     p = Preconditioner(log, pre, kw.get("damping"), modules=kw.get("modules"))
     full = (p.apply(q.rows) @ p.columns(log.rows()).double().T).float()

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..curvature import available_preconditioners
 from ..disk.segments import segment_reach
 from ..errors import NotInLogError
-from ..influence import available_preconditioners
 from ..log import Log
 from ..statistics import RAW_MAX_WIDTH
 

@@ -9,8 +9,9 @@ import textwrap
 
 import numpy as np
 
+from ..curvature import CURVATURE_SOURCES, PRECONDITIONERS
 from ..errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
-from ..influence import CURVATURE_SOURCES, MODES, PRECONDITIONERS
+from ..influence import MODES
 from ..version import __version__
 from .common import CliError
 from .export import cmd_export

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..influence import resolve_preconditioner
+from ..curvature import resolve_preconditioner
 from ..log import Log
 from .common import (
     CliError,

@@ -1,0 +1,287 @@
+"""Curvature of a pass, ready to apply: per-module eigenbases and damped eigenvalues.
+
+    (F + lambda I)^{-1} g, with F block-diagonal over modules and, per module, one of
+
+    identity  F = 0 and no damping: plain gradient dot products (TracIn at one checkpoint)
+    raw       F = mean_i vec(G~_i) vec(G~_i)^T, the projected empirical Fisher
+    kfac      F = S (x) A (row-major (k_out, k_in) rows, so S comes first)
+    ekfac     F = (Q_S (x) Q_A) diag(Lambda*) (Q_S (x) Q_A)^T
+
+preconditioner="auto" (the default) takes the first of ekfac, kfac, raw the pass has statistics for,
+else identity (resolve_preconditioner). Damping lambda is per module: 0.1 x the trace of that
+module's block over its unprojected dimension d_in d_out by default (the mean eigenvalue at rank
+full; `damping_factor` changes the 0.1), or an absolute value (`damping=`, a float or
+{module: float}). `curvature=` says whose statistics: the pass's own rows, or the curvature pass
+logged for it (statistics_file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .disk.statistics import open_statistics
+from .errors import ConfigError, LogFormatError, NotInLogError
+from .statistics import RAW_MAX_WIDTH, preconditioners
+
+PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
+AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
+DEFAULT_DAMPING_FACTOR = 0.1
+# the default damping rule, recorded with the self-influences finalize stores: values stored under
+# another rule (an older logix) are recomputed, never reused
+DAMPING_RULE = "damping_factor x trace / (d_in d_out)"
+
+
+@dataclass
+class ModuleCurvature:
+    """What one module's block needs: eigenvalues to damp and invert, in its eigenbasis."""
+
+    name: str
+    k_in: int
+    k_out: int
+    preconditioner: str  # identity, raw, kfac or ekfac
+    vec_a: Tensor | None = None  # (k_in, k_in)   kfac/ekfac eigenbasis, input side
+    vec_s: Tensor | None = None  # (k_out, k_out) output side
+    values: Tensor | None = None  # (k_out, k_in) for kfac/ekfac; (k_in*k_out,) for raw
+    vec_f: Tensor | None = None  # raw: eigenvectors of the dense Fisher
+    damping: float = 0.0
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """(n, k_out*k_in) -> (F + lambda I)^{-1} rows, in float64."""
+        if self.preconditioner == "identity":
+            return rows.double()
+        return self.apply_function(rows, 1.0 / (self.values + self.damping))
+
+    def rotate(self, rows: Tensor) -> Tensor:
+        """(n, k_out*k_in) rows -> their coordinates in the block's eigenbasis, float64, shaped like
+        `values` flattened."""
+        g = rows.double()
+        if self.preconditioner == "raw":
+            return g @ self.vec_f
+        return (self.vec_s.T @ g.reshape(-1, self.k_out, self.k_in) @ self.vec_a).reshape(rows.shape[0], -1)
+
+    def unrotate(self, coordinates: Tensor) -> Tensor:
+        """The inverse of `rotate`: eigenbasis coordinates -> (n, k_out*k_in) rows."""
+        if self.preconditioner == "raw":
+            return coordinates @ self.vec_f.T
+        c = coordinates.reshape(-1, self.k_out, self.k_in)
+        return (self.vec_s @ c @ self.vec_a.T).reshape(coordinates.shape[0], -1)
+
+    def apply_function(self, rows: Tensor, multipliers: Tensor) -> Tensor:
+        """(n, k_out*k_in) -> f(F) rows in float64, f given by its value at each eigenvalue of F
+        (`multipliers`, shaped like `values`): the block's eigenbasis, scaled, and back."""
+        g = rows.double()
+        if self.preconditioner == "raw":
+            return ((g @ self.vec_f) * multipliers) @ self.vec_f.T
+        g = g.reshape(-1, self.k_out, self.k_in)
+        rotated = (self.vec_s.T @ g @ self.vec_a) * multipliers
+        return (self.vec_s @ rotated @ self.vec_a.T).reshape(rows.shape[0], -1)
+
+
+CURVATURE_SOURCES = ("auto", "own", "sampled")
+
+
+def statistics_file(log, curvature: str = "auto") -> str:
+    """The statistics file the pass's curvature comes from, or a clear error if it has none.
+
+    curvature: "own" is the pass's own rows (the empirical Fisher, gathered while training);
+    "sampled" the curvature pass made for it (`start_pass(..., curvature_for=<pass>)`, gradients at
+    labels drawn from the model: the true Fisher); "auto" the curvature pass where the log has a
+    finalized one, else the pass's own.
+    """
+    p = log.pass_info()
+    files = log.statistics_files
+    if curvature not in CURVATURE_SOURCES:
+        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+    if curvature != "own":
+        other = log.curvature_pass()
+        if other is not None and other.name in files:
+            return files[other.name]
+        if curvature == "sampled":
+            why = "none was logged" if other is None else f"{other.name!r} is not finalized"
+            raise LogFormatError(
+                f"pass {p.name!r} of {log.path} has no sampled-label curvature ({why}): log one with "
+                f"run.start_pass(..., curvature_for={p.name!r}), or use curvature='own'"
+            )
+    name = files.get(p.name)
+    if name is None:
+        why = "it is not finalized" if not p.finalized else "the log was written without statistics="
+        raise LogFormatError(
+            f"pass {p.name!r} of {log.path} has no curvature statistics ({why}); "
+            "finalize the run (logix.init(..., statistics='ekfac')) or use preconditioner='identity'"
+        )
+    return name
+
+
+def available_preconditioners(log) -> list[str]:
+    """What the current pass can be scored with: identity always; the rest once it is finalized."""
+    p = log.current
+    if p is None or not p.finalized:
+        return ["identity"]
+    return preconditioners(log.config.statistics)
+
+
+def resolve_preconditioner(log, preconditioner: str) -> str:
+    """ "auto" -> the first of ekfac, kfac, raw the current pass has statistics for (raw only when
+    every module has it), else identity; any other name is returned as it is.
+
+    EK-FAC first: on both tasks of benchmarks/attribution_quality.py it is the best on the language
+    model and within 0.03 LDS of the best on digits at every rank (K-FAC is 0.01 to 0.03 ahead
+    there, 0.02 behind on the language model)."""
+    if preconditioner != "auto":
+        return preconditioner
+    if log.current is None or log.current.name not in log.statistics_files:  # e.g. a finalized pass with no rows
+        return "identity"
+    have = available_preconditioners(log)
+    narrow = all(m.width <= RAW_MAX_WIDTH for m in log.modules.values())
+    return next((p for p in AUTO if p in have and (p != "raw" or narrow)), "identity")
+
+
+def load_curvature(
+    log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, names=None, curvature="auto"
+):
+    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module;
+    `curvature` says whose statistics (see statistics_file)."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    if curvature not in CURVATURE_SOURCES:
+        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+    names = list(log.modules) if names is None else names
+    if preconditioner == "identity":
+        return build_curvature(log.modules, names, preconditioner, None, damping, damping_factor)
+    with open_statistics(log.path / statistics_file(log, curvature)) as stats:
+        return build_curvature(log.modules, names, preconditioner, stats.module, damping, damping_factor)
+
+
+def build_curvature(
+    modules, names, preconditioner: str, statistics, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR
+) -> dict[str, ModuleCurvature]:
+    """{module: ModuleCurvature} from each module's statistics: statistics(name) has has(key) and
+    array(key, shape, eigenvalues) (a statistics file's group, or arrays finalize holds in memory)."""
+    out = {}
+    for name in names:
+        m = modules[name]
+        c = ModuleCurvature(name, m.k_in, m.k_out, preconditioner)
+        out[name] = c
+        if preconditioner == "identity":
+            continue
+        group = statistics(name)
+        if preconditioner == "raw":
+            if not group.has("fisher_eig"):
+                raise LogFormatError(f"module {name!r}: no raw Fisher in this log (statistics=['raw'] at init)")
+            w = m.k_in * m.k_out
+            c.values = group.array("fisher_eig", (w,), eigenvalues=True)
+            c.vec_f = group.array("fisher_vec", (w, w))
+            continue
+        if not group.has("vec_a"):
+            raise LogFormatError(f"module {name!r}: no K-FAC factors in this log (statistics='kfac')")
+        c.vec_a = group.array("vec_a", (m.k_in, m.k_in))
+        c.vec_s = group.array("vec_s", (m.k_out, m.k_out))
+        if preconditioner == "kfac":
+            eig_a = group.array("eig_a", (m.k_in,), eigenvalues=True)
+            eig_s = group.array("eig_s", (m.k_out,), eigenvalues=True)
+            c.values = eig_s[:, None] * eig_a[None, :]
+        else:
+            if not group.has("lambda_star"):
+                raise LogFormatError(f"module {name!r}: no EK-FAC eigenvalues (statistics='ekfac')")
+            c.values = group.array("lambda_star", (m.k_out, m.k_in), eigenvalues=True)
+    for name, c in out.items():
+        if c.values is not None:
+            m = modules[name]
+            c.damping = _damping(name, c.values, damping, damping_factor, m.d_in * m.d_out)
+    return out
+
+
+def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int) -> float:
+    """The module's lambda: given (a float or {module: float}), or factor x its block's trace over
+    the unprojected dimension d_in d_out. A Gaussian projection keeps the trace but shrinks the
+    dimension, so the mean eigenvalue of a projected block grows as the rank falls; measured
+    against the unprojected dimension, the default means the same at every rank (at rank full it
+    is the block's mean eigenvalue)."""
+    if isinstance(damping, dict):
+        if name not in damping:
+            raise ConfigError(f"damping given per module but not for {name!r}")
+        damping = damping[name]
+    if damping is not None:
+        value = _number(damping)
+        if value is None or not np.isfinite(value) or value < 0:
+            raise ConfigError(f"damping must be a non-negative number, got {damping!r}")
+        return value
+    value = _number(factor)
+    if value is None or not np.isfinite(value) or value <= 0:
+        raise ConfigError(f"damping_factor must be a positive number, got {factor!r}")
+    factor = value
+    lam = factor * float(values.sum()) / unprojected
+    if lam <= 0:  # an all-zero block: any positive damping inverts it
+        lam = factor
+    return lam
+
+
+def _number(value) -> float | None:
+    """A real number given as int, float, or a numpy / one-element torch scalar; None otherwise."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
+class Preconditioner:
+    """All modules' curvature, applied to full rows (or to the selected modules' columns)."""
+
+    def __init__(
+        self,
+        log,
+        preconditioner: str,
+        damping=None,
+        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        modules=None,
+        curvature: str = "auto",
+    ):
+        preconditioner = resolve_preconditioner(log, preconditioner)
+        self.preconditioner = preconditioner
+        names = list(log.modules) if modules is None else _module_names(modules)
+        for n in names:
+            if n not in log.modules:
+                raise NotInLogError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
+        self._use(log, load_curvature(log, preconditioner, damping, damping_factor, names, curvature))
+
+    @classmethod
+    def from_curvature(cls, log, preconditioner: str, blocks: dict) -> Preconditioner:
+        """A Preconditioner over curvature already built (finalize's, before it is on disk)."""
+        self = cls.__new__(cls)
+        self.preconditioner = preconditioner
+        self._use(log, blocks)
+        return self
+
+    def _use(self, log, blocks: dict) -> None:
+        names = list(blocks)
+        self.parts = [(log.modules[n].columns, blocks[n]) for n in names]
+        self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
+
+    def columns(self, rows: Tensor) -> Tensor:
+        """The selected modules' columns of full rows, side by side."""
+        if self._whole_row:
+            return rows
+        return torch.cat([rows[:, cols] for cols, _ in self.parts], dim=1)
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """Full rows (n, D) -> preconditioned selected columns (n, D_sel), float64."""
+        return torch.cat([c.apply(rows[:, cols]) for cols, c in self.parts], dim=1)
+
+
+def _module_names(modules) -> list[str]:
+    """A list of distinct module names (a lone string is one name, not its characters)."""
+    names = [modules] if isinstance(modules, str) else modules
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"modules must be a list of module names, got {modules!r}")
+    if not names:
+        raise ConfigError("modules is empty: name at least one module, or pass None for all")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"modules names a module more than once: {list(names)}")
+    return list(names)
