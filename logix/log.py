@@ -1,21 +1,21 @@
 """Reading a log: `logix.open(path)` gives a read-only snapshot of every committed row.
 
+`Log` is the user-facing view: which pass it reads, that pass's ids, steps and flags, its
+gradients as tensors (whole, per module, or streamed in blocks), and attribution over it (query,
+influence, self-influence). The files themselves are read by the disk wing: each pass's rows by a
+`logix.disk.rows.PassRows`, made at open (or at `refresh()`) from the manifest, so the view sees
+exactly the rows below each segment's `committed` counter then, also while training still writes.
 The reader never needs the model's code and never executes anything from the files (JSON and
-HDF5 datasets only). It reads segment files in SWMR mode, so it also works while training is still
-writing; it sees exactly the rows below each segment's `committed` counter at open (or at
-`refresh()`).
+HDF5 datasets only).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -29,17 +29,11 @@ from .curvature import (
     resolve_preconditioner,
     statistics_file,
 )
-from .disk import (
-    FLAG_NONFINITE,
-    PROJECTIONS,
-    check_projections,
-    check_segment,
-    open_segment,
-    read_ids,
-    read_manifest,
-    read_projections,
-    read_rows,
-)
+from .disk import FLAG_NONFINITE, PROJECTIONS, check_projections, read_manifest, read_projections
+from .disk.manifest import ModuleInfo, SegmentInfo
+from .disk.rows import BLOCK_BYTES as BLOCK_BYTES  # where the CLI and benchmarks import them from
+from .disk.rows import PassRows
+from .disk.rows import default_block_rows as default_block_rows
 from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
@@ -49,38 +43,6 @@ from .query import Query
 from .results import Scores, SelfInfluence
 
 logger = logging.getLogger("logix")
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """A logged module: its gradient is (d_out, d_in) and each row holds a (k_out, k_in) block."""
-
-    name: str
-    kind: str
-    d_in: int
-    d_out: int
-    k_in: int
-    k_out: int
-    offset: int
-    bias: bool
-
-    @property
-    def width(self) -> int:
-        return self.k_in * self.k_out
-
-    @property
-    def columns(self) -> slice:
-        return slice(self.offset, self.offset + self.width)
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """One segment file; `rows` is what its writer recorded at close (None if it never closed)."""
-
-    file: str
-    rank: int
-    session: int
-    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,86 +62,6 @@ class PassInfo:
         """The pass this one is a curvature pass for (`start_pass(..., curvature_for=...)`), or None
         for a training pass."""
         return self.meta.get("curvature_for")
-
-
-BLOCK_BYTES = 64 << 20  # default size of the blocks scoring streams
-
-
-def default_block_rows(width: int) -> int:
-    """Rows per block so that a float32 block is about BLOCK_BYTES (at least 64 rows)."""
-    return max(64, BLOCK_BYTES // max(1, 4 * width))
-
-
-RING_SLOTS = 3  # blocks alive at once while streaming: the caller's, one queued, one being read
-
-
-class _ConversionRing:
-    """float32 buffers that float16 blocks are converted into, reused in turn.
-
-    Safe while at most `slots` blocks are alive at once: the one the caller holds, the ones queued
-    by `_prefetched` (slots - 2) and the one being converted.
-    """
-
-    def __init__(self, slots: int):
-        self.slots = slots
-        self.buffers: list[np.ndarray] = []
-        self.turn = 0
-
-    def convert(self, block: np.ndarray) -> np.ndarray:
-        i, self.turn = self.turn, (self.turn + 1) % self.slots
-        if i == len(self.buffers):
-            self.buffers.append(np.empty(block.shape, dtype=np.float32))
-        buffer = self.buffers[i]
-        if buffer.shape[0] < block.shape[0] or buffer.shape[1:] != block.shape[1:]:
-            buffer = self.buffers[i] = np.empty(block.shape, dtype=np.float32)
-        out = buffer[: block.shape[0]]
-        torch.from_numpy(out).copy_(torch.from_numpy(block))
-        return out
-
-
-def _prefetched(blocks, depth: int = 1):
-    """Iterate `blocks` on a background thread, `depth` items ahead of the consumer.
-
-    h5py reads and numpy conversions run there while the consumer's GEMMs (which release the GIL)
-    run here. Errors re-raise in the consumer; stopping early stops the thread.
-    """
-    ahead: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce():
-        try:
-            for item in blocks:
-                while not stop.is_set():
-                    try:
-                        ahead.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ahead.put(done)
-        except BaseException as e:  # handed to the consumer
-            ahead.put(e)
-
-    thread = threading.Thread(target=produce, name="logix-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ahead.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting to put, then let it finish
-            try:
-                ahead.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
 
 
 def _stored_under_default(attrs) -> bool:
@@ -217,16 +99,14 @@ class Log:
         self.id_kind = manifest.get("id_kind")
         self.width = int(manifest["width"])
         self.modules = {m["name"]: ModuleInfo(**m) for m in manifest["modules"]}
-        self._ids, self._flags, self._steps, self._committed = {}, {}, {}, {}
+        self._rows: dict[str, PassRows] = {}
         self._stats_files = {p["name"]: p["statistics"] for p in manifest["passes"] if p.get("statistics")}
         self._self_influence_cache = {}
         passes = []
         for p in manifest["passes"]:
             segments = tuple(SegmentInfo(**s) for s in p["segments"])
-            ids, flags, steps, counts = self._read_index(segments)
-            self._check_index(p["name"], ids, flags)
-            self._committed[p["name"]] = counts
-            self._ids[p["name"]], self._flags[p["name"]], self._steps[p["name"]] = ids, flags, steps
+            rows = PassRows(self.path, p["name"], segments, self.width, self.config.dtype, self.id_kind)
+            self._rows[p["name"]] = rows
             passes.append(
                 PassInfo(
                     name=p["name"],
@@ -234,8 +114,8 @@ class Log:
                     meta=p.get("meta", {}),
                     segments=segments,
                     finalized=bool(p.get("finalized", False)),
-                    rows=len(ids),
-                    nonfinite=int((flags & FLAG_NONFINITE).astype(bool).sum()),
+                    rows=len(rows.ids),
+                    nonfinite=int((rows.flags & FLAG_NONFINITE).astype(bool).sum()),
                 )
             )
         self.passes = passes
@@ -278,14 +158,17 @@ class Log:
             raise LogFormatError(f"{self.path} holds no pass yet: nothing was captured")
         return self.current
 
-    def _index(self, what: dict, empty_dtype: str, valid_only: bool = True) -> np.ndarray:
+    def _pass_rows(self) -> PassRows:
+        return self._rows[self._require_pass().name]
+
+    def _index(self, what: str, empty_dtype: str, valid_only: bool = True) -> np.ndarray:
         if self.current is None:
             return np.zeros(0, dtype=empty_dtype)
-        values = what[self.current.name]
+        values = getattr(self._rows[self.current.name], what)
         return values[self._valid()] if valid_only else values
 
     def _valid(self) -> np.ndarray:
-        return (self._flags[self.current.name] & FLAG_NONFINITE) == 0
+        return self._rows[self.current.name].valid
 
     @property
     def valid_mask(self) -> np.ndarray:
@@ -300,25 +183,30 @@ class Log:
     @property
     def ids(self) -> np.ndarray:
         """Ids of the pass's valid rows, in row order (int64, or str objects for string ids)."""
-        return self._index(self._ids, "i8")
+        return self._index("ids", "i8")
 
     @property
     def steps(self) -> np.ndarray:
         """Training step of each valid row, aligned with `ids`."""
-        return self._index(self._steps, "i8")
+        return self._index("steps", "i8")
 
     @property
     def flagged_ids(self) -> np.ndarray:
         """Ids whose rows were flagged (non-finite gradient): kept on disk, left out of `ids`."""
-        return self._index(self._ids, "i8", valid_only=False)[~self._valid()] if self.current else self.ids
+        return self._index("ids", "i8", valid_only=False)[~self._valid()] if self.current else self.ids
 
     @property
     def committed_ids(self) -> np.ndarray:
         """Ids of every committed row, flagged ones included: the order of `include_flagged=True`."""
-        return self._index(self._ids, "i8", valid_only=False)
+        return self._index("ids", "i8", valid_only=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def _module(self, name: str) -> ModuleInfo:
+        if name not in self.modules:
+            raise NotInLogError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
+        return self.modules[name]
 
     def gradients(self, module: str, include_flagged: bool = False) -> torch.Tensor:
         """float32 (N, k_out, k_in) rows of one module, aligned with `ids` (or `committed_ids`)."""
@@ -349,38 +237,10 @@ class Log:
         memory costs a page fault per 4 KB, most of the conversion's time): a block is then only
         valid until the next one is asked for, so it suits callers that keep nothing of it.
         """
-        if block_rows is None:
-            block_rows = default_block_rows(self.width)
-        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
-            raise ConfigError(f"block_rows must be a positive int, got {block_rows!r}")
-        ring = _ConversionRing(RING_SLOTS) if recycle else None
-        return _prefetched(self._blocks(columns, int(block_rows), rows, check_finite, ring), depth=RING_SLOTS - 2)
-
-    def _blocks(self, columns, block_rows: int, rows, check_finite: bool, ring: _ConversionRing | None = None):
-        p = self._require_pass()
-        columns = columns or slice(0, self.width)
-        all_ids, all_flags = self._ids[p.name], self._flags[p.name]
-        lo, hi, _ = (rows or slice(None)).indices(len(all_ids))
-        offset = 0
-        for segment, n in zip(p.segments, self._committed[p.name]):
-            first, last = max(lo - offset, 0), min(hi - offset, n)
-            if first >= last:
-                offset += n
-                continue
-            with self._open(segment) as f:
-                for start in range(first, last, block_rows):
-                    end = min(last, start + block_rows)
-                    flags = all_flags[offset + start : offset + end]
-                    valid = (flags & FLAG_NONFINITE) == 0
-                    block = self._grads(f, segment, start, end, columns, flags, check_finite, ring)
-                    ids = all_ids[offset + start : offset + end]
-                    if not valid.all():  # a copy only when some rows are flagged
-                        ids, block = ids[valid], block[valid]
-                    yield ids, torch.from_numpy(block)
-            offset += n
+        return self._pass_rows().blocks(columns, block_rows, rows, check_finite, recycle)
 
     def _read(self, columns: slice, include_flagged: bool) -> torch.Tensor:
-        block = self._read_columns(columns)
+        block = self._pass_rows().read(columns)
         return torch.from_numpy(block if include_flagged else block[self._valid()])
 
     # -- attribution -----------------------------------------------------------------------------
@@ -531,89 +391,3 @@ class Log:
         if self.current is not None and not self.current.finalized:
             state = ", being written" if self.writer is not None else ", NOT finalized"
         return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)}{state})"
-
-    # -- reading segments ------------------------------------------------------------------------
-
-    def _module(self, name: str) -> ModuleInfo:
-        if name not in self.modules:
-            raise NotInLogError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
-        return self.modules[name]
-
-    def _open(self, segment: SegmentInfo) -> h5py.File:
-        return open_segment(self.path / segment.file)
-
-    def _read_index(self, segments) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-        ids, flags, steps, counts = [], [], [], []
-        for segment in segments:
-            path = self.path / segment.file
-            with self._open(segment) as f:
-                try:
-                    n = check_segment(
-                        f, path, width=self.width, dtype=self.config.dtype, id_kind=self.id_kind, rows=segment.rows
-                    )
-                    ids.append(read_ids(f["ids"], n, path))
-                    flags.append(read_rows(f["flags"], np.s_[:n]))
-                    steps.append(read_rows(f["step"], np.s_[:n]))
-                except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-                    if isinstance(e, LogFormatError):
-                        raise
-                    raise LogFormatError(f"segment {path} cannot be read: {e}") from e
-                counts.append(n)
-        if not ids:
-            return np.zeros(0, dtype="i8"), np.zeros(0, dtype="u1"), np.zeros(0, dtype="i8"), counts
-        return np.concatenate(ids), np.concatenate(flags), np.concatenate(steps), counts
-
-    def _check_index(self, name: str, ids: np.ndarray, flags: np.ndarray) -> None:
-        """Flags hold only known bits, and no id appears twice in a pass (the writer never does it)."""
-        if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
-            raise LogFormatError(f"pass {name!r} of {self.path}: row flags hold unknown values; a segment is damaged")
-        unique = np.unique(ids)
-        if len(unique) != len(ids):
-            values, counts = np.unique(ids, return_counts=True)
-            raise LogFormatError(
-                f"pass {name!r} of {self.path}: ids {values[counts > 1][:5].tolist()} appear more than once; "
-                "a segment or the manifest is damaged"
-            )
-
-    def _grads(
-        self,
-        f: h5py.File,
-        segment: SegmentInfo,
-        start: int,
-        end: int,
-        columns: slice,
-        flags: np.ndarray,
-        check_finite: bool = True,
-        ring: _ConversionRing | None = None,
-    ):
-        """float32 rows [start, end) of a segment; rows not flagged must be finite (else: damage)."""
-        path = self.path / segment.file
-        try:
-            grads = f["grads"]
-            if columns == slice(0, grads.shape[1]):
-                block = read_rows(grads, np.s_[start:end])  # whole rows: a plain hyperslab read
-            else:
-                block = read_rows(grads, np.s_[start:end, columns])
-            if block.dtype != np.float32:  # float16 storage: torch converts several times faster than numpy
-                block = ring.convert(block) if ring is not None else torch.from_numpy(block).float().numpy()
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise LogFormatError(f"segment {path}: rows {start}..{end} cannot be read: {e}") from e
-        if not check_finite:
-            return block
-        valid = (flags & FLAG_NONFINITE) == 0
-        finite = np.isfinite(block.sum(axis=1, dtype=np.float64))  # NaN/Inf propagate; float64 cannot overflow
-        if not np.all(finite[valid]):
-            row = start + int(np.flatnonzero(valid & ~finite)[0])
-            raise LogFormatError(f"segment {path} is damaged: row {row} holds non-finite numbers but is not flagged")
-        return block
-
-    def _read_columns(self, columns: slice) -> np.ndarray:
-        p = self._require_pass()
-        parts, offset = [], 0
-        flags = self._flags[p.name]
-        for segment, n in zip(p.segments, self._committed[p.name]):
-            with self._open(segment) as f:
-                parts.append(self._grads(f, segment, 0, n, columns, flags[offset : offset + n]))
-            offset += n
-        width = columns.stop - columns.start
-        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)

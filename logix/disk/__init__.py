@@ -9,7 +9,8 @@ A log is a directory:
 Each segment holds `ids` (int64 or UTF-8), `grads` (N, D), `flags` (uint8), `step` (int64) and a
 one-element `committed` dataset. The writer moves `committed` only after the rows below it are
 written and flushed, so readers trust exactly the rows below it, even after a SIGKILL. A segment
-opens only with `h5py.File(path, "r", swmr=True)`. Nothing here is pickled.
+opens only with `h5py.File(path, "r", swmr=True)`. Nothing here is pickled. A pass's rows are read
+through `PassRows` (logix.disk.rows): its segments' index once, its gradients whole or in blocks.
 """
 
 from .files import (
@@ -22,8 +23,9 @@ from .files import (
     replace_atomic,
     write_json_atomic,
 )
-from .manifest import read_manifest
+from .manifest import ModuleInfo, SegmentInfo, read_manifest
 from .projections import check_projections, read_projections, write_projections
+from .rows import PassRows, default_block_rows
 from .segments import (
     check_segment,
     committed_ids,
@@ -42,13 +44,17 @@ __all__ = [
     "FLAG_NONFINITE",
     "FORMAT",
     "MANIFEST",
+    "ModuleInfo",
     "PROJECTIONS",
+    "PassRows",
     "SCHEMA_VERSION",
     "SEGMENTS",
+    "SegmentInfo",
     "SegmentWriter",
     "check_projections",
     "check_segment",
     "committed_ids",
+    "default_block_rows",
     "fletcher32_from_sums",
     "open_segment",
     "pass_segments",

@@ -1,13 +1,47 @@
-"""manifest.json: read, and checked field by field before anything trusts it."""
+"""manifest.json: read, and checked field by field before anything trusts it; and the records of
+what it lists that readers work with (a logged module, a segment file)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError, LogFormatError
 from .files import FORMAT, MANIFEST, SCHEMA_VERSION, SEGMENTS
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A logged module: its gradient is (d_out, d_in) and each row holds a (k_out, k_in) block."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    k_in: int
+    k_out: int
+    offset: int
+    bias: bool
+
+    @property
+    def width(self) -> int:
+        return self.k_in * self.k_out
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.width)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment file; `rows` is what its writer recorded at close (None if it never closed)."""
+
+    file: str
+    rank: int
+    session: int
+    rows: int | None = None
 
 
 def read_manifest(root: Path) -> dict:
