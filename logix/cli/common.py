@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,68 @@ class CliError(Exception):
     def __init__(self, message: str, status: int = 2):
         super().__init__(message)
         self.status = status
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+class Formatter(argparse.HelpFormatter):
+    """Wraps each line of a description on its own, keeping the line breaks and indents written."""
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for line in text.splitlines():
+            body = line.lstrip(" ")
+            pad = indent + " " * (len(line) - len(body))
+            out.append(textwrap.fill(body, width, initial_indent=pad, subsequent_indent=pad + "  ") if body else "")
+        return "\n".join(out)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+QUIET_HELP = "no progress bars or remarks on stderr"
+
+
+def log_options() -> argparse.ArgumentParser:
+    """A parent parser: -q and the log's PATH, which every command takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    parent.add_argument("path", metavar="PATH", help="the log directory (the path given to logix.init)")
+    return parent
+
+
+def pass_option() -> argparse.ArgumentParser:
+    """A parent parser: --pass NAME."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--pass", dest="pass_name", metavar="NAME", help="the pass to read (default: the latest)")
+    return parent
+
+
+def format_options() -> argparse.ArgumentParser:
+    """A parent parser: --json or --csv, one at most."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    group.add_argument("--csv", action="store_true", help="CSV on stdout (a header line, then one line per row)")
+    return parent
 
 
 # -- output ----------------------------------------------------------------------------------------

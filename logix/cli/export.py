@@ -9,7 +9,17 @@ from pathlib import Path
 import numpy as np
 
 from ..log import Log, default_block_rows
-from .common import CliError, _progress, _say, _some, open_log, require_intact
+from .common import (
+    CliError,
+    Formatter,
+    _progress,
+    _say,
+    _some,
+    log_options,
+    open_log,
+    pass_option,
+    require_intact,
+)
 
 # -- export ----------------------------------------------------------------------------------------
 
@@ -134,3 +144,29 @@ def cmd_export(args) -> int:
 def ids_file_for(out: Path) -> Path:
     """rows.npy -> rows.ids.npy: where `export` puts the ids of a .npy export."""
     return out.with_name(out.name[: -len(out.suffix)] + ".ids.npy")
+
+
+def add_parser(subparsers) -> None:
+    """`logix export`: its options and help."""
+    p = subparsers.add_parser(
+        "export",
+        parents=[log_options(), pass_option()],
+        formatter_class=Formatter,
+        help="rows of some ids (or all) as .npy or .csv, for other tools",
+        description="Write rows (float32) of the pass for other tools, in the order the ids are given (--all: "
+        "log order).\n"
+        "  FILE.npy  an array (n, D) of whole rows, or (n, k_out, k_in) with --module; the ids go to "
+        "FILE.ids.npy (int64, or unicode strings)\n"
+        "  FILE.csv  a header line (id, then MODULE:OUT:IN for each column), then one line per id\n"
+        "Rows flagged non-finite are not valid gradients and are not exported.",
+        epilog="examples:\n  logix export runs/digits --ids 3,17,42 --out rows.npy\n"
+        "  logix export runs/digits --ids-file ids.txt --module 0 --out block.npy\n"
+        "  logix export runs/digits --all --out - | head",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="1,2,3", help="comma-separated ids")
+    which.add_argument("--ids-file", metavar="FILE", help="ids one per line or comma-separated ('-': stdin)")
+    which.add_argument("--all", action="store_true", help="every valid row of the pass")
+    p.add_argument("--module", metavar="NAME", help="one module's (k_out, k_in) block instead of whole rows")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy, FILE.csv, or - for CSV on stdout")
+    p.set_defaults(func=cmd_export)

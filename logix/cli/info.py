@@ -19,7 +19,17 @@ from ..disk.segments import segment_summary
 from ..disk.statistics import statistics_summary
 from ..errors import NotInLogError
 from ..lock import find_writer, last_writer
-from .common import CliError, _log_dir, format_table, write_csv, write_json
+from .common import (
+    CliError,
+    Formatter,
+    _log_dir,
+    format_options,
+    format_table,
+    log_options,
+    pass_option,
+    write_csv,
+    write_json,
+)
 
 # -- info ------------------------------------------------------------------------------------------
 
@@ -358,3 +368,25 @@ def cmd_info(args) -> int:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CliError(f"{root} is damaged: {problems[0]}{more}; run `logix verify {root}`", 1)
     return 0
+
+
+def add_parser(subparsers) -> None:
+    """`logix info`: its options and help."""
+    p = subparsers.add_parser(
+        "info",
+        parents=[log_options(), pass_option(), format_options()],
+        formatter_class=Formatter,
+        help="what the log holds: passes, rows, modules, config, statistics, size",
+        description="Describe a log: its config (rank, dtype, projection, seed, statistics), schema version, "
+        "id kind, size on disk, the watched modules (kind, d_in, d_out, k_in, k_out), and each pass "
+        "(committed rows, non-finite rows, finalized or not, segments per rank and session, "
+        "statistics present, metadata such as step and lr). A pass whose job crashed or was closed "
+        "without finalize is reported with its committed rows. Reads only counters, not the rows; "
+        "`logix verify` reads everything.",
+        epilog="examples:\n  logix info runs/digits\n  logix info runs/digits --json | jq '.passes[].rows'\n"
+        "  logix info runs/digits --csv --table modules",
+    )
+    p.add_argument(
+        "--table", choices=INFO_TABLES, help="print only this table (with --csv: which table; default passes)"
+    )
+    p.set_defaults(func=cmd_info)

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from ..config import Config
-from ..curvature import resolve_preconditioner
+from ..curvature import CURVATURE_SOURCES, PRECONDITIONERS, resolve_preconditioner
+from ..influence import MODES
 from ..log import Log
 from .common import (
     CliError,
+    Formatter,
     _bars,
     _check_preconditioner,
     _modules_arg,
     _say,
+    format_options,
     format_table,
+    log_options,
+    nonnegative_float,
     open_log,
+    pass_option,
+    positive_int,
     require_intact,
     write_csv,
     write_json,
@@ -173,3 +181,91 @@ def cmd_top(args) -> int:
         )
         print(format_table(*table))
     return 0
+
+
+# -- the subcommands -------------------------------------------------------------------------------
+
+
+def scoring_options() -> argparse.ArgumentParser:
+    """A parent parser: the preconditioner, its damping and curvature, the modules, the order."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--preconditioner",
+        "-p",
+        choices=("auto", *PRECONDITIONERS),
+        default="auto",
+        help="curvature F in g_q^T (F + lambda I)^-1 g_i: identity (gradient dot product, always "
+        "available), raw, kfac, ekfac (need statistics from a finalized pass); auto, the default: "
+        "the first of ekfac, kfac, raw the pass has, else identity",
+    )
+    parent.add_argument(
+        "--damping",
+        type=nonnegative_float,
+        metavar="LAMBDA",
+        help="absolute damping lambda for every module (default: F x each block's trace per unprojected dimension)",
+    )
+    parent.add_argument(
+        "--damping-factor",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="lambda = F x each module block's trace / (d_in d_out), its mean eigenvalue at rank full (default 0.1)",
+    )
+    parent.add_argument(
+        "--curvature",
+        choices=CURVATURE_SOURCES,
+        default="auto",
+        help="whose statistics precondition: the pass's own rows (own), its curvature pass at labels drawn "
+        "from the model (sampled), or the latter where the log has one (auto, the default)",
+    )
+    parent.add_argument("--modules", metavar="A,B", help="score with these modules only (comma-separated names)")
+    parent.add_argument("--lowest", action="store_true", help="the lowest values first instead of the highest")
+    return parent
+
+
+def add_parsers(subparsers) -> None:
+    """`logix self-influence` and `logix top`: their options and help."""
+    p = subparsers.add_parser(
+        "self-influence",
+        parents=[log_options(), pass_option(), scoring_options(), format_options()],
+        formatter_class=Formatter,
+        help="examples ranked by self-influence g_i^T (F + lambda I)^-1 g_i (high: atypical or mislabeled)",
+        description="Rank the pass's training examples by self-influence, g_i^T (F + lambda I)^-1 g_i. High "
+        "values flag examples the model finds atypical or mislabeled. Prints rank, id and value; "
+        "values finalize stored are read back, others computed streaming the rows.",
+        epilog="examples:\n  logix self-influence runs/digits --top 20 --preconditioner ekfac\n"
+        "  logix self-influence runs/digits --all --csv > self_influence.csv",
+    )
+    p.add_argument("--top", type=positive_int, default=50, metavar="N", help="how many examples (default 50)")
+    p.add_argument("--all", action="store_true", help="every example, sorted")
+    p.set_defaults(func=cmd_self_influence)
+    _add_top_parser(subparsers)
+
+
+def _add_top_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "top",
+        parents=[log_options(), pass_option(), scoring_options(), format_options()],
+        formatter_class=Formatter,
+        help="for each query example of another log, the most influential training examples",
+        description="Score every query example against the pass's training examples and print, per query id, "
+        "the top train ids with their scores (positive = the train example helps the query).\n\n"
+        "The queries come from QUERY_LOG, another logix log holding the query examples' rows: "
+        "write it like the train log, with the same rank, dtype, projection and seed and the same "
+        "watched modules (logix.init(QUERY_LOG, rank=..., seed=...); run.watch(model); capture the "
+        "query examples with the trained model; run.finalize()). Its config, module list and "
+        "projection matrices must match the train log's, which is checked.",
+        epilog="examples:\n  logix top runs/digits --query runs/digits-test --top 5 --preconditioner ekfac\n"
+        "  logix top runs/digits --query runs/test --mode relative --lowest --json",
+    )
+    p.add_argument("--query", required=True, metavar="QUERY_LOG", help="the log holding the query examples' rows")
+    p.add_argument("--query-pass", metavar="NAME", help="the query log's pass (default: its latest)")
+    p.add_argument("--top", type=positive_int, default=10, metavar="K", help="train ids per query (default 10)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="dot",
+        help="dot (the formula), cosine (divided by both sides' preconditioned norms), relative "
+        "(RelatIF: by the train side's); default dot",
+    )
+    p.set_defaults(func=cmd_top)

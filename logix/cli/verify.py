@@ -26,7 +26,7 @@ from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
 from ..errors import ConfigError, LogFormatError, NotInLogError
 from ..log import ModuleInfo, default_block_rows
 from ..statistics import RAW_MAX_WIDTH, preconditioners
-from .common import CliError, _log_dir, _progress, _some, write_json
+from .common import CliError, Formatter, _log_dir, _progress, _some, log_options, pass_option, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -417,3 +417,24 @@ def cmd_verify(args) -> int:
     if v.problems:
         raise CliError(f"{root} is damaged: {len(v.problems)} problem(s), listed above", 1)
     return 0
+
+
+def add_parser(subparsers) -> None:
+    """`logix verify`: its options and help."""
+    p = subparsers.add_parser(
+        "verify",
+        parents=[log_options(), pass_option()],
+        formatter_class=Formatter,
+        help="read every committed row and statistic; exit 0 if sound, 1 naming each problem",
+        description="Check a log end to end: the manifest (config, module sizes and offsets, width), the "
+        "projection matrices (present where a side is projected, right shapes, finite), every "
+        "segment (present, readable, datasets of the manifest's width and dtype, committed counts "
+        "consistent with the manifest), every committed row (read in blocks: a row flagged "
+        "non-finite must be non-finite, an unflagged row finite; ids unique within a pass), and "
+        "every statistics file (shapes and finiteness of the covariances, eigenvalues and "
+        "self-influences). Prints a summary; exits 0 if the log is sound, 1 if anything is damaged, "
+        "naming each problem. Unfinalized passes are noted, not counted as damage.",
+        epilog="examples:\n  logix verify runs/digits\n  logix verify -q runs/digits --json",
+    )
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout: ok, problems, notes, counts")
+    p.set_defaults(func=cmd_verify)
