@@ -12,6 +12,7 @@ Hooks live only while a `Collector` is entered; nothing is left on the model aft
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -327,3 +328,17 @@ class Collector:
             block = self.blocks.get(w.name)
             parts.append(block.reshape(batch, -1) if block is not None else some.new_zeros(batch, w.width))
         return torch.cat(parts, dim=1)
+
+
+def warn_if_compiled(model: nn.Module) -> None:
+    """Dynamo ignores hooks added after compilation unless told to guard on them."""
+    if not hasattr(model, "_orig_mod"):
+        return
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None and getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
+        warnings.warn(
+            "logix: this model is torch.compile'd and torch._dynamo.config.skip_nnmodule_hook_guards is True, "
+            "so graphs compiled before a capture will skip logix's hooks (the capture then raises CaptureError). "
+            "Set torch._dynamo.config.skip_nnmodule_hook_guards = False before the first compiled call.",
+            stacklevel=3,
+        )

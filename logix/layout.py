@@ -160,3 +160,25 @@ class RowLayout:
             w.offset, offset = offset, offset + w.k_in * w.k_out
             w._cache.clear()
         self.pending = {}
+
+
+def module_differences(logged: list[dict], asked: list[dict]) -> str:
+    """What differs between the logged modules and the watched ones, with their shapes."""
+
+    def shape(m: dict) -> str:  # the gradient matrix logix logs, a bias column included
+        return f"{m['kind']} {m['d_out']}x{m['d_in']}"
+
+    before, now = {m["name"]: m for m in logged}, {m["name"]: m for m in asked}
+    parts = [f"missing {n} {shape(m)}" for n, m in before.items() if n not in now][:5]
+    parts += [f"new {n} {shape(m)}" for n, m in now.items() if n not in before][:5]
+    parts += [
+        f"{n} logged as {shape(before[n])}, now {shape(now[n])}"
+        for n in before
+        if n in now and shape(before[n]) != shape(now[n])
+    ][:5]
+    if not parts and list(before) != list(now):
+        parts.append(f"the same modules in another order (logged {list(before)[:5]}, now {list(now)[:5]})")
+    if not parts:
+        parts.append("the projected sizes differ (another rank= or the same model with other include/exclude)")
+    advice = "Watch the same model with the same include/exclude, or write to a new path"
+    return "; ".join(parts) + f" (gradient shapes d_out x d_in). {advice}"

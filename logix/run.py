@@ -16,13 +16,10 @@ a bounded queue to a background writer; training waits only when the writer fall
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +28,20 @@ from torch import Tensor, nn
 
 from .capture import Capture, id_kind, refuse_unentered, running
 from .config import Config
-from .disk import (
-    FORMAT,
-    MANIFEST,
-    PROJECTIONS,
-    SCHEMA_VERSION,
-    committed_ids,
-    pass_segments,
-    read_manifest,
-    read_projections,
-    write_json_atomic,
-    write_projections,
-)
-from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
+from .disk.files import PROJECTIONS
+from .disk.projections import read_projections, write_projections
 from .distributed import World, reduce_sums
 from .engines import attacher_for
-from .errors import CaptureError, ConfigError, LogInUseError, LogixError, ModelMismatchError
-from .hooks import Watched
-from .layout import RowLayout
-from .lock import LOCK_FILE, WriterLock
+from .errors import CaptureError, ConfigError, LogixError, ModelMismatchError
+from .hooks import Watched, warn_if_compiled
+from .layout import RowLayout, module_differences
+from .log_directory import LogDirectory, now
 from .pass_ids import PassIds
 from .pass_sums import PassSums
 from .pass_writer import PassWriter
+from .passes import adopt_crashed, check_curvature_for, check_meta, committed_ids_of, gather_segments
 from .statistics import CovarianceSums, finalize_pass
-from .version import __version__
+from .training_record import TrainingRecord
 
 logger = logging.getLogger("logix")
 
@@ -149,7 +136,7 @@ class Run:
         self._ids = PassIds(on_duplicate, self.world.distributed, self.process_index)
         self.step = 0
         self._layout = RowLayout(config)  # what a row holds, once a model is watched
-        self._optimizer_hook = None
+        self._training: TrainingRecord | None = None  # steps and learning rates, with watch(optimizer=)
         self._fitting = None
         self._pass: dict | None = None
         self._session_passes: set[str] = set()
@@ -157,100 +144,15 @@ class Run:
         self._closed = False
         self._last_capture: Capture | None = None
         self._created: Capture | None = None  # the latest capture handed out, to check it was entered
-        self._lock: WriterLock | None = None  # rank 0's hold on the log, from here to close
-        self._lr_on_device: Tensor | None = None  # tensor learning rates of the open pass, not yet read
-        self._check_ranks_agree()
-        self._manifest = self._open_on_rank0()
+        self._directory = LogDirectory(self.path, config, self.world)
+        self._manifest = self._directory.manifest
         self.session = self._manifest["sessions"] - 1
         self._pass_sums = PassSums(self.path, config.factors, self.process_index, self.session)
         self._rows = PassWriter(self.path, config.dtype, self.process_index, self.session, queue_size, commit_interval)
         _open_runs.add(self)
 
-    # -- the log directory -----------------------------------------------------------------------
-
-    def _open_or_create(self) -> dict:
-        """The manifest of the log at `path`, or a new one; called with the writer lock held."""
-        for leftover in self.path.glob(f".{MANIFEST}.*.tmp"):  # left by a crash; no writer is active but us
-            leftover.unlink(missing_ok=True)
-        if (self.path / MANIFEST).exists():
-            manifest = read_manifest(self.path)
-            logged = Config.from_json(manifest["config"])
-            if logged != self.config:
-                raise ConfigError(
-                    f"{self.path} was written with another config ({'; '.join(self.config.differences(logged))}); "
-                    "open it with the same settings or write to a new path"
-                )
-            return manifest
-        self._refuse_foreign_directory()
-        return {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "logix_version": __version__,
-            "created": _now(),
-            "config": self.config.to_json(),
-            "id_kind": None,
-            "width": 0,
-            "modules": [],
-            "sessions": 0,
-            "passes": [],
-        }
-
-    def _refuse_foreign_directory(self) -> None:
-        """A path that is a file, or a directory holding anything but a log, is not written into."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"{self.path} is a file; a log is a directory: choose another path")
-        if not self.path.is_dir() or (self.path / MANIFEST).exists():
-            return
-        ours = {LOCK_FILE}
-        foreign = [p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith(f".{MANIFEST}.")]
-        if foreign:
-            raise ConfigError(f"{self.path} exists, is not empty, and is not a logix log: refusing to write into it")
-
-    def _check_ranks_agree(self) -> None:
-        configs = self.world.gather(self.config.to_json())
-        differ = [
-            f"rank {r}: {'; '.join(self.config.differences(Config.from_json(c)))}"
-            for r, c in enumerate(configs)
-            if c != configs[0]
-        ]
-        if differ:
-            raise ConfigError(f"the ranks opened {self.path} with different configs (against rank 0): {differ}")
-
-    def _open_on_rank0(self) -> dict:
-        """Rank 0 opens or creates the log and counts the session; the other ranks get its manifest."""
-        outcome, error = None, None
-        if self.process_index == 0:
-            try:
-                self._refuse_foreign_directory()
-                self.path.mkdir(parents=True, exist_ok=True)
-                self._lock = WriterLock.acquire(self.path)
-                manifest = self._open_or_create()
-                manifest["sessions"] += 1
-                write_json_atomic(self.path / MANIFEST, manifest)
-                outcome = manifest
-            except LogixError as e:
-                error = e
-                self._release_lock()
-            except BaseException:
-                self._release_lock()
-                raise
-        outcome = self.world.broadcast(outcome if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            raise error
-        if isinstance(outcome, str):
-            kind = LogInUseError if outcome.startswith(LogInUseError.__name__) else ConfigError
-            raise kind(f"rank 0 could not open {self.path}: {outcome}")
-        return outcome
-
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
     def _save_manifest(self) -> None:
-        """Rank 0 owns the manifest; the other ranks keep their copy in memory only."""
-        if self.process_index == 0:
-            write_json_atomic(self.path / MANIFEST, self._manifest)
+        self._directory.save()
 
     # -- choosing what to log ----------------------------------------------------------------------
 
@@ -291,17 +193,17 @@ class Run:
             if modules != self._manifest["modules"]:
                 raise ModelMismatchError(
                     f"the model does not match the modules logged in {self.path}: "
-                    f"{_module_differences(self._manifest['modules'], modules)}"
+                    f"{module_differences(self._manifest['modules'], modules)}"
                 )
         self._layout = layout
         if not self._manifest["modules"] and not layout.pending:  # else written once fit_projections has run
             self._write_modules()
-        _warn_if_compiled(model)
+        warn_if_compiled(model)
         attach = attacher_for(model)  # an engine (DeepSpeed's) whose backward an adapter follows
         if attach is not None:
             attach(self, model)
         if optimizer is not None:
-            self._optimizer_hook = _torch_optimizer(optimizer).register_step_post_hook(self._on_optimizer_step)
+            self._training = TrainingRecord(optimizer, self._count_step)
         logger.info("logix: watching %d modules, %d numbers per row", len(layout.watched), layout.width)
         return [w.name for w in layout.watched]
 
@@ -347,33 +249,8 @@ class Run:
             "logix: PCA projections fitted for %d modules, %d numbers per row", len(self.watched), self._layout.width
         )
 
-    def _on_optimizer_step(self, optimizer, *args) -> None:
-        """Count the step, and add it to the open pass's training record (attribution across
-        training weighs each pass by the learning rate it trained with)."""
+    def _count_step(self) -> None:
         self.step += 1
-        if self._pass is None:
-            return
-        group = optimizer.param_groups[0]
-        record = self._pass["meta"].get("training")
-        if record is None:
-            record = self._pass["meta"]["training"] = {
-                "steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": _momentum(group)
-            }  # fmt: skip
-        record["steps"] += 1
-        lr = group["lr"]
-        if isinstance(lr, Tensor):  # a device scalar (capturable optimizers): summed there, read at the pass's end
-            if self._lr_on_device is None:
-                self._lr_on_device = lr.detach().clone()
-            else:
-                self._lr_on_device.add_(lr.detach())  # in place: no new tensor per step
-        else:
-            record["lr_sum"] += float(lr)
-
-    def _settle_lr(self) -> None:
-        """Add learning rates summed on the device to the open pass's record (one host read)."""
-        if self._lr_on_device is not None and self._pass is not None:
-            self._pass["meta"]["training"]["lr_sum"] += float(self._lr_on_device)
-        self._lr_on_device = None
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -420,79 +297,27 @@ class Run:
         name = name if name is not None else f"pass{index}"
         meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
         if curvature_for is not None:
-            self._check_curvature_for(curvature_for)
+            check_curvature_for(self._manifest["passes"], curvature_for, self.config.statistics, self.path)
             meta["curvature_for"] = curvature_for
-        try:
-            json.dumps(meta)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"pass metadata must be JSON-serialisable: {e}") from None
+        check_meta(meta)
         self._end_pass()
         self.step = meta["step"]
-        meta["started"] = _now()
+        meta["started"] = now()
         self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
         self._manifest["passes"].append(self._pass)
         self._begin_pass(set())
         return name
 
-    def _check_curvature_for(self, target: Any) -> None:
-        passes = {p["name"]: p for p in self._manifest["passes"]}
-        if not self.config.statistics:
-            raise ConfigError("a curvature pass needs statistics: logix.init(..., statistics='ekfac')")
-        if not isinstance(target, str) or target not in passes:
-            raise ConfigError(f"curvature_for={target!r} names no pass of {self.path}; passes: {list(passes)}")
-        if "curvature_for" in passes[target]["meta"]:
-            raise ConfigError(f"pass {target!r} is itself a curvature pass; name the pass it is for")
-        taken = [p["name"] for p in passes.values() if p["meta"].get("curvature_for") == target]
-        if taken:
-            raise ConfigError(f"pass {target!r} already has a curvature pass, {taken[0]!r}")
-
     def _continue_pass(self, p: dict) -> None:
         """Resume a pass: adopt segments a crash left out of the manifest, skip ids already committed."""
-        covered_rows = self._adopt_crashed(p)
-        covered, uncovered = set(), set()
-        for entry in p["segments"]:
-            if (self.path / entry["file"]).is_file():
-                ids = committed_ids(self.path / entry["file"])
-                n = covered_rows.get((entry["rank"], entry["session"]), len(ids))
-                covered.update(ids[:n])
-                uncovered.update(ids[n:])
+        covered_rows = adopt_crashed(self.path, p, self.session, bool(self.config.factors))
+        covered, rows_only = committed_ids_of(self.path, p, covered_rows)
         self._pass = p
         self.step = max(self.step, int(p["meta"].get("step") or 0))
         logger.info(
-            "logix: resuming pass %r: %d ids already committed will be skipped",
-            p["name"],
-            len(covered | uncovered),
+            "logix: resuming pass %r: %d ids already committed will be skipped", p["name"], len(covered | rows_only)
         )
-        self._begin_pass(covered, uncovered - covered)
-
-    def _adopt_crashed(self, p: dict) -> dict[tuple[int, int], int]:
-        """What crashed sessions left of a pass: segments the manifest never listed, and their
-        checkpointed statistics; {(rank, session): rows the statistics cover}."""
-        listed = {s["file"] for s in p["segments"]}
-        for entry in pass_segments(self.path, p["index"]):
-            if entry["file"] not in listed and entry["session"] != self.session:
-                p["segments"].append({**entry, "rows": None})
-        return self._adopt_partial_sums(p)
-
-    def _adopt_partial_sums(self, p: dict) -> dict[tuple[int, int], int]:
-        """Count the statistics crashed sessions checkpointed; {(rank, session): rows they cover}.
-
-        A session that ended cleanly covers all its rows; a crashed one the rows committed at its
-        last checkpoint (none without one)."""
-        parts = p.setdefault("statistics_parts", [])
-        finished = {sums_owner(f)[1] for f in parts}
-        covered = {}
-        if self.config.factors:
-            for entry in p["segments"]:
-                if entry["session"] not in finished:
-                    covered[(entry["rank"], entry["session"])] = 0
-        for name in partial_sums(self.path, p["index"]):
-            process_index, session = sums_owner(name)
-            if session in finished or session == self.session or name in parts:
-                continue
-            parts.append(name)
-            covered[(process_index, session)] = int(read_sums_attrs(self.path / name).get("rows_covered", 0))
-        return covered
+        self._begin_pass(covered, rows_only)
 
     def _begin_pass(self, committed: set, rows_only: set = frozenset()) -> None:
         """committed: ids to skip; rows_only: ids whose rows are committed but whose statistics were
@@ -500,6 +325,8 @@ class Run:
         self._pass_sums.begin()
         self._session_passes.add(self._pass["name"])
         self._ids.begin(committed, rows_only)
+        if self._training is not None:
+            self._training.begin(self._pass["meta"])
         self._save_manifest()
 
     def _default_pass(self) -> None:
@@ -517,7 +344,8 @@ class Run:
         """
         if self._pass is None:
             return
-        self._settle_lr()
+        if self._training is not None:
+            self._training.end()
         p = self._pass
         segment, error = self._rows.close()
         if segment is not None:
@@ -539,13 +367,11 @@ class Run:
         mine = [s for s in p["segments"] if s["rank"] == self.process_index and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
         reports = self.world.gather(report)
-        listed = {s["file"] for s in p["segments"]}
-        for report in reports:
-            p["segments"].extend(s for s in report["segments"] if s["file"] not in listed)
-            if report["failed"]:
-                self._failed_passes.add(p["name"])
-            self._manifest["id_kind"] = self._manifest["id_kind"] or report["id_kind"]
-        p["segments"].sort(key=lambda s: (s["session"], s["rank"]))
+        if gather_segments(p, reports):
+            self._failed_passes.add(p["name"])
+        self._manifest["id_kind"] = self._manifest["id_kind"] or next(
+            (r["id_kind"] for r in reports if r["id_kind"]), None
+        )
         file = self._pass_sums.end(self.world, p["index"])  # collective: every process's sums added up
         if file is not None:
             p.setdefault("statistics_parts", []).append(file)
@@ -651,7 +477,7 @@ class Run:
             self._ids.wrote(ids)
         if self._pass_sums.due():
             self._pass_sums.checkpoint(self._pass["index"], self._rows.writer)
-        if self._optimizer_hook is None and step is None:
+        if self._training is None and step is None:
             self.step += 1
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
@@ -695,9 +521,8 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        if self._optimizer_hook is not None:
-            self._optimizer_hook.remove()
-            self._optimizer_hook = None
+        if self._training is not None:
+            self._training.remove()  # no more steps; the open pass's record is settled by _end_pass
         try:
             self._end_pass()
         finally:
@@ -706,7 +531,7 @@ class Run:
                     self._finalize_on_rank0()
             finally:
                 self._save_manifest()
-                self._release_lock()
+                self._directory.release()
                 _open_runs.discard(self)
                 self.world.barrier()  # no rank returns before rank 0 has written the final manifest
 
@@ -722,7 +547,7 @@ class Run:
                         self._finalize_pass(p)
                     elif self.resume and not p["finalized"] and p["index"] < resumed_at:
                         # ended by the crashed job before the point this job resumed from: complete
-                        self._adopt_crashed(p)
+                        adopt_crashed(self.path, p, self.session, bool(self.config.factors))
                         self._finalize_pass(p)
             except Exception as e:
                 error = e
@@ -755,73 +580,6 @@ class Run:
     def __repr__(self) -> str:
         name = self._pass["name"] if self._pass else None
         return f"Run({str(self.path)!r}, pass={name!r}, modules={len(self.watched)}, closed={self._closed})"
-
-
-def _module_differences(logged: list[dict], asked: list[dict]) -> str:
-    """What differs between the logged modules and the watched ones, with their shapes."""
-
-    def shape(m: dict) -> str:  # the gradient matrix logix logs, a bias column included
-        return f"{m['kind']} {m['d_out']}x{m['d_in']}"
-
-    before, now = {m["name"]: m for m in logged}, {m["name"]: m for m in asked}
-    parts = [f"missing {n} {shape(m)}" for n, m in before.items() if n not in now][:5]
-    parts += [f"new {n} {shape(m)}" for n, m in now.items() if n not in before][:5]
-    parts += [
-        f"{n} logged as {shape(before[n])}, now {shape(now[n])}"
-        for n in before
-        if n in now and shape(before[n]) != shape(now[n])
-    ][:5]
-    if not parts and list(before) != list(now):
-        parts.append(f"the same modules in another order (logged {list(before)[:5]}, now {list(now)[:5]})")
-    if not parts:
-        parts.append("the projected sizes differ (another rank= or the same model with other include/exclude)")
-    advice = "Watch the same model with the same include/exclude, or write to a new path"
-    return "; ".join(parts) + f" (gradient shapes d_out x d_in). {advice}"
-
-
-def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside Accelerate's or DeepSpeed's wrapper (whose step calls its step),
-    or None where there is none to hook."""
-    inner = optimizer
-    while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_post_hooks"):
-        return None
-    return inner
-
-
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    inner = torch_optimizer(optimizer)
-    if inner is None:
-        raise ConfigError(f"watch(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return inner
-
-
-def _momentum(group: dict) -> float | None:
-    """The momentum of an optimizer's parameter group: SGD's `momentum`, Adam's first beta."""
-    if "momentum" in group:
-        return float(group["momentum"] or 0.0)
-    if "betas" in group:
-        return float(group["betas"][0])
-    return None
-
-
-def _warn_if_compiled(model: nn.Module) -> None:
-    """Dynamo ignores hooks added after compilation unless told to guard on them."""
-    if not hasattr(model, "_orig_mod"):
-        return
-    dynamo = getattr(torch, "_dynamo", None)
-    if dynamo is not None and getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
-        warnings.warn(
-            "logix: this model is torch.compile'd and torch._dynamo.config.skip_nnmodule_hook_guards is True, "
-            "so graphs compiled before a capture will skip logix's hooks (the capture then raises CaptureError). "
-            "Set torch._dynamo.config.skip_nnmodule_hook_guards = False before the first compiled call.",
-            stacklevel=3,
-        )
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @atexit.register

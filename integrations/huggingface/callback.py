@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 import logix
 from logix.errors import CaptureError, ConfigError
 from logix.extras import require
-from logix.run import torch_optimizer
+from logix.training_record import torch_optimizer
 
 from .convention import _batch_mask, _loss_labels, _LossConvention, _model_loss
 

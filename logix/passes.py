@@ -1,0 +1,85 @@
+"""The manifest's record of passes: checks on a new pass, what a resumed pass adopts from the
+sessions that crashed in it, and every process's segments gathered at a pass's end.
+
+A pass entry is a dict of the manifest: name, index, meta, segments ({file, rank, session, rows}),
+statistics_parts (the sums files that count), finalized, and statistics once finalized.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .disk.segments import committed_ids, pass_segments
+from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
+from .errors import ConfigError
+
+
+def check_meta(meta: dict) -> None:
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"pass metadata must be JSON-serialisable: {e}") from None
+
+
+def check_curvature_for(passes: list[dict], target: Any, statistics: tuple, path: Path) -> None:
+    """A curvature pass needs statistics and names one earlier training pass that has none yet."""
+    by_name = {p["name"]: p for p in passes}
+    if not statistics:
+        raise ConfigError("a curvature pass needs statistics: logix.init(..., statistics='ekfac')")
+    if not isinstance(target, str) or target not in by_name:
+        raise ConfigError(f"curvature_for={target!r} names no pass of {path}; passes: {list(by_name)}")
+    if "curvature_for" in by_name[target]["meta"]:
+        raise ConfigError(f"pass {target!r} is itself a curvature pass; name the pass it is for")
+    taken = [p["name"] for p in passes if p["meta"].get("curvature_for") == target]
+    if taken:
+        raise ConfigError(f"pass {target!r} already has a curvature pass, {taken[0]!r}")
+
+
+def adopt_crashed(root: Path, p: dict, session: int, gathers_sums: bool) -> dict[tuple[int, int], int]:
+    """What crashed sessions left of a pass: segments the manifest never listed, and their
+    checkpointed statistics; {(process, session): rows the statistics cover}.
+
+    A session that ended cleanly covers all its rows; a crashed one the rows committed at its last
+    statistics checkpoint (none without one). `session` is this one, whose files are its own."""
+    listed = {s["file"] for s in p["segments"]}
+    for entry in pass_segments(root, p["index"]):
+        if entry["file"] not in listed and entry["session"] != session:
+            p["segments"].append({**entry, "rows": None})
+    parts = p.setdefault("statistics_parts", [])
+    finished = {sums_owner(f)[1] for f in parts}
+    covered = {}
+    if gathers_sums:
+        for entry in p["segments"]:
+            if entry["session"] not in finished:
+                covered[(entry["rank"], entry["session"])] = 0
+    for name in partial_sums(root, p["index"]):
+        process_index, owner = sums_owner(name)
+        if owner in finished or owner == session or name in parts:
+            continue
+        parts.append(name)
+        covered[(process_index, owner)] = int(read_sums_attrs(root / name).get("rows_covered", 0))
+    return covered
+
+
+def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], int]) -> tuple[set, set]:
+    """(ids whose rows and statistics are in, ids whose rows are in but statistics were lost)."""
+    covered, uncovered = set(), set()
+    for entry in p["segments"]:
+        if (root / entry["file"]).is_file():
+            ids = committed_ids(root / entry["file"])
+            n = covered_rows.get((entry["rank"], entry["session"]), len(ids))
+            covered.update(ids[:n])
+            uncovered.update(ids[n:])
+    return covered, uncovered - covered
+
+
+def gather_segments(p: dict, reports: list[dict]) -> bool:
+    """Add every process's new segments to the pass entry, in (session, process) order; whether
+    any process's writer failed. reports: each process's {"segments", "failed"}."""
+    listed = {s["file"] for s in p["segments"]}
+    for report in reports:
+        p["segments"].extend(s for s in report["segments"] if s["file"] not in listed)
+    p["segments"].sort(key=lambda s: (s["session"], s["rank"]))
+    return any(report["failed"] for report in reports)
