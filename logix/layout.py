@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from .config import Config
-from .errors import CaptureError, ConfigError
+from .errors import CaptureError, ConfigError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .projection import (
     AUTO_SKETCH,
@@ -182,3 +182,22 @@ def module_differences(logged: list[dict], asked: list[dict]) -> str:
         parts.append("the projected sizes differ (another rank= or the same model with other include/exclude)")
     advice = "Watch the same model with the same include/exclude, or write to a new path"
     return "; ".join(parts) + f" (gradient shapes d_out x d_in). {advice}"
+
+
+def check_same_modules(per_process: list[list[dict]], logged: list[dict], path) -> None:
+    """Every process watches the same modules (their manifest entries), and they are the ones the
+    log already holds, if it holds any; ModelMismatchError says what differs."""
+    modules = per_process[0]
+    differ = [r for r, m in enumerate(per_process) if m != modules]
+    if differ:
+        names = [{m["name"] for m in m_list} for m_list in per_process]
+        raise ModelMismatchError(
+            f"ranks {differ} watch different modules than rank 0 "
+            f"(rank 0 only: {sorted(names[0] - names[differ[0]])[:5]}, "
+            f"rank {differ[0]} only: {sorted(names[differ[0]] - names[0])[:5]}, or different shapes); "
+            "every rank must watch the same model with the same include/exclude"
+        )
+    if logged and modules != logged:
+        raise ModelMismatchError(
+            f"the model does not match the modules logged in {path}: {module_differences(logged, modules)}"
+        )

@@ -9,7 +9,11 @@ lost are still counted in the statistics when they come again, but their rows ar
 
 from __future__ import annotations
 
+import logging
+
 from .errors import DuplicateIdError
+
+logger = logging.getLogger("logix")
 
 
 class PassIds:
@@ -66,3 +70,20 @@ class PassIds:
 
     def wrote(self, ids: list) -> None:
         self.logged.update(ids)
+
+    def report_skipped(self, pass_name: str, distributed: bool) -> None:
+        """Say at the pass's end how many ids were skipped; warn when a process skipped more than it
+        logged under torch.distributed (a new epoch without run.start_pass())."""
+        if not self.skipped:
+            return
+        logged = len(self.logged)
+        if distributed and self.skipped > max(logged // 2, 64):
+            logger.warning(
+                "logix: pass %r: rank %d skipped %d ids already logged in the pass and logged %d; "
+                "a new epoch needs run.start_pass()",
+                pass_name,
+                self.process_index,
+                self.skipped,
+                logged,
+            )
+        logger.info("logix: pass %r: skipped %d ids logged before", pass_name, self.skipped)

@@ -1,0 +1,71 @@
+"""Where a captured batch of the open pass goes, in the order it gets there.
+
+Before the forward, the id policy (logix.pass_ids) refuses the batch or picks the examples to skip.
+After the backward, the batch's statistics close (logix.pass_sums), and its rows go to this
+process's segment (logix.pass_writer), whose manifest entry is listed before its first row. The
+Capture (logix.capture) calls `check` and `accept`; the Run only says which pass is open.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .capture import id_kind
+from .distributed import World
+from .errors import CaptureError
+from .log_directory import LogDirectory
+from .pass_ids import PassIds
+from .pass_sums import PassSums
+from .pass_writer import PassWriter
+
+
+class PassIntake:
+    """The open pass's intake on this process, and the step its rows are recorded at."""
+
+    def __init__(self, directory: LogDirectory, world: World, ids: PassIds, sums: PassSums, rows: PassWriter):
+        self.directory, self.world = directory, world
+        self.ids, self.sums, self.rows = ids, sums, rows
+        self.pass_entry: dict | None = None  # the open pass's manifest entry, set by the Run
+        self.step = 0  # the training step of the next rows
+        self.steps_by_capture = True  # False once an optimizer hook counts the steps
+        self._keep: list[bool] | None = None  # the last check's choice, for its accept
+
+    def check_id_kind(self, ids: list) -> str:
+        kind = id_kind(ids)
+        logged = self.directory.manifest["id_kind"]
+        if logged is not None and logged != kind:
+            raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
+        return kind
+
+    def check(self, ids: list) -> list[bool] | None:
+        """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip
+        (logix.pass_ids); one small exchange of the step's ids under torch.distributed."""
+        self.check_id_kind(ids)
+        self._keep = self.ids.check(ids, self.world.gather(ids))
+        return self._keep
+
+    def accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
+        """Queue a captured batch's rows, leaving out the examples `check` skipped."""
+        self.sums.close_batch(factor)
+        keep, self._keep = self.ids.rows_to_write(ids, self._keep), None
+        if keep is not None and not all(keep):
+            rows = rows[torch.tensor(keep, device=rows.device)]
+            ids = [i for i, k in zip(ids, keep) if k]
+        if ids:
+            self._write(ids, rows, self.step if step is None else int(step))
+            self.ids.wrote(ids)
+        if self.sums.due():
+            self.sums.checkpoint(self.pass_entry["index"], self.rows.writer)
+        if self.steps_by_capture and step is None:
+            self.step += 1
+
+    def _write(self, ids: list, rows: Tensor, step: int) -> None:
+        """The batch's rows to the pass's segment, listed in the manifest first."""
+        manifest = self.directory.manifest
+        manifest["id_kind"] = self.check_id_kind(ids)
+        entry = self.rows.open(self.pass_entry, manifest["width"], manifest["id_kind"])
+        if entry is not None:
+            self.pass_entry["segments"].append(entry)
+            self.directory.save()
+        self.rows.put(ids, rows, step)
