@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..config import Config
@@ -13,18 +11,19 @@ from ..disk import (
     FLAG_NONFINITE,
     MANIFEST,
     PROJECTIONS,
-    SCHEMA_VERSION,
     SEGMENTS,
+    ModuleInfo,
+    default_block_rows,
     open_segment,
-    read_manifest,
+    read_ids,
     read_projections,
     read_rows,
 )
+from ..disk.manifest import inside_problem, load_manifest, sized_modules
 from ..disk.projections import projection_problems
 from ..disk.segments import data_extent, segment_problems
 from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
 from ..errors import ConfigError, LogFormatError, NotInLogError
-from ..log import ModuleInfo, default_block_rows
 from ..statistics import RAW_MAX_WIDTH, preconditioners
 from .common import CliError, Formatter, _log_dir, _progress, _some, log_options, pass_option, write_json
 from .info import _orphan_segments, _writer_text, writer_status
@@ -40,23 +39,18 @@ class Verifier:
         self.args = args
         self.problems: list[str] = []
         self.notes: list[str] = []
-        self.manifest_refused = False
         self.counts = {"passes": 0, "segments": 0, "rows": 0, "nonfinite": 0, "projections": 0, "statistics_files": 0}
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
 
     def run(self) -> None:
-        try:
-            manifest = read_manifest(self.root)
-        except LogFormatError as e:
-            self.problem(str(e))
-            self.manifest_refused = True  # its own checks named the manifest's fault: no repeat below
-            manifest = self._raw_manifest()
-            if manifest is None:
-                return
+        manifest, problems = load_manifest(self.root)  # the library's checks: every problem, in order
+        self.problems += problems
+        if manifest is None:
+            return  # not a manifest this logix can check field by field (named above)
         wanted = getattr(self.args, "pass_name", None)
-        names = [p.get("name") for p in manifest["passes"] if isinstance(p, dict)]
+        names = [p["name"] for p in _passes(manifest)]
         if wanted is not None and wanted not in names:
             raise NotInLogError(f"no pass named {wanted!r} in {self.root}; passes: {names}")
         try:
@@ -64,48 +58,19 @@ class Verifier:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             self.problem(f"{MANIFEST}: cannot check further, a field has the wrong type ({type(e).__name__}: {e})")
 
-    def _raw_manifest(self) -> dict | None:
-        """The manifest as JSON even when read_manifest refuses it, to check the rest of the log."""
-        try:
-            data = json.loads((self.root / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        if isinstance(data, dict) and all(k in data for k in ("config", "modules", "passes", "width")):
-            return data
-        return None
-
     def _inside(self, file, folder: str, what: str) -> Path | None:
-        """The path of a file the manifest names, if it lies inside the log's folder; else a problem
-        (a tampered manifest never makes verify open files elsewhere)."""
-        if not isinstance(file, str) or not file:
-            self.problem(f"{MANIFEST}: {what} must be a file name, got {file!r}")
-            return None
-        path = self.root / file
-        try:
-            inside = not Path(file).is_absolute() and path.resolve().is_relative_to((self.root / folder).resolve())
-        except (OSError, RuntimeError, ValueError):
-            inside = False
-        if not inside:
-            if self.problems and repr(file) in self.problems[0]:
-                return None  # read_manifest refused the manifest for this very file: said already
-            self.problem(f"{MANIFEST}: {what} {file!r} is not a file under {folder}/ of the log: not opened")
-            return None
-        return path
+        """The path of a file the manifest names, if the manifest's check lets it be opened; None
+        otherwise (a tampered manifest never makes verify open files elsewhere; load_manifest named it)."""
+        return None if inside_problem(self.root, file, folder, what) else self.root / file
 
     def _check(self, manifest: dict) -> None:
-        version = manifest.get("schema_version")
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            return  # already reported: this logix cannot judge a newer format
-        config = None
-        try:
-            config = Config.from_json(manifest["config"])
-        except (ConfigError, TypeError) as e:
-            if not self.manifest_refused:
-                self.problem(f"{MANIFEST}: the config is invalid: {e}")
-        modules = self._check_modules(manifest)
+        """What the manifest lists, as far as its entries are sound: projections, segments, rows, statistics."""
+        config = _config(manifest)
+        modules = sized_modules(manifest)
         self._check_projections(modules)
-        width = manifest["width"]
+        width = manifest["width"] if _is_count(manifest["width"]) else None
         dtype = config.dtype if config else None
+        id_kind = manifest.get("id_kind") if manifest.get("id_kind") in ("int", "str") else None
         wanted = getattr(self.args, "pass_name", None)
         status = writer_status(self.root)
         if status["state"] == "writing":
@@ -113,11 +78,11 @@ class Verifier:
                 f"the log is being written by {_writer_text(status)}: rows committed after this check are not covered"
             )
         jobs = []
-        for p in manifest["passes"]:
-            if wanted is not None and p.get("name") != wanted:
+        for p in _passes(manifest):
+            if wanted is not None and p["name"] != wanted:
                 continue
             self.counts["passes"] += 1
-            jobs.append((p, self._open_segments(p, width, dtype, manifest.get("id_kind"))))
+            jobs.append((p, self._open_segments(p, width, dtype, id_kind)))
         total = sum(n for _, segs in jobs for _, n in segs)
         with _progress(self.args, total, "verify") as bar:
             for p, segments in jobs:
@@ -128,28 +93,6 @@ class Verifier:
                 self.notes.append(f"{orphan} is not in the manifest yet: the running job writes it")
             else:
                 self.notes.append(f"{orphan} is on disk but not in the manifest (a crash); resume=True adopts it")
-
-    def _check_modules(self, manifest: dict) -> list[dict]:
-        problem = (lambda message: None) if self.manifest_refused else self.problem
-        modules = manifest["modules"]
-        offset = 0
-        good = []
-        for m in modules:
-            name = m.get("name")
-            try:
-                k_in, k_out, d_in, d_out = (int(m[k]) for k in ("k_in", "k_out", "d_in", "d_out"))
-            except (KeyError, TypeError, ValueError) as e:
-                problem(f"{MANIFEST}: module {name!r} lacks a valid size ({e})")
-                continue
-            if not (0 < k_in <= d_in and 0 < k_out <= d_out):
-                problem(f"{MANIFEST}: module {name!r} has k_in={k_in}, k_out={k_out} for d_in={d_in}, d_out={d_out}")
-            if m.get("offset") != offset:
-                problem(f"{MANIFEST}: module {name!r} has offset {m.get('offset')}, expected {offset}")
-            offset += k_in * k_out
-            good.append(m)
-        if manifest["width"] != offset:
-            problem(f"{MANIFEST}: width is {manifest['width']} but the modules' blocks add up to {offset}")
-        return good
 
     def _check_projections(self, modules: list[dict]) -> None:
         """The library's own reading and checks (logix.disk.projections), one module at a time."""
@@ -164,11 +107,7 @@ class Verifier:
         except LogFormatError as e:
             self.problem(str(e))
             return
-        try:
-            infos = [ModuleInfo(**m) for m in modules]
-        except TypeError as e:
-            self.problem(f"{MANIFEST}: a module entry has other fields than logix writes ({e})")
-            return
+        infos = [ModuleInfo(**m) for m in modules]
         for problem in projection_problems(projections, infos, path):
             self.problem(problem)
         self.counts["projections"] += sum(m is not None for pair in projections.values() for m in pair)
@@ -178,7 +117,7 @@ class Verifier:
         only verify looks at (its extent against the file's size, the pass it names); the ones
         whose rows can be read, with their committed count."""
         out = []
-        for entry in p.get("segments", []):
+        for entry in _segments(p):
             self.counts["segments"] += 1
             file = entry.get("file")
             where = f"pass {p['name']!r}: segment {file}"
@@ -218,7 +157,7 @@ class Verifier:
         """Read every committed row; flags must match finiteness; ids unique. Returns valid rows."""
         seen: dict = {}
         valid = 0
-        readable = len(segments) == len(p.get("segments", []))
+        readable = len(segments) == len(_segments(p))
         duplicates = []
         block = default_block_rows(width)
         for entry, n in segments:
@@ -226,8 +165,7 @@ class Verifier:
             try:
                 with open_segment(self.root / entry["file"]) as f:
                     torn: list = []
-                    string_ids = h5py.check_string_dtype(f["ids"].dtype) is not None
-                    ids = read_rows(f["ids"].asstr() if string_ids else f["ids"], np.s_[:n], torn=torn)
+                    ids = read_ids(f["ids"], n, f.filename, torn=torn)
                     flags = read_rows(f["flags"], np.s_[:n], torn=torn)
                     if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
                         self.problem(f"{where}: flags hold values other than 0 and {FLAG_NONFINITE}")
@@ -280,7 +218,8 @@ class Verifier:
     def _check_statistics(self, p: dict, modules: list[dict], config: Config | None, valid: int | None) -> None:
         wanted = config.statistics if config is not None else ()
         where = f"pass {p['name']!r}"
-        for part in p.get("statistics_parts", []):
+        parts = p.get("statistics_parts", [])
+        for part in parts if isinstance(parts, list) else []:
             path = self._inside(part, "statistics", f"{where}: statistics part")
             if path is not None:
                 self._check_sums(f"{where}: statistics part {part}", path, modules)
@@ -374,6 +313,30 @@ class Verifier:
             group.array(key, tuple(shape), eigenvalues=nonnegative)
         except LogFormatError as e:
             self.problem(str(e))
+
+
+def _passes(manifest: dict) -> list[dict]:
+    """The manifest's pass entries that have a name (the others are among its problems)."""
+    passes = manifest["passes"]
+    return [p for p in passes if isinstance(p, dict) and "name" in p] if isinstance(passes, list) else []
+
+
+def _segments(p: dict) -> list[dict]:
+    """A pass's segment entries that name a file (the others are among the manifest's problems)."""
+    segments = p.get("segments")
+    return [s for s in segments if isinstance(s, dict) and "file" in s] if isinstance(segments, list) else []
+
+
+def _config(manifest: dict) -> Config | None:
+    """The manifest's config, or None where it is invalid (among the manifest's problems)."""
+    try:
+        return Config.from_json(manifest["config"])
+    except (ConfigError, TypeError, AttributeError):
+        return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _readable_blocks(grads, n: int, block: int, corrupt: list, torn: list):

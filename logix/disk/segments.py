@@ -269,12 +269,13 @@ def fletcher32_from_sums(t1: int, t2: int) -> int:
     return (fold(t2) << 16) | fold(t1)
 
 
-def read_ids(dataset: h5py.Dataset, n: int, path: Path) -> np.ndarray:
-    """The first n ids: int64, or str objects (strings that are not UTF-8 are a LogFormatError)."""
+def read_ids(dataset: h5py.Dataset, n: int, path: Path, torn: list | None = None) -> np.ndarray:
+    """The first n ids: int64, or str objects (strings that are not UTF-8 are a LogFormatError);
+    `torn` as for read_rows."""
     if dataset.dtype.kind in "iu":
-        return read_rows(dataset, np.s_[:n]).astype("i8")
+        return read_rows(dataset, np.s_[:n], torn=torn).astype("i8")
     try:
-        return read_rows(dataset.asstr(), np.s_[:n])
+        return read_rows(dataset.asstr(), np.s_[:n], torn=torn)
     except UnicodeDecodeError as e:
         raise LogFormatError(f"segment {path} is damaged: an id is not UTF-8 text ({e})") from None
 
