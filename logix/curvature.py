@@ -249,20 +249,21 @@ class Preconditioner:
         for n in names:
             if n not in log.modules:
                 raise NotInLogError(f"module {n!r} is not in this log; logged modules: {list(log.modules)}")
-        self._use(log, load_curvature(log, preconditioner, damping, damping_factor, names, curvature))
+        self._use(log.modules, load_curvature(log, preconditioner, damping, damping_factor, names, curvature))
 
     @classmethod
-    def from_curvature(cls, log, preconditioner: str, blocks: dict) -> Preconditioner:
-        """A Preconditioner over curvature already built (finalize's, before it is on disk)."""
+    def from_curvature(cls, modules: dict, preconditioner: str, blocks: dict) -> Preconditioner:
+        """A Preconditioner over curvature already built (finalize's, before it is on disk), for
+        rows laid out as `modules` ({name: ModuleInfo}) says."""
         self = cls.__new__(cls)
         self.preconditioner = preconditioner
-        self._use(log, blocks)
+        self._use(modules, blocks)
         return self
 
-    def _use(self, log, blocks: dict) -> None:
+    def _use(self, modules: dict, blocks: dict) -> None:
         names = list(blocks)
-        self.parts = [(log.modules[n].columns, blocks[n]) for n in names]
-        self._whole_row = names == list(log.modules)  # modules sit in log order: rows need no gather
+        self.parts = [(modules[n].columns, blocks[n]) for n in names]
+        self._whole_row = names == list(modules)  # modules sit in log order: rows need no gather
 
     def columns(self, rows: Tensor) -> Tensor:
         """The selected modules' columns of full rows, side by side."""

@@ -35,25 +35,28 @@ def _progress(total: int, progress: bool | None, what: str):
 def self_influence_values(
     log, pre: Preconditioner, block_rows: int | None = None, progress=None
 ) -> tuple[np.ndarray, Tensor]:
-    """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row, preconditioning blockwise."""
-    ids, values = self_influences(log, {"": pre}, block_rows, progress)
+    """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row of the log, preconditioning blockwise."""
+    blocks = log.blocks(block_rows=block_rows, recycle=True)
+    ids, values = self_influences(blocks, {"": pre}, len(log), progress, log.ids.dtype)
     return ids, values[""]
 
 
 def self_influences(
-    log, pres: dict[str, Preconditioner], block_rows: int | None = None, progress=None
+    blocks, pres: dict[str, Preconditioner], total: int, progress=None, id_dtype=np.int64
 ) -> tuple[np.ndarray, dict[str, Tensor]]:
-    """Self-influence under several preconditioners with one read of the rows."""
+    """Self-influence under several preconditioners with one pass over `blocks`, (ids, float32 rows)
+    of valid rows (a log's or a PassRows' blocks); total: how many rows they hold (for progress),
+    id_dtype: the ids' dtype when there are none."""
     ids, values = [], {name: [] for name in pres}
-    with _progress(len(log), progress, "self-influence") as bar:
-        for block_ids, rows in log.blocks(block_rows=block_rows, recycle=True):
+    with _progress(total, progress, "self-influence") as bar:
+        for block_ids, rows in blocks:
             for name, pre in pres.items():
                 values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
             ids.append(block_ids)
             bar.update(len(block_ids))
     if not ids:
         empty = torch.zeros(0, dtype=torch.float64)
-        return np.zeros(0, dtype=log.ids.dtype), {name: empty for name in pres}
+        return np.zeros(0, dtype=id_dtype), {name: empty for name in pres}
     return np.concatenate(ids), {name: torch.cat(v) for name, v in values.items()}
 
 

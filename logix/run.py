@@ -33,6 +33,7 @@ from .disk.projections import read_projections, write_projections
 from .distributed import World, reduce_sums
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogixError, ModelMismatchError
+from .finalize import finalize_pass
 from .hooks import Watched, warn_if_compiled
 from .layout import RowLayout, module_differences
 from .log_directory import LogDirectory, now
@@ -40,7 +41,7 @@ from .pass_ids import PassIds
 from .pass_sums import PassSums
 from .pass_writer import PassWriter
 from .passes import adopt_crashed, check_curvature_for, check_meta, committed_ids_of, gather_segments
-from .statistics import CovarianceSums, finalize_pass
+from .statistics import CovarianceSums
 from .training_record import TrainingRecord
 
 logger = logging.getLogger("logix")
@@ -559,9 +560,9 @@ class Run:
 
     def _finalize_pass(self, p: dict) -> None:
         """Derive the pass's curvature (if asked) and mark it complete."""
-        self._save_manifest()  # the statistics pass reads the log through the manifest
+        self._save_manifest()  # a kill during the statistics pass leaves every segment listed: resumable
         if self.config.statistics and p["segments"]:
-            p["statistics"] = finalize_pass(self.path, p["name"], p.get("statistics_parts", []), self.config.statistics)
+            p["statistics"] = finalize_pass(self.path, self._manifest, p, self.config.statistics)
         p["finalized"] = True
 
     def _check_open(self) -> None:

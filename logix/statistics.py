@@ -13,6 +13,10 @@ read of the logged rows. Both are approximations when the parameters move during
 
 Sums accumulate on the device in float64 with their counts; a batch whose contribution is not
 finite is left out and counted (no host sync in the hot path); decompositions run in float64.
+
+`derive` is pure computation: it takes the modules, an iterator of row blocks (the one scoring
+reads) and the summed factors, and returns arrays; it neither opens nor writes a file
+(logix.finalize feeds it and has the disk wing write what it returns).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .disk.statistics import SUM_KEYS, load_sums, statistics_name, write_statistics
+from .disk.statistics import SUM_KEYS
 from .errors import StatisticsError
 
 
@@ -136,44 +140,17 @@ def preconditioners(statistics, raw: bool = True) -> list[str]:
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
 
 
-def finalize_pass(root, pass_name: str, parts: list, wanted: tuple, block_rows: int | None = None) -> str | None:
-    """Derive a pass's curvature from its partial sums and rows, and the self-influences under every
-    preconditioner that allows; write them as the pass's statistics file (one atomic replace) and
-    return its name.
+def derive(modules: dict, blocks, sums: dict, wanted: tuple, pass_name: str) -> tuple[dict, list]:
+    """Per module: A, S, their eigenbases and counts (from the sums), and from one pass over the row
+    blocks EK-FAC's Lambda* = mean_i (Q_S^T G_i Q_A)^2 and the raw Fisher mean_i g_i g_i^T where
+    asked (modules up to RAW_MAX_WIDTH). Returns ({module: {array name: tensor}}, modules with a raw
+    Fisher).
 
-    parts: the pass's sums files (relative to root). wanted: the config's statistics. Reads the
-    rows once for EK-FAC's Lambda* and the raw Fisher, once more for the self-influences.
-    """
-    from . import curvature, influence  # curvature imports this module (RAW_MAX_WIDTH, preconditioners)
-    from .log import Log
-
-    if not wanted:
-        return None
-    log = Log(root, pass_name=pass_name)
-    sums = load_sums([root / p for p in parts]) if parts else {}
-    derived, raw_modules = derive(log, sums, wanted, pass_name, block_rows)
-    # self-influence at default damping, kept so normalised scores never recompute it
-    available = preconditioners(wanted, raw=bool(raw_modules) and len(raw_modules) == len(log.modules))
-    pres = {
-        name: curvature.Preconditioner.from_curvature(
-            log, name, curvature.build_curvature(log.modules, list(log.modules), name, lambda m: _Held(derived[m]))
-        )
-        for name in available
-    }
-    _, values = influence.self_influences(log, pres, block_rows, progress=False)  # one read for all
-    file = statistics_name(log.current.index)
-    attrs = dict(damping_rule=curvature.DAMPING_RULE, damping_factor=curvature.DEFAULT_DAMPING_FACTOR, curvature="own")
-    write_statistics(root / file, derived, values, attrs)
-    return file
-
-
-def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | None = None) -> tuple[dict, list]:
-    """Per module: A, S, their eigenbases and counts (from the sums), and from one read of the rows
-    EK-FAC's Lambda* = mean_i (Q_S^T G_i Q_A)^2 and the raw Fisher mean_i g_i g_i^T where asked
-    (modules up to RAW_MAX_WIDTH). Returns ({module: {array name: tensor}}, modules with a raw Fisher)."""
-    derived: dict[str, dict[str, Tensor]] = {name: {} for name in log.modules}
+    modules: {name: ModuleInfo} (k_in, k_out, width, columns in a row). blocks: (ids, float32 rows)
+    over the pass's valid rows, iterated only when Lambda* or a raw Fisher is asked for."""
+    derived: dict[str, dict[str, Tensor]] = {name: {} for name in modules}
     if "kfac" in wanted or "ekfac" in wanted:
-        for name in log.modules:
+        for name in modules:
             if name not in sums:
                 raise StatisticsError(f"module {name!r}: no covariance was gathered in pass {pass_name!r}")
             a, s = factors(sums[name], name)
@@ -181,18 +158,18 @@ def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | Non
             eig_s, vec_s = eigh(s, name, "S")
             derived[name].update(a=a, s=s, eig_a=eig_a, vec_a=vec_a, eig_s=eig_s, vec_s=vec_s)
             derived[name].update({k: sums[name][k] for k in SUM_KEYS})
-    raw_modules = [n for n, m in log.modules.items() if "raw" in wanted and m.width <= RAW_MAX_WIDTH]
-    if "raw" in wanted and len(raw_modules) < len(log.modules):
-        skipped = sorted(set(log.modules) - set(raw_modules))
+    raw_modules = [n for n, m in modules.items() if "raw" in wanted and m.width <= RAW_MAX_WIDTH]
+    if "raw" in wanted and len(raw_modules) < len(modules):
+        skipped = sorted(set(modules) - set(raw_modules))
         logging.getLogger("logix").warning("logix: raw Fisher skipped for %s (k_in*k_out > %d)", skipped, RAW_MAX_WIDTH)
     if "ekfac" in wanted or raw_modules:
-        acc = {n: 0 for n in log.modules}
+        acc = {n: 0 for n in modules}
         fisher = {n: 0 for n in raw_modules}
         count = 0
-        for _, rows in log.blocks(block_rows=block_rows, recycle=True):
+        for _, rows in blocks:
             rows = rows.double()
             count += rows.shape[0]
-            for name, m in log.modules.items():
+            for name, m in modules.items():
                 g = rows[:, m.columns]
                 if "ekfac" in wanted:
                     rotated = derived[name]["vec_s"].T @ g.reshape(-1, m.k_out, m.k_in) @ derived[name]["vec_a"]
@@ -201,7 +178,7 @@ def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | Non
                     fisher[name] = fisher[name] + g.T @ g
         if count == 0:
             raise StatisticsError(f"pass {pass_name!r} has no valid rows to compute curvature from")
-        for name in log.modules:
+        for name in modules:
             if "ekfac" in wanted:
                 derived[name]["lambda_star"] = acc[name] / count
             if name in fisher:
@@ -209,19 +186,3 @@ def derive(log, sums: dict, wanted: tuple, pass_name: str, block_rows: int | Non
                 values, vectors = eigh(f_matrix, name, "the raw Fisher")
                 derived[name].update(fisher=f_matrix, fisher_eig=values, fisher_vec=vectors)
     return derived, raw_modules
-
-
-class _Held:
-    """One module's derived arrays, read like a statistics file's group (curvature.build_curvature)."""
-
-    def __init__(self, arrays: dict[str, Tensor]):
-        self.arrays = arrays
-
-    def has(self, key: str) -> bool:
-        return key in self.arrays
-
-    def array(self, key: str, shape: tuple, eigenvalues: bool = False) -> Tensor:
-        value = self.arrays[key].double()
-        if tuple(value.shape) != shape:
-            raise StatisticsError(f"{key} has shape {tuple(value.shape)}, expected {shape}")
-        return value
