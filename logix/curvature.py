@@ -12,7 +12,8 @@ else identity (resolve_preconditioner). Damping lambda is per module: 0.1 x the 
 module's block over its unprojected dimension d_in d_out by default (the mean eigenvalue at rank
 full; `damping_factor` changes the 0.1), or an absolute value (`damping=`, a float or
 {module: float}). `curvature=` says whose statistics: the pass's own rows, or the curvature pass
-logged for it (statistics_file).
+logged for it (statistics_file). The curvature is built from a statistics file, or from the arrays
+finalize holds in memory before it writes one (build_curvature, Preconditioner.from_curvature).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ i.e. a gradient step on i lowers q's loss. F and lambda come from logix.curvatur
 Only the query side is preconditioned at query time; train rows stream from the log in blocks,
 one matrix product per block. Normalised modes divide by preconditioned norms:
 cosine by both sides', relative (RelatIF) by the train side's, sqrt(g_i^T (F + lambda I)^{-1} g_i).
+Self-influence streams any (ids, rows) blocks: a Log's, or the rows finalize reads before the log
+is whole (self_influences).
 """
 
 from __future__ import annotations
