@@ -26,16 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, id_kind, refuse_unentered, running
+from .capture import Capture, refuse_unentered, running
 from .config import Config
 from .disk.files import PROJECTIONS
 from .disk.projections import read_projections, write_projections
 from .distributed import World, reduce_sums
 from .engines import attacher_for
-from .errors import CaptureError, ConfigError, LogixError, ModelMismatchError
+from .errors import CaptureError, ConfigError, LogixError
 from .finalize import finalize_pass
 from .hooks import Watched, warn_if_compiled
-from .layout import RowLayout, module_differences
+from .intake import PassIntake
+from .layout import RowLayout, check_same_modules
 from .log_directory import LogDirectory, now
 from .pass_ids import PassIds
 from .pass_sums import PassSums
@@ -135,7 +136,6 @@ class Run:
             raise ConfigError("distributed=True but torch.distributed is not initialised with more than one rank")
         self.process_index = self.world.process_index
         self._ids = PassIds(on_duplicate, self.world.distributed, self.process_index)
-        self.step = 0
         self._layout = RowLayout(config)  # what a row holds, once a model is watched
         self._training: TrainingRecord | None = None  # steps and learning rates, with watch(optimizer=)
         self._fitting = None
@@ -150,7 +150,18 @@ class Run:
         self.session = self._manifest["sessions"] - 1
         self._pass_sums = PassSums(self.path, config.factors, self.process_index, self.session)
         self._rows = PassWriter(self.path, config.dtype, self.process_index, self.session, queue_size, commit_interval)
+        self._intake = PassIntake(self._directory, self.world, self._ids, self._pass_sums, self._rows)
         _open_runs.add(self)
+
+    @property
+    def step(self) -> int:
+        """The training step the next rows are recorded at: optimizer steps with watch(optimizer=),
+        else captures."""
+        return self._intake.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._intake.step = value
 
     def _save_manifest(self) -> None:
         self._directory.save()
@@ -179,23 +190,7 @@ class Run:
         layout = RowLayout(self.config)
         logged = {m["name"]: m for m in self._manifest["modules"]}
         layout.choose(model, include, exclude, include_frozen, logged, stored)
-        modules = layout.entries()
-        per_rank = self.world.gather(modules)
-        differ = [r for r, m in enumerate(per_rank) if m != per_rank[0]]
-        if differ:
-            names = [{m["name"] for m in m_list} for m_list in per_rank]
-            raise ModelMismatchError(
-                f"ranks {differ} watch different modules than rank 0 "
-                f"(rank 0 only: {sorted(names[0] - names[differ[0]])[:5]}, "
-                f"rank {differ[0]} only: {sorted(names[differ[0]] - names[0])[:5]}, or different shapes); "
-                "every rank must watch the same model with the same include/exclude"
-            )
-        if self._manifest["modules"]:
-            if modules != self._manifest["modules"]:
-                raise ModelMismatchError(
-                    f"the model does not match the modules logged in {self.path}: "
-                    f"{module_differences(self._manifest['modules'], modules)}"
-                )
+        check_same_modules(self.world.gather(layout.entries()), self._manifest["modules"], self.path)
         self._layout = layout
         if not self._manifest["modules"] and not layout.pending:  # else written once fit_projections has run
             self._write_modules()
@@ -205,6 +200,7 @@ class Run:
             attach(self, model)
         if optimizer is not None:
             self._training = TrainingRecord(optimizer, self._count_step)
+            self._intake.steps_by_capture = False
         logger.info("logix: watching %d modules, %d numbers per row", len(layout.watched), layout.width)
         return [w.name for w in layout.watched]
 
@@ -326,6 +322,7 @@ class Run:
         self._pass_sums.begin()
         self._session_passes.add(self._pass["name"])
         self._ids.begin(committed, rows_only)
+        self._intake.pass_entry = self._pass
         if self._training is not None:
             self._training.begin(self._pass["meta"])
         self._save_manifest()
@@ -353,18 +350,7 @@ class Run:
             entry = next(s for s in p["segments"] if self.path / s["file"] == segment.path)
             entry["rows"] = segment.committed_rows
             logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
-        if self._ids.skipped:
-            logged = len(self._ids.logged)
-            if self.world.distributed and self._ids.skipped > max(logged // 2, 64):
-                logger.warning(
-                    "logix: pass %r: rank %d skipped %d ids already logged in the pass and logged %d; "
-                    "a new epoch needs run.start_pass()",
-                    p["name"],
-                    self.process_index,
-                    self._ids.skipped,
-                    logged,
-                )
-            logger.info("logix: pass %r: skipped %d ids logged before", p["name"], self._ids.skipped)
+        self._ids.report_skipped(p["name"], self.world.distributed)
         mine = [s for s in p["segments"] if s["rank"] == self.process_index and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
         reports = self.world.gather(report)
@@ -376,18 +362,11 @@ class Run:
         file = self._pass_sums.end(self.world, p["index"])  # collective: every process's sums added up
         if file is not None:
             p.setdefault("statistics_parts", []).append(file)
-        self._pass = None
+        self._pass = self._intake.pass_entry = None
         self._save_manifest()
         self._pass_sums.partial_file(p["index"]).unlink(missing_ok=True)  # the final sums are listed now
         if error is not None:
             raise error
-
-    def _check_id_kind(self, ids: list) -> str:
-        kind = id_kind(ids)
-        logged = self._manifest["id_kind"]
-        if logged is not None and logged != kind:
-            raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
-        return kind
 
     # -- capture ---------------------------------------------------------------------------------
 
@@ -442,8 +421,8 @@ class Run:
             reduction=reduction,
             scale=scale,
             scaler=scaler,
-            check=self._check_batch,
-            accept=lambda ids, rows, factor: self._accept(ids, rows, factor, step),
+            check=self._intake.check,
+            accept=lambda ids, rows, factor: self._intake.accept(ids, rows, factor, step),
             observer=self._pass_sums.observer,
             discard=self._pass_sums.discard,
         )
@@ -459,37 +438,6 @@ class Run:
     def active_capture(self) -> Capture | None:
         """The capture whose block is running now, if any (framework adapters hook its loss)."""
         return running(self._last_capture)
-
-    def _check_batch(self, ids: list) -> list[bool] | None:
-        """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip
-        (logix.pass_ids); one small exchange of the step's ids under torch.distributed."""
-        self._check_id_kind(ids)
-        return self._ids.check(ids, self.world.gather(ids))
-
-    def _accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
-        """Queue a captured batch's rows, leaving out the examples `_check_batch` skipped."""
-        self._pass_sums.close_batch(factor)
-        keep = self._ids.rows_to_write(ids, self._last_capture.keep if self._last_capture is not None else None)
-        if keep is not None and not all(keep):
-            rows = rows[torch.tensor(keep, device=rows.device)]
-            ids = [i for i, k in zip(ids, keep) if k]
-        if ids:
-            self._write(ids, rows, self.step if step is None else int(step))
-            self._ids.wrote(ids)
-        if self._pass_sums.due():
-            self._pass_sums.checkpoint(self._pass["index"], self._rows.writer)
-        if self._training is None and step is None:
-            self.step += 1
-
-    def _write(self, ids: list, rows: Tensor, step: int) -> None:
-        """The batch's rows to the pass's segment (logix.pass_writer), listed in the manifest first."""
-        id_kind = self._check_id_kind(ids)
-        self._manifest["id_kind"] = id_kind
-        entry = self._rows.open(self._pass, self._manifest["width"], id_kind)
-        if entry is not None:
-            self._pass["segments"].append(entry)
-            self._save_manifest()
-        self._rows.put(ids, rows, step)
 
     # -- the end -------------------------------------------------------------------------------
 
