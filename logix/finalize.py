@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .config import Config
 from .curvature import DAMPING_RULE, DEFAULT_DAMPING_FACTOR, Preconditioner, build_curvature
-from .disk import ModuleInfo, PassRows, SegmentInfo
+from .disk.manifest import ModuleInfo, SegmentInfo
+from .disk.rows import PassRows
 from .disk.statistics import load_sums, statistics_name, write_statistics
 from .errors import StatisticsError
 from .influence import self_influences
