@@ -79,3 +79,17 @@ class _Held:
         if tuple(value.shape) != shape:
             raise StatisticsError(f"{key} has shape {tuple(value.shape)}, expected {shape}")
         return value
+
+
+def passes_to_finalize(manifest: dict, ours: set[str], failed: set[str], resume: bool) -> list[dict]:
+    """The passes a session's finalize completes, in order: those it wrote (unless its writer
+    failed in them), and, when it resumed a crashed job, the unfinalized passes that job had ended
+    before the point this session took over."""
+    indices = [p["index"] for p in manifest["passes"] if p["name"] in ours]
+    resumed_at = min(indices, default=len(manifest["passes"]))
+    return [
+        p
+        for p in manifest["passes"]
+        if p["name"] in ours - failed
+        or (resume and not p["finalized"] and p["index"] < resumed_at and p["name"] not in ours)
+    ]

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from .capture import Capture
 from .config import Config
+from .distributed import World, reduce_sums
 from .errors import CaptureError, ConfigError, ModelMismatchError
 from .hooks import Watched, select_modules
 from .projection import (
@@ -22,7 +24,7 @@ from .projection import (
     pca_fits,
     side_rank,
 )
-from .statistics import eigh, factors
+from .statistics import CovarianceSums, eigh, factors
 
 
 class RowLayout:
@@ -160,6 +162,36 @@ class RowLayout:
             w.offset, offset = offset, offset + w.k_in * w.k_out
             w._cache.clear()
         self.pending = {}
+
+
+class ProjectionFit:
+    """A statistics-only pass that fits a layout's PCA projections (`run.fit_projections`): its
+    captures feed covariance sums and log nothing."""
+
+    def __init__(self, layout: RowLayout):
+        self.layout = layout
+        self.watched = layout.fitting()
+        self.sums = CovarianceSums()
+
+    def capture(self, ids, *, mask, reduction, scale, scaler) -> Capture:
+        return Capture(
+            self.watched,
+            ids,
+            mask=mask,
+            reduction=reduction,
+            scale=scale,
+            scaler=scaler,
+            accept=lambda ids, rows, factor: self.sums.close_batch(factor),
+            observer=self.sums.observe,
+            discard=self.sums.discard_batch,
+            keep_rows=False,
+        )
+
+    def finish(self, world: World) -> None:
+        """Fit from every process's sums and adopt the result, bit-identical on every process
+        (process 0's, whatever each process's eigh returned)."""
+        sums = reduce_sums(world, self.sums.to_host())
+        self.layout.adopt(world.broadcast(self.layout.fit(sums)))
 
 
 def module_differences(logged: list[dict], asked: list[dict]) -> str:

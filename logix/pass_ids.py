@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DuplicateIdError
+from .errors import ConfigError, DuplicateIdError
 
 logger = logging.getLogger("logix")
+
+
+def check_on_duplicate(on_duplicate: str) -> None:
+    if on_duplicate not in ("error", "skip"):
+        raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
 
 
 class PassIds:

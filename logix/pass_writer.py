@@ -8,7 +8,15 @@ from pathlib import Path
 from torch import Tensor
 
 from .disk import SCHEMA_VERSION, BackgroundWriter, SegmentWriter, segment_name
+from .errors import ConfigError
 from .host_copy import HostCopies
+
+
+def check_writer_options(queue_size: int, commit_interval: float) -> None:
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ConfigError(f"queue_size must be an int of at least 1, got {queue_size!r}")
+    if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or commit_interval < 0:
+        raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {commit_interval!r}")
 
 
 class PassWriter:

@@ -8,12 +8,50 @@ statistics_parts (the sums files that count), finalized, and statistics once fin
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .disk.segments import committed_ids, pass_segments
 from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
 from .errors import ConfigError
+
+logger = logging.getLogger("logix")
+
+
+def pass_to_continue(passes: list[dict], name: Any, resume: bool, path: Path) -> dict | None:
+    """The existing pass `name` to continue (resume=True and not finalized); None for a new name."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
+    existing = next((p for p in passes if p["name"] == name), None)
+    if existing is None:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"pass {name!r} already exists in {path}; pick a new name, "
+            "or open the log with logix.init(..., resume=True) to continue it"
+        )
+    if existing["finalized"]:
+        raise ConfigError(f"pass {name!r} in {path} is finalized; it cannot be continued")
+    return existing
+
+
+def new_pass(
+    passes: list[dict], name: str | None, meta: dict, curvature_for: Any, statistics: tuple, path: Path
+) -> dict:
+    """The entry of a pass to append to `passes` (named pass<index> by default), its metadata checked."""
+    index = len(passes)
+    if curvature_for is not None:
+        check_curvature_for(passes, curvature_for, statistics, path)
+        meta["curvature_for"] = curvature_for
+    check_meta(meta)
+    return {
+        "name": f"pass{index}" if name is None else name,
+        "index": index,
+        "meta": meta,
+        "segments": [],
+        "finalized": False,
+    }
 
 
 def check_meta(meta: dict) -> None:
@@ -83,3 +121,17 @@ def gather_segments(p: dict, reports: list[dict]) -> bool:
         p["segments"].extend(s for s in report["segments"] if s["file"] not in listed)
     p["segments"].sort(key=lambda s: (s["session"], s["rank"]))
     return any(report["failed"] for report in reports)
+
+
+def pass_to_resume(passes: list[dict]) -> str | None:
+    """The pass a resumed run's first capture continues: the last one, if it is not finalized."""
+    return passes[-1]["name"] if passes and not passes[-1]["finalized"] else None
+
+
+def record_closed_segment(root: Path, p: dict, segment) -> None:
+    """Note in the pass entry the rows this process's segment committed, now that it is closed."""
+    if segment is None:
+        return
+    entry = next(s for s in p["segments"] if root / s["file"] == segment.path)
+    entry["rows"] = segment.committed_rows
+    logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)

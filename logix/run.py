@@ -26,23 +26,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import passes
 from .capture import Capture, refuse_unentered, running
 from .config import Config
 from .disk.files import PROJECTIONS
 from .disk.projections import read_projections, write_projections
-from .distributed import World, reduce_sums
+from .distributed import World
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogixError
-from .finalize import finalize_pass
+from .finalize import finalize_pass, passes_to_finalize
 from .hooks import Watched, warn_if_compiled
 from .intake import PassIntake
-from .layout import RowLayout, check_same_modules
+from .layout import ProjectionFit, RowLayout, check_same_modules
 from .log_directory import LogDirectory, now
-from .pass_ids import PassIds
+from .pass_ids import PassIds, check_on_duplicate
 from .pass_sums import PassSums
-from .pass_writer import PassWriter
-from .passes import adopt_crashed, check_curvature_for, check_meta, committed_ids_of, gather_segments
-from .statistics import CovarianceSums
+from .pass_writer import PassWriter, check_writer_options
 from .training_record import TrainingRecord
 
 logger = logging.getLogger("logix")
@@ -117,12 +116,8 @@ class Run:
         queue_size: int = 16,
         commit_interval: float = 1.0,
     ):
-        if on_duplicate not in ("error", "skip"):
-            raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ConfigError(f"queue_size must be an int of at least 1, got {queue_size!r}")
-        if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or commit_interval < 0:
-            raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {commit_interval!r}")
+        check_on_duplicate(on_duplicate)  # before the log is opened: a refused run leaves no session behind
+        check_writer_options(queue_size, commit_interval)
         self.path = Path(path)
         self.config = config
         self.resume = bool(resume)
@@ -232,15 +227,13 @@ class Run:
             raise CaptureError("call run.watch(model) before run.fit_projections()")
         if not self._layout.pending:
             raise ConfigError("this log's projections are already fitted (they are stored in the log)")
-        self._fitting = (self._layout.fitting(), CovarianceSums())
+        self._fitting = ProjectionFit(self._layout)
         try:
             yield self
             self._refuse_unentered()
-            sums = reduce_sums(self.world, self._fitting[1].to_host())
+            self._fitting.finish(self.world)
         finally:
             self._fitting = None
-        # bit-identical on every rank, whatever each rank's eigh returned
-        self._layout.adopt(self.world.broadcast(self._layout.fit(sums)))
         self._write_modules()
         logger.info(
             "logix: PCA projections fitted for %d modules, %d numbers per row", len(self.watched), self._layout.width
@@ -276,39 +269,25 @@ class Run:
         """
         self._check_open()
         self._refuse_unentered()
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ConfigError(f"a pass name must be a non-empty string, got {name!r}")
-        existing = next((p for p in self._manifest["passes"] if p["name"] == name), None)
+        existing = passes.pass_to_continue(self._manifest["passes"], name, self.resume, self.path)
         if existing is not None:
-            if not self.resume:
-                raise ConfigError(
-                    f"pass {name!r} already exists in {self.path}; pick a new name, "
-                    "or open the log with logix.init(..., resume=True) to continue it"
-                )
-            if existing["finalized"]:
-                raise ConfigError(f"pass {name!r} in {self.path} is finalized; it cannot be continued")
             self._end_pass()
             self._continue_pass(existing)
             return name
-        index = len(self._manifest["passes"])
-        name = name if name is not None else f"pass{index}"
         meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
-        if curvature_for is not None:
-            check_curvature_for(self._manifest["passes"], curvature_for, self.config.statistics, self.path)
-            meta["curvature_for"] = curvature_for
-        check_meta(meta)
+        entry = passes.new_pass(self._manifest["passes"], name, meta, curvature_for, self.config.statistics, self.path)
         self._end_pass()
         self.step = meta["step"]
         meta["started"] = now()
-        self._pass = {"name": name, "index": index, "meta": meta, "segments": [], "finalized": False}
-        self._manifest["passes"].append(self._pass)
+        self._pass = entry
+        self._manifest["passes"].append(entry)
         self._begin_pass(set())
-        return name
+        return entry["name"]
 
     def _continue_pass(self, p: dict) -> None:
         """Resume a pass: adopt segments a crash left out of the manifest, skip ids already committed."""
-        covered_rows = adopt_crashed(self.path, p, self.session, bool(self.config.factors))
-        covered, rows_only = committed_ids_of(self.path, p, covered_rows)
+        covered_rows = passes.adopt_crashed(self.path, p, self.session, bool(self.config.factors))
+        covered, rows_only = passes.committed_ids_of(self.path, p, covered_rows)
         self._pass = p
         self.step = max(self.step, int(p["meta"].get("step") or 0))
         logger.info(
@@ -329,11 +308,7 @@ class Run:
 
     def _default_pass(self) -> None:
         """The pass a capture lands in when none was started: a resumed one, or a new one."""
-        last = self._manifest["passes"][-1] if self._manifest["passes"] else None
-        if self.resume and last is not None and not last["finalized"]:
-            self.start_pass(last["name"])
-        else:
-            self.start_pass()
+        self.start_pass(passes.pass_to_resume(self._manifest["passes"]) if self.resume else None)
 
     def _end_pass(self) -> None:
         """Drain and close the pass's writer, and keep its statistics; collective across ranks.
@@ -346,15 +321,12 @@ class Run:
             self._training.end()
         p = self._pass
         segment, error = self._rows.close()
-        if segment is not None:
-            entry = next(s for s in p["segments"] if self.path / s["file"] == segment.path)
-            entry["rows"] = segment.committed_rows
-            logger.info("logix: %s: %d rows (%d non-finite)", segment.path.name, segment.rows, segment.nonfinite)
+        passes.record_closed_segment(self.path, p, segment)
         self._ids.report_skipped(p["name"], self.world.distributed)
         mine = [s for s in p["segments"] if s["rank"] == self.process_index and s["session"] == self.session]
         report = {"segments": mine, "failed": error is not None, "id_kind": self._manifest["id_kind"]}
         reports = self.world.gather(report)
-        if gather_segments(p, reports):
+        if passes.gather_segments(p, reports):
             self._failed_passes.add(p["name"])
         self._manifest["id_kind"] = self._manifest["id_kind"] or next(
             (r["id_kind"] for r in reports if r["id_kind"]), None
@@ -396,19 +368,7 @@ class Run:
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
         if self._fitting is not None:
-            fit_watched, sums = self._fitting
-            self._created = Capture(
-                fit_watched,
-                ids,
-                mask=mask,
-                reduction=reduction,
-                scale=scale,
-                scaler=scaler,
-                accept=lambda ids, rows, factor: sums.close_batch(factor),
-                observer=sums.observe,
-                discard=sums.discard_batch,
-                keep_rows=False,
-            )
+            self._created = self._fitting.capture(ids, mask=mask, reduction=reduction, scale=scale, scaler=scaler)
             return self._created
         if self._layout.pending:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
@@ -489,15 +449,10 @@ class Run:
         error = None
         if self.process_index == 0:
             try:
-                ours = [p["index"] for p in self._manifest["passes"] if p["name"] in self._session_passes]
-                resumed_at = min(ours, default=len(self._manifest["passes"]))
-                for p in self._manifest["passes"]:
-                    if p["name"] in self._session_passes - self._failed_passes:
-                        self._finalize_pass(p)
-                    elif self.resume and not p["finalized"] and p["index"] < resumed_at:
-                        # ended by the crashed job before the point this job resumed from: complete
-                        adopt_crashed(self.path, p, self.session, bool(self.config.factors))
-                        self._finalize_pass(p)
+                for p in passes_to_finalize(self._manifest, self._session_passes, self._failed_passes, self.resume):
+                    if p["name"] not in self._session_passes:  # ended by the crashed job before this one resumed
+                        passes.adopt_crashed(self.path, p, self.session, bool(self.config.factors))
+                    self._finalize_pass(p)
             except Exception as e:
                 error = e
         outcome = self.world.broadcast(None if error is None else f"{type(error).__name__}: {error}")
