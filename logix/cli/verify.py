@@ -19,10 +19,11 @@ from ..disk import (
     read_projections,
     read_rows,
 )
-from ..disk.manifest import inside_problem, load_manifest, sized_modules
+from ..disk.manifest import inside_problem, load_manifest, sound_modules
 from ..disk.projections import projection_problems
+from ..disk.rows import index_problems
 from ..disk.segments import data_extent, segment_problems
-from ..disk.statistics import ModuleStatistics, load_sums, open_statistics
+from ..disk.statistics import ModuleStatistics, load_sums, open_statistics, read_self_influence
 from ..errors import ConfigError, LogFormatError, NotInLogError
 from ..statistics import RAW_MAX_WIDTH, preconditioners
 from .common import CliError, Formatter, _log_dir, _progress, _some, log_options, pass_option, write_json
@@ -39,6 +40,7 @@ class Verifier:
         self.args = args
         self.problems: list[str] = []
         self.notes: list[str] = []
+        self.listed: set[str] = set()  # the segment files the manifest lists, as they are checked
         self.counts = {"passes": 0, "segments": 0, "rows": 0, "nonfinite": 0, "projections": 0, "statistics_files": 0}
 
     def problem(self, message: str) -> None:
@@ -66,7 +68,7 @@ class Verifier:
     def _check(self, manifest: dict) -> None:
         """What the manifest lists, as far as its entries are sound: projections, segments, rows, statistics."""
         config = _config(manifest)
-        modules = sized_modules(manifest)
+        modules = sound_modules(manifest)
         self._check_projections(modules)
         width = manifest["width"] if _is_count(manifest["width"]) else None
         dtype = config.dtype if config else None
@@ -100,7 +102,7 @@ class Verifier:
             return
         path = self.root / PROJECTIONS
         if not path.is_file():
-            self.problem(f"{PROJECTIONS} is missing")
+            self.problem(f"{path} is missing: the log's projections are lost")
             return
         try:
             projections = read_projections(path)
@@ -122,13 +124,11 @@ class Verifier:
             file = entry.get("file")
             where = f"pass {p['name']!r}: segment {file}"
             path = self._inside(file, SEGMENTS, f"pass {p['name']!r}: segment")
-            if path is None:
-                continue
-            if not path.is_file():
-                self.problem(f"{where} is missing")
-                continue
+            if path is None or file in self.listed:
+                continue  # the manifest's problems name it: outside the log, or listed twice
+            self.listed.add(file)
             try:
-                with open_segment(path) as f:
+                with open_segment(path) as f:  # a missing or unreadable one named as logix.open names it
                     n, problems = segment_problems(
                         f, path, width=width, dtype=dtype, id_kind=id_kind, rows=entry.get("rows")
                     )
@@ -154,66 +154,67 @@ class Verifier:
         return out
 
     def _check_rows(self, p: dict, segments: list[tuple[dict, int]], width: int, bar) -> int | None:
-        """Read every committed row; flags must match finiteness; ids unique. Returns valid rows."""
-        seen: dict = {}
-        valid = 0
+        """Read every committed row (flags must match finiteness), then the pass's index as
+        logix.open checks it (index_problems: ids unique, flags known). Returns the valid rows, or
+        None when some segment cannot be read."""
+        index = []
         readable = len(segments) == len(_segments(p))
-        duplicates = []
         block = default_block_rows(width)
         for entry, n in segments:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
-                with open_segment(self.root / entry["file"]) as f:
-                    torn: list = []
-                    ids = read_ids(f["ids"], n, f.filename, torn=torn)
-                    flags = read_rows(f["flags"], np.s_[:n], torn=torn)
-                    if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
-                        self.problem(f"{where}: flags hold values other than 0 and {FLAG_NONFINITE}")
-                    flagged = (flags & FLAG_NONFINITE) != 0
-                    for i in ids.tolist():
-                        if i in seen:
-                            duplicates.append(i)
-                        seen[i] = True
-                    unflagged_bad, flagged_good, corrupt = [], [], []
-                    grads = f["grads"]
-                    for start, end, rows in _readable_blocks(grads, n, block, corrupt, torn):
-                        finite = np.isfinite(rows).all(axis=1)
-                        unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
-                        flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
-                        bar.update(end - start)
-                    read_rows(f["step"], np.s_[:n], torn=torn)
-                    for name, chunk in sorted(set(torn)):
-                        self.notes.append(
-                            f"{where}: chunk {chunk} of {name!r} was torn by an interrupted write (a crash); its "
-                            "committed rows match the checksum of the last complete write"
-                        )
-                    if corrupt:
-                        bad = [i for a, b in corrupt for i in range(a, b)]
-                        self.problem(
-                            f"{where}: {len(bad)} row(s) fail their checksum (damaged data): rows "
-                            f"{', '.join(f'{a}..{b - 1}' for a, b in corrupt[:5])}, ids {_some([ids[i] for i in bad])}"
-                        )
-                    self.counts["rows"] += n
-                    self.counts["nonfinite"] += int(flagged.sum())
-                    valid += n - int(flagged.sum())
-                    if unflagged_bad:
-                        self.problem(
-                            f"{where}: {len(unflagged_bad)} row(s) hold NaN/Inf but are not flagged (damaged data): "
-                            f"rows {_some(unflagged_bad)}, ids {_some([ids[i] for i in unflagged_bad])}"
-                        )
-                    if flagged_good:
-                        self.problem(
-                            f"{where}: {len(flagged_good)} row(s) are flagged non-finite but are finite: "
-                            f"rows {_some(flagged_good)}, ids {_some([ids[i] for i in flagged_good])}"
-                        )
+                index.append(self._check_segment_rows(where, self.root / entry["file"], n, block, bar))
             except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
                 self.problem(f"{where}: committed rows cannot be read: {e}")
                 readable = False
-        if duplicates:
-            self.problem(f"pass {p['name']!r}: {len(duplicates)} id(s) appear more than once: {_some(duplicates)}")
+        if index:
+            ids, flags = (np.concatenate([part[i] for part in index]) for i in (0, 1))
+            for problem in index_problems(self.root, p["name"], ids, flags):
+                self.problem(problem)
+        valid = sum(int(((flags & FLAG_NONFINITE) == 0).sum()) for _, flags in index)
         if not p.get("finalized", False):
             self.notes.append(f"pass {p['name']!r} is not finalized ({valid} valid rows committed; no statistics)")
         return valid if readable else None
+
+    def _check_segment_rows(self, where: str, path: Path, n: int, block: int, bar) -> tuple[np.ndarray, np.ndarray]:
+        """One segment's committed rows read in blocks: checksums, and flags against finiteness.
+        Returns its ids and flags."""
+        with open_segment(path) as f:
+            torn: list = []
+            ids = read_ids(f["ids"], n, path, torn=torn)
+            flags = read_rows(f["flags"], np.s_[:n], torn=torn)
+            flagged = (flags & FLAG_NONFINITE) != 0
+            unflagged_bad, flagged_good, corrupt = [], [], []
+            for start, end, rows in _readable_blocks(f["grads"], n, block, corrupt, torn):
+                finite = np.isfinite(rows).all(axis=1)
+                unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
+                flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
+                bar.update(end - start)
+            read_rows(f["step"], np.s_[:n], torn=torn)
+        for name, chunk in sorted(set(torn)):
+            self.notes.append(
+                f"{where}: chunk {chunk} of {name!r} was torn by an interrupted write (a crash); its "
+                "committed rows match the checksum of the last complete write"
+            )
+        if corrupt:
+            bad = [i for a, b in corrupt for i in range(a, b)]
+            self.problem(
+                f"{where}: {len(bad)} row(s) fail their checksum (damaged data): rows "
+                f"{', '.join(f'{a}..{b - 1}' for a, b in corrupt[:5])}, ids {_some([ids[i] for i in bad])}"
+            )
+        if unflagged_bad:
+            self.problem(
+                f"{where}: {len(unflagged_bad)} row(s) hold NaN/Inf but are not flagged (damaged data): "
+                f"rows {_some(unflagged_bad)}, ids {_some([ids[i] for i in unflagged_bad])}"
+            )
+        if flagged_good:
+            self.problem(
+                f"{where}: {len(flagged_good)} row(s) are flagged non-finite but are finite: "
+                f"rows {_some(flagged_good)}, ids {_some([ids[i] for i in flagged_good])}"
+            )
+        self.counts["rows"] += n
+        self.counts["nonfinite"] += int(flagged.sum())
+        return ids, flags
 
     def _check_statistics(self, p: dict, modules: list[dict], config: Config | None, valid: int | None) -> None:
         wanted = config.statistics if config is not None else ()
@@ -272,16 +273,29 @@ class Verifier:
                         continue
                     for key, shape in expected.items():
                         self._check_array(group, key, shape, key in ("eig_a", "eig_s", "fisher_eig", "lambda_star"))
-                raw = all(m["k_in"] * m["k_out"] <= RAW_MAX_WIDTH for m in modules)
-                stored = stats.f.get("self_influence")
-                for kind in preconditioners(wanted, raw=raw):
-                    if stored is None or kind not in stored:
-                        self.problem(f"{what}: self_influence/{kind} is missing")
-                        continue
-                    shape = (valid,) if valid is not None else getattr(stored[kind], "shape", None)
-                    self._check_array(ModuleStatistics(stored, path), kind, shape, True)
         except LogFormatError as e:
             self.problem(str(e))
+            return
+        self._check_self_influence(what, path, wanted, modules, valid)
+
+    def _check_self_influence(self, what: str, path: Path, wanted, modules: list[dict], valid: int | None) -> None:
+        """The self-influences finalize stored, read as logix.open reads them (read_self_influence);
+        then what only verify asks: one per valid row, none negative."""
+        raw = all(m["k_in"] * m["k_out"] <= RAW_MAX_WIDTH for m in modules)
+        for kind in preconditioners(wanted, raw=raw):
+            try:
+                stored = read_self_influence(path, kind)
+            except LogFormatError as e:
+                self.problem(str(e))
+                continue
+            if stored is None:
+                self.problem(f"{what}: self_influence/{kind} is missing")
+                continue
+            values = stored[0]
+            if valid is not None and len(values) != valid:
+                self.problem(f"{what}: self_influence/{kind} holds {len(values)} values, the pass {valid} valid rows")
+            elif bool((values < 0).any()):
+                self.problem(f"{what}: self_influence/{kind} holds negative values (g^T (F + lambda I)^-1 g >= 0)")
 
     def _check_sums(self, what: str, path: Path, modules: list[dict]) -> None:
         """A sums file, read as finalize reads it (logix.disk.statistics.load_sums), then its shapes
@@ -316,9 +330,12 @@ class Verifier:
 
 
 def _passes(manifest: dict) -> list[dict]:
-    """The manifest's pass entries that have a name (the others are among its problems)."""
+    """The manifest's pass entries with a name and a list of segments (the others are among its
+    problems, and not looked into)."""
     passes = manifest["passes"]
-    return [p for p in passes if isinstance(p, dict) and "name" in p] if isinstance(passes, list) else []
+    if not isinstance(passes, list):
+        return []
+    return [p for p in passes if isinstance(p, dict) and "name" in p and isinstance(p.get("segments"), list)]
 
 
 def _segments(p: dict) -> list[dict]:

@@ -152,10 +152,13 @@ def _sized(m) -> bool:
     return isinstance(m, dict) and set(m) == MODULE_FIELDS and all(_is_int(m[k]) and m[k] >= 1 for k in MODULE_SIZES)
 
 
-def sized_modules(data: dict) -> list[dict]:
-    """The manifest's module entries whose fields and sizes are sound enough to check files against."""
+def sound_modules(data: dict) -> list[dict]:
+    """The manifest's module entries that pass their own checks (fields, name and kind, sizes, bias):
+    the ones to check the log's files against."""
     modules = data.get("modules")
-    return [m for m in modules if _sized(m)] if isinstance(modules, list) else []
+    if not isinstance(modules, list):
+        return []
+    return [m for i, m in enumerate(modules) if not _module_problems(i, m, set())]
 
 
 def _modules_problems(path: Path, data: dict) -> list[str]:

@@ -103,6 +103,22 @@ def prefetched(blocks, depth: int = 1):
             thread.join(timeout=0.05)
 
 
+def index_problems(root: Path, name: str, ids: np.ndarray, flags: np.ndarray) -> list[str]:
+    """What is wrong with a pass's index (its committed rows' ids and flags, all segments together):
+    flags holding unknown bits, ids appearing twice (the writer does neither). `logix.open` refuses
+    a pass with any; `logix verify` lists them."""
+    problems = []
+    if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
+        problems.append(f"pass {name!r} of {root}: row flags hold unknown values; a segment is damaged")
+    if len(np.unique(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        problems.append(
+            f"pass {name!r} of {root}: ids {values[counts > 1][:5].tolist()} appear more than once; "
+            "a segment or the manifest is damaged"
+        )
+    return problems
+
+
 class PassRows:
     """The committed rows of one pass: its segments, in order, as they were when this was made.
 
@@ -116,7 +132,9 @@ class PassRows:
     ):
         self.root, self.name, self.segments, self.width = root, name, tuple(segments), width
         self.ids, self.flags, self.steps, self.counts = self._read_index(dtype, id_kind)
-        self._check_index()
+        problems = index_problems(self.root, self.name, self.ids, self.flags)
+        if problems:
+            raise LogFormatError(problems[0])
 
     @property
     def valid(self) -> np.ndarray:
@@ -189,20 +207,6 @@ class PassRows:
         if not ids:
             return np.zeros(0, dtype="i8"), np.zeros(0, dtype="u1"), np.zeros(0, dtype="i8"), counts
         return np.concatenate(ids), np.concatenate(flags), np.concatenate(steps), counts
-
-    def _check_index(self) -> None:
-        """Flags hold only known bits, and no id appears twice in a pass (the writer never does it)."""
-        if np.any(self.flags & ~np.uint8(FLAG_NONFINITE)):
-            raise LogFormatError(
-                f"pass {self.name!r} of {self.root}: row flags hold unknown values; a segment is damaged"
-            )
-        unique = np.unique(self.ids)
-        if len(unique) != len(self.ids):
-            values, counts = np.unique(self.ids, return_counts=True)
-            raise LogFormatError(
-                f"pass {self.name!r} of {self.root}: ids {values[counts > 1][:5].tolist()} appear more than once; "
-                "a segment or the manifest is damaged"
-            )
 
     def _grads(
         self,
