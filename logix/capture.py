@@ -58,10 +58,6 @@ def normalize_ids(ids: Any) -> list:
     return out
 
 
-def id_kind(ids: list) -> str:
-    return "str" if ids and isinstance(ids[0], str) else "int"
-
-
 class Capture:
     """Context manager for one batch; see `Run.capture` for the arguments users pass.
 

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .disk.statistics import open_statistics
+from .disk.statistics import RAW_MAX_WIDTH, open_statistics, preconditioners
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .statistics import RAW_MAX_WIDTH, preconditioners
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for

@@ -23,10 +23,10 @@ from .config import Config
 from .curvature import DAMPING_RULE, DEFAULT_DAMPING_FACTOR, Preconditioner, build_curvature
 from .disk.manifest import ModuleInfo, SegmentInfo
 from .disk.rows import PassRows
-from .disk.statistics import load_sums, statistics_name, write_statistics
+from .disk.statistics import load_sums, preconditioners, statistics_name, write_statistics
 from .errors import StatisticsError
 from .influence import self_influences
-from .statistics import derive, preconditioners
+from .statistics import derive
 
 
 def finalize_pass(root: Path, manifest: dict, entry: dict, wanted: tuple, block_rows: int | None = None) -> str | None:

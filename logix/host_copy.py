@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .disk import FLAG_NONFINITE, Batch
+from .disk.files import FLAG_NONFINITE
+from .disk.writer import Batch
 
 
 class HostCopies:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .capture import id_kind
 from .distributed import World
 from .errors import CaptureError
 from .log_directory import LogDirectory
-from .pass_ids import PassIds
+from .pass_ids import PassIds, id_kind
 from .pass_sums import PassSums
 from .pass_writer import PassWriter
 

@@ -29,8 +29,9 @@ from .curvature import (
     resolve_preconditioner,
     statistics_file,
 )
-from .disk import FLAG_NONFINITE, PROJECTIONS, check_projections, read_manifest, read_projections
-from .disk.manifest import ModuleInfo, SegmentInfo
+from .disk.files import FLAG_NONFINITE, PROJECTIONS
+from .disk.manifest import ModuleInfo, SegmentInfo, read_manifest
+from .disk.projections import check_projections, read_projections
 from .disk.rows import BLOCK_BYTES as BLOCK_BYTES  # where the CLI and benchmarks import them from
 from .disk.rows import PassRows
 from .disk.rows import default_block_rows as default_block_rows

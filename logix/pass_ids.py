@@ -16,6 +16,11 @@ from .errors import ConfigError, DuplicateIdError
 logger = logging.getLogger("logix")
 
 
+def id_kind(ids: list) -> str:
+    """ "str" for string ids, else "int" (a log holds one kind)."""
+    return "str" if ids and isinstance(ids[0], str) else "int"
+
+
 def check_on_duplicate(on_duplicate: str) -> None:
     if on_duplicate not in ("error", "skip"):
         raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")

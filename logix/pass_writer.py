@@ -7,7 +7,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .disk import SCHEMA_VERSION, BackgroundWriter, SegmentWriter, segment_name
+from .disk.files import SCHEMA_VERSION
+from .disk.segments import segment_name
+from .disk.writer import BackgroundWriter, SegmentWriter
 from .errors import ConfigError
 from .host_copy import HostCopies
 

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .disk.statistics import SUM_KEYS
+from .disk.statistics import RAW_MAX_WIDTH, SUM_KEYS
 from .errors import StatisticsError
 
 
@@ -121,23 +121,6 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
         raise StatisticsError(f"module {name!r}: {label} is not finite")
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
     return values.clamp_min(0.0), vectors
-
-
-def preconditioners(statistics, raw: bool = True) -> list[str]:
-    """What a pass finalized with these statistics can be scored with: identity always, raw where
-    gathered and built for every module (raw=False says it was not), kfac from K-FAC or EK-FAC
-    factors, ekfac from EK-FAC's eigenvalues."""
-    out = ["identity"]
-    if "raw" in statistics and raw:
-        out.append("raw")
-    if "kfac" in statistics or "ekfac" in statistics:
-        out.append("kfac")
-    if "ekfac" in statistics:
-        out.append("ekfac")
-    return out
-
-
-RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
 
 
 def derive(modules: dict, blocks, sums: dict, wanted: tuple, pass_name: str) -> tuple[dict, list]:

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from ..curvature import available_preconditioners
 from ..disk.segments import segment_reach
+from ..disk.statistics import RAW_MAX_WIDTH
 from ..errors import NotInLogError
 from ..log import Log
-from ..statistics import RAW_MAX_WIDTH
 
 
 class CliError(Exception):

@@ -23,9 +23,15 @@ from ..disk.manifest import inside_problem, load_manifest, sound_modules
 from ..disk.projections import projection_problems
 from ..disk.rows import index_problems
 from ..disk.segments import data_extent, segment_problems
-from ..disk.statistics import ModuleStatistics, load_sums, open_statistics, read_self_influence
+from ..disk.statistics import (
+    RAW_MAX_WIDTH,
+    ModuleStatistics,
+    load_sums,
+    open_statistics,
+    preconditioners,
+    read_self_influence,
+)
 from ..errors import ConfigError, LogFormatError, NotInLogError
-from ..statistics import RAW_MAX_WIDTH, preconditioners
 from .common import CliError, Formatter, _log_dir, _progress, _some, log_options, pass_option, write_json
 from .info import _orphan_segments, _writer_text, writer_status
 

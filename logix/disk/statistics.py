@@ -29,6 +29,23 @@ SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
 _SUMS = re.compile(r"p([0-9]{3,})-r(0|[1-9][0-9]*)-s([0-9]{3,})(\.partial)?\.h5")
 
 
+def preconditioners(statistics, raw: bool = True) -> list[str]:
+    """What a pass finalized with these statistics can be scored with: identity always, raw where
+    gathered and built for every module (raw=False says it was not), kfac from K-FAC or EK-FAC
+    factors, ekfac from EK-FAC's eigenvalues."""
+    out = ["identity"]
+    if "raw" in statistics and raw:
+        out.append("raw")
+    if "kfac" in statistics or "ekfac" in statistics:
+        out.append("kfac")
+    if "ekfac" in statistics:
+        out.append("ekfac")
+    return out
+
+
+RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
+
+
 def statistics_name(pass_index: int) -> str:
     """The file finalize writes for a pass."""
     return f"{STATISTICS}/p{pass_index:03d}.h5"
