@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-import logix
-from logix.capture import normalize_ids
+from logix.capture import Capture, normalize_ids
 from logix.errors import CaptureError
 from logix.extras import require
+from logix.run import Run, init
 
 # lightning's unified package, else the standalone pytorch_lightning
 _callbacks = require(__name__, "lightning", "lightning", "lightning.pytorch.callbacks", "pytorch_lightning.callbacks")
@@ -65,12 +65,12 @@ class LogIXCallback(Callback):
     ):
         self.path, self.ids, self.include, self.exclude, self.reduction = path, ids, include, exclude, reduction
         self.init_kwargs = dict(rank=rank, statistics=statistics, **init_kwargs)
-        self.run: logix.Run | None = None
-        self._cap: logix.Capture | None = None
+        self.run: Run | None = None
+        self._cap: Capture | None = None
         self._in_batch = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.run = logix.init(self.path, **self.init_kwargs)
+        self.run = init(self.path, **self.init_kwargs)
         optimizers = [o for o in getattr(trainer, "optimizers", []) if isinstance(o, torch.optim.Optimizer)]
         # one optimizer: each pass records its steps and learning rates (attribution across training)
         optimizer = optimizers[0] if len(optimizers) == 1 else None

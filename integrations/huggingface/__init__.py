@@ -29,7 +29,8 @@ The package splits by job: `convention` (the loss convention), `callback` (LogIX
 `dataset` (log_dataset) and `query` (continuation_batch, lm_query).
 """
 
-from .callback import DEFAULT_EXCLUDE, DEFAULT_STATISTICS, LogIXCallback, LogixCallback, TrainerCallback
+from .callback import LogIXCallback, LogixCallback, TrainerCallback
+from .convention import DEFAULT_EXCLUDE, DEFAULT_STATISTICS
 from .dataset import log_dataset
 from .query import continuation_batch, lm_query
 

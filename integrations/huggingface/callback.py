@@ -12,24 +12,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
-import logix
 from logix.errors import CaptureError, ConfigError
 from logix.extras import require
+from logix.log import Log
+from logix.run import Run, init
 from logix.training_record import torch_optimizer
 
-from .convention import _batch_mask, _loss_labels, _LossConvention, _model_loss
+from .convention import DEFAULT_STATISTICS, _batch_mask, _exclude, _loss_labels, _LossConvention, _model_loss
 
 TrainerCallback = require(__package__, "hf", "transformers").TrainerCallback  # the package names the extra
-
-DEFAULT_STATISTICS = ("ekfac",)
-# Position embeddings look up (1, T) positions shared by the whole batch (GPT-2's wpe, BERT's
-# position_embeddings when position_ids are not passed): they have no per-example gradient.
-DEFAULT_EXCLUDE = ("*wpe", "*position_embeddings", "*embed_positions")
-
-
-def _exclude(exclude: Iterable[str] | None) -> tuple:
-    return DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
-
 
 # -- dataset indices from the sampler ----------------------------------------------------------------
 
@@ -155,7 +146,7 @@ class LogIXCallback(TrainerCallback):
         self.include_frozen = include_frozen
         self.check_loss = check_loss
         self.init_kwargs = init_kwargs
-        self.run: logix.Run | None = None
+        self.run: Run | None = None
         self.modules: list[str] = []
         self._model: nn.Module | None = None
         self._handles: list = []
@@ -195,7 +186,7 @@ class LogIXCallback(TrainerCallback):
                 self._skip = (state.global_step % per_epoch) * accum
         try:
             unfinished = self._unfinished_epochs(self._epoch(state)) if resumed else []
-            self.run = logix.init(self.path, self.rank, statistics=self.statistics, resume=resumed, **self.init_kwargs)
+            self.run = init(self.path, self.rank, statistics=self.statistics, resume=resumed, **self.init_kwargs)
             optimizer = torch_optimizer(kwargs.get("optimizer"))  # passes then record their steps and learning rates
             self.modules = self.run.watch(model, self.include, self.exclude, self.include_frozen, optimizer=optimizer)
             for name in unfinished:  # continued in this session, so that its finalize completes them
@@ -383,7 +374,7 @@ class LogIXCallback(TrainerCallback):
             return []
         return [
             p.name
-            for p in logix.open(self.path).passes
+            for p in Log(self.path).passes
             if p.name.startswith("epoch") and p.name[5:].isdigit() and int(p.name[5:]) < epoch and not p.finalized
         ]
 

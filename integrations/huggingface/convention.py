@@ -1,11 +1,12 @@
 """The loss convention: how a HuggingFace model's `outputs.loss` relates to each example's own loss
 (the sum of its label-token losses after the causal shift, or a classifier's example loss), checked
-against the logits on the first batch."""
+against the logits on the first batch; and what the callback, log_dataset and lm_query share: the
+default statistics and excluded modules, a model frozen for a logging pass, one batch's capture."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -153,3 +154,54 @@ def _loss_labels(kwargs: Mapping) -> tuple[Any, bool | None]:
     if isinstance(shifted, Tensor):
         return shifted, False
     return kwargs.get("labels"), None
+
+
+# -- what every job of the adapter shares ------------------------------------------------------------
+
+DEFAULT_STATISTICS = ("ekfac",)
+# Position embeddings look up (1, T) positions shared by the whole batch (GPT-2's wpe, BERT's
+# position_embeddings when position_ids are not passed): they have no per-example gradient.
+DEFAULT_EXCLUDE = ("*wpe", "*position_embeddings", "*embed_positions")
+
+
+def _exclude(exclude: Iterable[str] | None) -> tuple:
+    return DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
+
+
+class _Frozen:
+    """Model in eval (or train) mode, gradients set aside, restored on exit; parameters never change."""
+
+    def __init__(self, model: nn.Module, train_mode: bool):
+        self.model, self.train_mode = model, train_mode
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.grads = [(p, p.grad) for p in self.model.parameters()]
+        for p, _ in self.grads:
+            p.grad = None
+        self.model.train(self.train_mode)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+        for p, g in self.grads:
+            p.grad = g
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _capture_batch(capture, model: nn.Module, inputs: dict, ids: Any, convention: _LossConvention) -> None:
+    """One forward and backward of `model(**inputs)` inside `capture(...)`, with the HF loss convention."""
+    labels, shift = _loss_labels(inputs)
+    scale = 1.0 / convention.divisor(labels, None, shift)
+    with capture(ids, mask=_batch_mask(model, inputs, labels.shape[0]), reduction="sum", scale=scale) as cap:
+        output = model(**inputs)
+        loss = _model_loss(output)
+        if not isinstance(loss, Tensor):
+            raise CaptureError("the model returned no loss for a batch with labels")
+        convention.verify(output, loss, labels, None, shift)
+        cap.loss(loss).backward()
+    for p in model.parameters():
+        p.grad = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,35 +10,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-import logix
 from logix.errors import CaptureError, ConfigError
+from logix.log import Log
+from logix.run import init
 
-from .callback import DEFAULT_STATISTICS, _exclude
-from .convention import _batch_mask, _loss_labels, _LossConvention, _model_loss
-
-
-class _Frozen:
-    """Model in eval (or train) mode, gradients set aside, restored on exit; parameters never change."""
-
-    def __init__(self, model: nn.Module, train_mode: bool):
-        self.model, self.train_mode = model, train_mode
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.grads = [(p, p.grad) for p in self.model.parameters()]
-        for p, _ in self.grads:
-            p.grad = None
-        self.model.train(self.train_mode)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
-        for p, g in self.grads:
-            p.grad = g
-
-
-def _to_device(batch: Mapping, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+from .convention import DEFAULT_STATISTICS, _capture_batch, _exclude, _Frozen, _LossConvention, _to_device
 
 
 def _default_collator():
@@ -72,7 +48,7 @@ def log_dataset(
     num_workers: int = 0,
     check_loss: bool = True,
     **init_kwargs: Any,
-) -> logix.Log:
+) -> Log:
     """Log every example of `dataset` at the model's current parameters (no optimizer step); returns the Log.
 
         log = log_dataset(model, train_ds, "runs/ckpt1000", rank=32, data_collator=collator)
@@ -98,7 +74,7 @@ def log_dataset(
     device = next(model.parameters()).device
     convention = _LossConvention(model, check_loss)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
-    with logix.init(path, rank, statistics=statistics, **init_kwargs) as run:
+    with init(path, rank, statistics=statistics, **init_kwargs) as run:
         run.watch(model, include, _exclude(exclude), include_frozen)
         run.start_pass(pass_name, step=step, checkpoint=checkpoint)
         offset = 0
@@ -121,19 +97,4 @@ def log_dataset(
                 inputs = _to_device(batch, device)
                 _capture_batch(run.capture, model, inputs, ids, convention)
         run.finalize()
-    return logix.open(path, pass_name=pass_name) if pass_name else logix.open(path)
-
-
-def _capture_batch(capture, model: nn.Module, inputs: dict, ids: Any, convention: _LossConvention) -> None:
-    """One forward and backward of `model(**inputs)` inside `capture(...)`, with the HF loss convention."""
-    labels, shift = _loss_labels(inputs)
-    scale = 1.0 / convention.divisor(labels, None, shift)
-    with capture(ids, mask=_batch_mask(model, inputs, labels.shape[0]), reduction="sum", scale=scale) as cap:
-        output = model(**inputs)
-        loss = _model_loss(output)
-        if not isinstance(loss, Tensor):
-            raise CaptureError("the model returned no loss for a batch with labels")
-        convention.verify(output, loss, labels, None, shift)
-        cap.loss(loss).backward()
-    for p in model.parameters():
-        p.grad = None
+    return Log(path, pass_name=pass_name or None)

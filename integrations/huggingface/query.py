@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import logix
 from logix.errors import ConfigError
+from logix.log import Log
+from logix.query import Query
 
-from .convention import IGNORE_INDEX, _LossConvention
-from .dataset import _capture_batch, _Frozen, _to_device
+from .convention import IGNORE_INDEX, _capture_batch, _Frozen, _LossConvention, _to_device
 
 
 def continuation_batch(
@@ -53,7 +53,7 @@ def lm_query(
     batch_size: int = 8,
     pad_token_id: int = 0,
     check_loss: bool = True,
-) -> logix.Query:
+) -> Query:
     """Query gradients for a HuggingFace model, with the same own-loss convention as the logged rows.
 
     queries: a list of (prompt_token_ids, continuation_token_ids) pairs (the query loss covers the
@@ -63,8 +63,8 @@ def lm_query(
     its loss). The model runs in eval mode; parameters and `.grad` are left as they were.
     `log`: a Log or a log path. Then: `log.influence(q, preconditioner="ekfac", top_k=5)`.
     """
-    if not isinstance(log, logix.Log):
-        log = logix.open(log)
+    if not isinstance(log, Log):
+        log = Log(log)
     if isinstance(queries, Mapping):
         batch = dict(queries)
     else:
