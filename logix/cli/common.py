@@ -8,6 +8,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 from ..curvature import available_preconditioners
 from ..disk.segments import segment_reach
 from ..disk.statistics import RAW_MAX_WIDTH
-from ..errors import NotInLogError
-from ..log import Log
+
+if TYPE_CHECKING:  # for annotations only: the commands open logs, this module only reads them
+    from ..log import Log
 
 
 class CliError(Exception):
@@ -182,14 +184,6 @@ def _log_dir(path: str) -> Path:
     if not p.is_dir():
         raise CliError(f"{p} is a file; a logix log is a directory (the PATH given to logix.init)")
     return p
-
-
-def open_log(path: str, pass_name: str | None) -> Log:
-    root = _log_dir(path)
-    try:
-        return Log(root, pass_name=pass_name)
-    except NotInLogError as e:
-        raise CliError(str(e)) from None
 
 
 def require_intact(log: Log) -> None:

@@ -12,11 +12,11 @@ from ..log import Log, default_block_rows
 from .common import (
     CliError,
     Formatter,
+    _log_dir,
     _progress,
     _say,
     _some,
     log_options,
-    open_log,
     pass_option,
     require_intact,
 )
@@ -66,7 +66,7 @@ def cmd_export(args) -> int:
     fmt = "csv" if out is None else out.suffix.lower().lstrip(".")
     if fmt not in ("npy", "csv"):
         raise CliError(f"--out must end in .npy or .csv (or be - for CSV on stdout), got {args.out!r}")
-    log = open_log(args.path, args.pass_name)
+    log = Log(_log_dir(args.path), pass_name=args.pass_name)
     if log.current is None:
         raise CliError(f"{log.path} holds no pass yet: nothing was captured", 1)
     if args.module is not None and args.module not in log.modules:

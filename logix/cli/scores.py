@@ -17,13 +17,13 @@ from .common import (
     Formatter,
     _bars,
     _check_preconditioner,
+    _log_dir,
     _modules_arg,
     _say,
     format_options,
     format_table,
     log_options,
     nonnegative_float,
-    open_log,
     pass_option,
     positive_int,
     require_intact,
@@ -36,7 +36,7 @@ from .common import (
 
 def _scored_log(args):
     """The log to score and its --modules, its preconditioner resolved and checked, its data intact."""
-    log = open_log(args.path, args.pass_name)
+    log = Log(_log_dir(args.path), pass_name=args.pass_name)
     modules = _modules_arg(log, args.modules)
     args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
     _check_preconditioner(log, args.preconditioner, modules)
@@ -122,7 +122,7 @@ def check_query_log(train: Log, query: Log) -> None:
 
 def cmd_top(args) -> int:
     log, modules = _scored_log(args)
-    qlog = open_log(args.query, args.query_pass)
+    qlog = Log(_log_dir(args.query), pass_name=args.query_pass)
     check_query_log(log, qlog)
     require_intact(qlog)
     if qlog.current is None:
