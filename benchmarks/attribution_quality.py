@@ -690,7 +690,7 @@ def main(argv=None) -> None:
     wall = time.perf_counter()
     torch.set_num_threads(args.threads)
     setup = make_setup(args)
-    pca = "pca" in logix.config.PROJECTIONS and not args.no_pca
+    pca = "pca" in logix.config.PROJECTION_METHODS and not args.no_pca
     factor = args.damping_factor
     print("command:", shlex.join(["python"] + sys.argv))
     if args.smoke:
@@ -877,7 +877,7 @@ def main(argv=None) -> None:
             line += f"  {row[9]}"
         print(line)
     if not pca:
-        print("pca: not available" if "pca" not in logix.config.PROJECTIONS else "pca: skipped (--no-pca)")
+        print("pca: not available" if "pca" not in logix.config.PROJECTION_METHODS else "pca: skipped (--no-pca)")
     elif pca_error:
         print(pca_error)
     print_auto_ranks(chosen, budget)

@@ -17,7 +17,7 @@ Rank = int | str | tuple
 
 DTYPES = ("float32", "float16")
 STATISTICS = ("kfac", "ekfac", "raw")
-PROJECTIONS = ("gaussian", "pca")
+PROJECTION_METHODS = ("gaussian", "pca")
 
 
 def _check_side(value: Any, what: str) -> int | str:
@@ -85,8 +85,8 @@ class Config:
             raise ConfigError(f"row_bytes is a budget for rank='auto'; with rank={self.rank!r} the row's size is fixed")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.projection not in PROJECTIONS:
-            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.projection not in PROJECTION_METHODS:
+            raise ConfigError(f"projection must be one of {PROJECTION_METHODS}, got {self.projection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
 

@@ -31,11 +31,11 @@ class PassIntake:
         self._keep: list[bool] | None = None  # the last check's choice, for its accept
 
     def check_id_kind(self, ids: list) -> str:
-        kind = id_kind(ids)
+        got = id_kind(ids)
         logged = self.directory.manifest["id_kind"]
-        if logged is not None and logged != kind:
-            raise CaptureError(f"this log's ids are {logged}s; got {kind} ids")
-        return kind
+        if logged is not None and logged != got:
+            raise CaptureError(f"this log's ids are {logged}s; got {got} ids")
+        return got
 
     def check(self, ids: list) -> list[bool] | None:
         """Before the forward: refuse a wrong id kind or a repeated id, or pick the examples to skip

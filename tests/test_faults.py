@@ -231,10 +231,9 @@ def test_segment_linked_out_of_the_log(log_copy, tmp_path):
         logix.open(path)
 
 
-def test_segment_of_another_log(log_copy, tmp_path):
-    """A segment whose rows are another width (another model) than the manifest says."""
-    path, _, _ = log_copy
-    other = tmp_path / "other"
+def plant_segment_of_another_log(path):
+    """Replace the log's first segment by one of another log (another model: rows 9 wide, not 8)."""
+    other = path.parent / "other"
     model = nn.Sequential(nn.Linear(5, 5))
     run = logix.init(other, rank=3)
     run.watch(model)
@@ -242,6 +241,12 @@ def test_segment_of_another_log(log_copy, tmp_path):
         model(torch.randn(2, 5)).sum().backward()
     run.finalize()
     shutil.copy(other / SEGMENT, path / SEGMENT)
+
+
+def test_segment_of_another_log(log_copy):
+    """A segment whose rows are another width (another model) than the manifest says."""
+    path, _, _ = log_copy
+    plant_segment_of_another_log(path)
     with pytest.raises(
         LogFormatError, match=r"p000-r0-s000.h5 is damaged: its rows have 9 numbers, the manifest says 8"
     ):

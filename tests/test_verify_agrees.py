@@ -22,7 +22,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from test_faults import (
     MANIFEST_TAMPERING,
     PART,
@@ -32,6 +31,7 @@ from test_faults import (
     STATISTICS_TAMPERING,
     STATS,
     edit_manifest,
+    plant_segment_of_another_log,
     rewrite_h5,
     rewrite_projections,
     rewrite_segment,
@@ -39,7 +39,6 @@ from test_faults import (
 )
 from test_hostile import _plant
 from test_torn_chunks import torn_log  # noqa: F401 - a fixture
-from torch import nn
 
 import logix
 from logix.cli import main
@@ -148,17 +147,6 @@ def _linked_out(path):
     os.symlink(outside, path / SEGMENT)
 
 
-def _segment_of_another_log(path):
-    other = path.parent / "other"
-    model = nn.Sequential(nn.Linear(5, 5))
-    run = logix.init(other, rank=3)
-    run.watch(model)
-    with run.capture([0, 1]):
-        model(torch.randn(2, 5)).sum().backward()
-    run.finalize()
-    shutil.copy(other / SEGMENT, path / SEGMENT)
-
-
 def _grads_external(kind: str):
     def damage(path):
         secret = path.parent / "secret.bin"
@@ -240,7 +228,7 @@ CORPUS = {
     "segment_empty": _replace(SEGMENT, "empty"),
     "segment_a_directory": _replace(SEGMENT, "directory"),
     "segment_linked_out_of_the_log": _linked_out,
-    "segment_of_another_log": _segment_of_another_log,
+    "segment_of_another_log": plant_segment_of_another_log,
     "segment_grads_external_storage": _grads_external("external_storage"),
     "segment_grads_external_link": _grads_external("external_link"),
     "segment_pickled_ids": _planted(SEGMENT, "ids", "opaque"),

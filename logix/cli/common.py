@@ -1,4 +1,5 @@
-"""What every command shares: errors, output (tables, CSV, JSON, progress) and opening a log."""
+"""What every command shares: errors, output (tables, CSV, JSON, progress), the log directory a
+PATH names, and the checks a scoring command runs on the log it opened."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def cmd_self_influence(args) -> int:
             }
         )
         return 0
-    table = (["rank", "id", "self_influence"], [[r + 1, i, v] for r, (i, v) in enumerate(zip(ids, values))])
+    table = (["rank", "id", "self_influence"], [[place + 1, i, v] for place, (i, v) in enumerate(zip(ids, values))])
     if args.csv:
         write_csv(*table)
     else:
@@ -165,9 +165,9 @@ def cmd_top(args) -> int:
         )
         return 0
     rows = [
-        [q, rank + 1, i, v]
-        for r, q in enumerate(result.query_ids)
-        for rank, (i, v) in enumerate(zip(ids[r], values[r]))
+        [q, place + 1, i, v]
+        for row, q in enumerate(result.query_ids)
+        for place, (i, v) in enumerate(zip(ids[row], values[row]))
     ]
     table = (["query_id", "rank", "train_id", "score"], rows)
     if args.csv:

@@ -13,10 +13,10 @@ from torch import Tensor
 from ..errors import LogFormatError
 
 
-def write_result(path: Path, kind: str, fields: dict) -> None:
+def write_result(path: Path, result_type: str, fields: dict) -> None:
     """fields: name -> a tensor (`values`) or an id array (int64 or object str)."""
     with h5py.File(path, "w") as f:
-        f.attrs["logix_result"] = kind
+        f.attrs["logix_result"] = result_type
         for name, value in fields.items():
             if isinstance(value, Tensor):
                 data = value.numpy()
@@ -25,11 +25,11 @@ def write_result(path: Path, kind: str, fields: dict) -> None:
             f.create_dataset(name, data=data)
 
 
-def read_result(path: Path, kind: str) -> dict:
-    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `kind`."""
+def read_result(path: Path, result_type: str) -> dict:
+    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `result_type`."""
     with h5py.File(path, "r") as f:
-        if f.attrs.get("logix_result") != kind:
-            raise LogFormatError(f"{path} does not hold logix {kind}")
+        if f.attrs.get("logix_result") != result_type:
+            raise LogFormatError(f"{path} does not hold logix {result_type}")
         fields = {}
         for name, dataset in f.items():
             if not isinstance(dataset, h5py.Dataset) or dataset.external is not None or dataset.is_virtual:
