@@ -30,6 +30,7 @@ from .curvature import (
     statistics_file,
 )
 from .disk.files import FLAG_NONFINITE, PROJECTIONS
+from .disk.lock import Writer, find_writer
 from .disk.manifest import ModuleInfo, SegmentInfo, read_manifest
 from .disk.projections import check_projections, read_projections
 from .disk.rows import BLOCK_BYTES as BLOCK_BYTES  # where the CLI and benchmarks import them from
@@ -39,7 +40,6 @@ from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import ScoreOptions, score, self_influence_values
-from .lock import Writer, find_writer
 from .query import Query
 from .results import Scores, SelfInfluence
 

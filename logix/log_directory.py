@@ -1,7 +1,7 @@
 """A log directory opened for writing: its writer lock and its manifest, owned by process 0.
 
 Process 0 refuses a path that is a file or holds something other than a log, takes the writer
-lock (logix.lock), reads the manifest (or starts one), checks the config against it and counts the
+lock (logix.disk.lock), reads the manifest (or starts one), checks the config against it and counts the
 session; every other process receives that manifest. From then on only process 0 writes it.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .config import Config
 from .disk.files import FORMAT, MANIFEST, SCHEMA_VERSION, write_json_atomic
+from .disk.lock import LOCK_FILE, WriterLock
 from .disk.manifest import read_manifest
 from .distributed import World
 from .errors import ConfigError, LogInUseError, LogixError
-from .lock import LOCK_FILE, WriterLock
 from .version import __version__
 
 

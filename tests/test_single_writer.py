@@ -28,7 +28,7 @@ from torch import nn
 import logix
 from logix import LogInUseError
 from logix.cli import main as cli_main
-from logix.lock import LOCK_FILE, find_writer, last_writer
+from logix.disk.lock import LOCK_FILE, find_writer, last_writer
 
 WRITER = textwrap.dedent(
     """

@@ -14,11 +14,11 @@ from ..disk import (
     SEGMENTS,
     read_manifest,
 )
+from ..disk.lock import find_writer, last_writer
 from ..disk.projections import projected_sides
 from ..disk.segments import segment_summary
 from ..disk.statistics import statistics_summary
 from ..errors import NotInLogError
-from ..lock import find_writer, last_writer
 from .common import (
     CliError,
     Formatter,

@@ -5,6 +5,8 @@ A log is a directory:
     manifest.json        passes, segments, modules, config, schema version (written atomically)
     projections.h5       P_in / P_out per module, so any later process rebuilds them exactly
     segments/pNNN-rR-sSSS.h5   one per (pass, rank, session), written in SWMR mode
+    statistics/          covariance sums per writer, and each finalized pass's curvature (statistics.py)
+    writer.lock          held (flock) by the one job writing the log, naming it (lock.py)
 
 Each segment holds `ids` (int64 or UTF-8), `grads` (N, D), `flags` (uint8), `step` (int64) and a
 one-element `committed` dataset. The writer moves `committed` only after the rows below it are

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 
 from ..errors import LogFormatError
-from ..lock import find_writer
 from .files import FLAG_NONFINITE, SEGMENTS
+from .lock import find_writer
 
 logger = logging.getLogger("logix")
 

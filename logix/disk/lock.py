@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ConfigError, LogInUseError
+from ..errors import ConfigError, LogInUseError
 
 logger = logging.getLogger("logix")
 
