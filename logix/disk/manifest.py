@@ -99,14 +99,6 @@ def inside_problem(root: Path, file, folder: str, what: str) -> str | None:
     return None
 
 
-def check_manifest(root: Path, data: dict) -> None:
-    """Every field the readers rely on has the type and the consistency the writer gives it: the
-    first problem manifest_problems finds is a LogFormatError."""
-    problems = manifest_problems(root, data)
-    if problems:
-        raise LogFormatError(problems[0])
-
-
 def manifest_problems(root: Path, data: dict) -> list[str]:
     """Every way the manifest's fields differ from what the writer gives them, in order; a part
     whose structure is broken (a list that is not one, an entry without its fields) is named and
