@@ -13,6 +13,7 @@ and the gradient that reaches it during backward multiplies c.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,21 @@ def normalize_ids(ids: Any) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """How the backpropagated loss relates to the examples' own losses: the arguments users pass
+    to `Run.capture` and `Query.capture` (see Run.capture), validated once."""
+
+    mask: Tensor | None = None
+    reduction: str = "mean"
+    scale: float | Tensor | None = None
+    scaler: Any = None
+
+    def __post_init__(self):
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+
+
 class Capture:
     """Context manager for one batch; see `Run.capture` for the arguments users pass.
 
@@ -72,11 +88,8 @@ class Capture:
         self,
         watched: list[Watched],
         ids: Any,
+        loss: LossSpec,
         *,
-        mask: Tensor | None,
-        reduction: str,
-        scale: float | Tensor | None,
-        scaler: Any,
         accept: Callable[[list, Tensor, float], None],
         check: Callable[[list], list | None] = lambda ids: None,
         observer: Callable | None = None,
@@ -84,16 +97,11 @@ class Capture:
         keep_rows: bool = True,
         label: str = "run.capture",
     ):
-        if reduction not in REDUCTIONS:
-            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.watched = watched
         self.ids = normalize_ids(ids)
         if not self.ids:
             raise CaptureError("capture got no ids: an empty batch has no rows to log; skip it")
-        self.mask = mask
-        self.reduction = reduction
-        self.scale = scale
-        self.scaler = scaler
+        self.mask, self.reduction, self.scale, self.scaler = loss.mask, loss.reduction, loss.scale, loss.scaler
         self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
         self.keep_rows = keep_rows
         self.label = label  # how the user created it, for messages: "run.capture" or "q.capture"

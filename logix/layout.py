@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from .capture import Capture
+from .capture import Capture, LossSpec
 from .config import Config
 from .distributed import World, reduce_sums
 from .errors import CaptureError, ConfigError, ModelMismatchError
@@ -173,14 +173,11 @@ class ProjectionFit:
         self.watched = layout.fitting()
         self.sums = CovarianceSums()
 
-    def capture(self, ids, *, mask, reduction, scale, scaler) -> Capture:
+    def capture(self, ids, loss: LossSpec) -> Capture:
         return Capture(
             self.watched,
             ids,
-            mask=mask,
-            reduction=reduction,
-            scale=scale,
-            scaler=scaler,
+            loss,
             accept=lambda ids, rows, factor: self.sums.close_batch(factor),
             observer=self.sums.observe,
             discard=self.sums.discard_batch,

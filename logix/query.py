@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, refuse_unentered, running
+from .capture import Capture, LossSpec, refuse_unentered, running
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
 from .kinds import kind_of
@@ -73,16 +73,8 @@ class Query:
     ) -> Capture:
         """Capture query examples' gradients; same arguments and loss conventions as Run.capture."""
         self._refuse_unentered()
-        self._last_capture = Capture(
-            self.watched,
-            ids,
-            mask=mask,
-            reduction=reduction,
-            scale=scale,
-            scaler=scaler,
-            accept=self._accept,
-            label="q.capture",
-        )
+        loss = LossSpec(mask, reduction, scale, scaler)
+        self._last_capture = Capture(self.watched, ids, loss, accept=self._accept, label="q.capture")
         return self._last_capture
 
     def _refuse_unentered(self) -> None:

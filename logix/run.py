@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import passes
-from .capture import Capture, refuse_unentered, running
+from .capture import Capture, LossSpec, refuse_unentered, running
 from .config import Config
 from .disk.files import PROJECTIONS
 from .disk.projections import read_projections, write_projections
@@ -367,8 +367,9 @@ class Run:
         self._refuse_unentered()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
+        loss = LossSpec(mask, reduction, scale, scaler)
         if self._fitting is not None:
-            self._created = self._fitting.capture(ids, mask=mask, reduction=reduction, scale=scale, scaler=scaler)
+            self._created = self._fitting.capture(ids, loss)
             return self._created
         if self._layout.pending:
             raise CaptureError("projection='pca': run a statistics pass inside `with run.fit_projections():` first")
@@ -377,10 +378,7 @@ class Run:
         self._last_capture = Capture(
             self.watched,
             ids,
-            mask=mask,
-            reduction=reduction,
-            scale=scale,
-            scaler=scaler,
+            loss,
             check=self._intake.check,
             accept=lambda ids, rows, factor: self._intake.accept(ids, rows, factor, step),
             observer=self._pass_sums.observer,
