@@ -47,7 +47,8 @@ class PassIntake:
     def accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
         """Queue a captured batch's rows, leaving out the examples `check` skipped."""
         self.sums.close_batch(factor)
-        keep, self._keep = self.ids.rows_to_write(ids, self._keep), None
+        (keep, recounted), self._keep = self.ids.rows_to_write(ids, self._keep), None
+        self.sums.recounted(recounted)
         if keep is not None and not all(keep):
             rows = rows[torch.tensor(keep, device=rows.device)]
             ids = [i for i, k in zip(ids, keep) if k]

@@ -69,14 +69,17 @@ class PassIds:
         self.skipped += keep.count(False)
         return None if all(keep) else keep
 
-    def rows_to_write(self, ids: list, keep: list[bool] | None) -> list[bool] | None:
-        """After the backward: also leave out rows a crash had committed (their statistics counted)."""
+    def rows_to_write(self, ids: list, keep: list[bool] | None) -> tuple[list[bool] | None, list]:
+        """After the backward: also leave out rows a crash had committed. Returns (which rows to
+        write, the ids among them whose statistics were counted here for a row already committed)."""
         if not self.rows_only:
-            return keep
-        keep = [k and i not in self.rows_only for i, k in zip(ids, keep or [True] * len(ids))]
+            return keep, []
+        counted = keep or [True] * len(ids)
+        recounted = [i for i, k in zip(ids, counted) if k and i in self.rows_only]
+        keep = [k and i not in self.rows_only for i, k in zip(ids, counted)]
         self.rows_only.difference_update(ids)
         self.skipped += keep.count(False)
-        return keep
+        return keep, recounted
 
     def wrote(self, ids: list) -> None:
         self.logged.update(ids)

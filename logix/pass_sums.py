@@ -21,10 +21,12 @@ class PassSums:
         self.root, self.gather = root, gather
         self.process_index, self.session = process_index, session
         self.sums: CovarianceSums | None = None
+        self.recounted_ids: list = []  # rows committed by another session, whose statistics these sums count
         self.saved = time.monotonic()
 
     def begin(self) -> None:
         self.sums = CovarianceSums() if self.gather else None
+        self.recounted_ids = []
         self.saved = time.monotonic()
 
     @property
@@ -39,6 +41,12 @@ class PassSums:
     def close_batch(self, factor) -> None:
         if self.sums is not None:
             self.sums.close_batch(factor)
+
+    def recounted(self, ids: list) -> None:
+        """These ids' rows were committed by a crashed session that lost their statistics; the
+        batch just closed counted them, and the saved sums say so (no later session counts them again)."""
+        if self.sums is not None:
+            self.recounted_ids.extend(ids)
 
     def due(self) -> bool:
         """Whether a checkpoint is due (STATISTICS_CHECKPOINT seconds since the last save)."""
@@ -56,18 +64,25 @@ class PassSums:
         if writer is not None:
             writer.flush()  # the rows these statistics saw are committed before they are saved
             covered = writer.segment.committed_rows
-        save_sums(self.partial_file(pass_index), self.sums.to_host(), attrs={"rows_covered": covered})
+        save_sums(
+            self.partial_file(pass_index),
+            self.sums.to_host(),
+            attrs={"rows_covered": covered},
+            recounted=self.recounted_ids,
+        )
         self.saved = time.monotonic()
 
     def end(self, world, pass_index: int) -> str | None:
         """Add up every process's sums (collective) and, on process 0, save them; the file's name
         to list in the manifest, or None."""
         sums = self.sums.to_host() if self.sums is not None else None
+        recounted = self.recounted_ids
         if sums is not None and world.distributed:
             sums = reduce_sums(world, sums)
-        self.sums = None
+            recounted = [i for ids in world.gather(recounted) for i in ids]
+        self.sums, self.recounted_ids = None, []
         if sums and self.process_index == 0:
             file = sums_name(pass_index, self.process_index, self.session)
-            save_sums(self.root / file, sums)
+            save_sums(self.root / file, sums, recounted=recounted)
             return file
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .disk.segments import committed_ids, pass_segments
-from .disk.statistics import partial_sums, read_sums_attrs, sums_owner
+from .disk.statistics import partial_sums, read_recounted, read_sums_attrs, sums_owner
 from .errors import ConfigError
 
 logger = logging.getLogger("logix")
@@ -102,7 +102,10 @@ def adopt_crashed(root: Path, p: dict, session: int, gathers_sums: bool) -> dict
 
 
 def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], int]) -> tuple[set, set]:
-    """(ids whose rows and statistics are in, ids whose rows are in but statistics were lost)."""
+    """(ids whose rows and statistics are in, ids whose rows are in but statistics were lost).
+
+    A row's statistics are in when the sums of its own session cover it (covered_rows), or when a
+    later session counted them again and its sums say so (read_recounted)."""
     covered, uncovered = set(), set()
     for entry in p["segments"]:
         if (root / entry["file"]).is_file():
@@ -110,6 +113,9 @@ def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], in
             n = covered_rows.get((entry["rank"], entry["session"]), len(ids))
             covered.update(ids[:n])
             uncovered.update(ids[n:])
+    for part in p.get("statistics_parts", []):
+        recounted = read_recounted(root / part) & uncovered
+        covered |= recounted
     return covered, uncovered - covered
 
 

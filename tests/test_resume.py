@@ -198,3 +198,53 @@ def test_statistics_checkpointed_before_a_crash_count_after_resume(tmp_path):
         if not batch_20_committed:
             for key in ("a_sum", "s_sum", "a_count"):
                 torch.testing.assert_close(got[name][key], want[name][key])
+
+
+UNCHECKPOINTED_WORKER = """
+import os, sys, time, torch
+sys.path.insert(0, {tests!r})
+import test_resume as t
+import logix
+net = t.model()
+run = logix.init({path!r}, rank="full", statistics="kfac", commit_interval=0.05)
+run.watch(net)
+run.start_pass("epoch0")
+for start in range(0, 20, 5):
+    t.capture(run, net, range(start, start + 5))
+time.sleep(1.0)  # the writer commits the rows on its own; the statistics are never checkpointed
+os._exit(1)
+"""
+
+
+@pytest.mark.parametrize("revisits", [1, 3])
+def test_statistics_recounted_on_resume_are_counted_once_however_often_the_pass_is_revisited(tmp_path, revisits):
+    """A crash left rows committed whose statistics were lost: the next session counts their
+    statistics when they come again. Later sessions that revisit the pass must not count them again
+    (each used to: 20 rows and three revisits gave four times the counts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "log"
+    code = UNCHECKPOINTED_WORKER.format(tests=str(Path(__file__).parent), path=str(path))
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 1
+    assert sorted(logix.open(path).ids.tolist()) == list(range(20))
+    net = model()
+    for session in range(revisits + 1):
+        resumed = logix.init(path, rank="full", statistics="kfac", resume=True)
+        resumed.watch(net)
+        for start in range(0, 20, 5):
+            capture(resumed, net, range(start, start + 5))
+        if session < revisits:
+            resumed.close()  # ends cleanly without finalizing: its sums are listed, the pass stays open
+        else:
+            resumed.finalize()
+    reference = logix.init(tmp_path / "ref", rank="full", statistics="kfac")
+    reference.watch(net)
+    for start in range(0, 20, 5):
+        capture(reference, net, range(start, start + 5))
+    reference.finalize()
+    got, want = sums(path), sums(tmp_path / "ref")
+    for name in want:
+        for key in ("a_sum", "s_sum", "a_count", "s_count"):
+            torch.testing.assert_close(got[name][key], want[name][key])

@@ -70,8 +70,14 @@ def partial_sums(root: Path, pass_index: int) -> list[str]:
     return [f"{STATISTICS}/{f.name}" for f in sorted(found) if _SUMS.fullmatch(f.name)]
 
 
-def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None) -> None:
-    """Write partial sums atomically; attrs: small metadata (rows covered so far)."""
+# ids of rows other sessions committed whose statistics these sums count (a crash had lost them);
+# module groups are named as torch names modules, never with a leading dot
+RECOUNTED = ".recounted_ids"
+
+
+def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None, recounted=()) -> None:
+    """Write sums atomically; attrs: small metadata (rows covered so far); recounted: ids of rows
+    other sessions committed whose statistics these sums count, so no later session counts them again."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -80,7 +86,25 @@ def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None
             group = f.create_group(name)
             for key in SUM_KEYS:
                 group.create_dataset(key, data=values[key].numpy())
+        if len(recounted):
+            strings = isinstance(next(iter(recounted)), str)
+            f.create_dataset(RECOUNTED, data=list(recounted), dtype=h5py.string_dtype("utf-8") if strings else "i8")
     replace_atomic(tmp, path)
+
+
+def read_recounted(path: Path) -> set:
+    """The ids whose statistics a sums file counted for rows of other sessions (save_sums)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if RECOUNTED not in f:
+                return set()
+            data = f[RECOUNTED]
+            if not isinstance(data, h5py.Dataset) or data.ndim != 1 or data.external or data.is_virtual:
+                raise LogFormatError(f"statistics {path}: {RECOUNTED} is not a list of ids; the file is damaged")
+            values = data.asstr()[()] if h5py.check_string_dtype(data.dtype) else data[()]
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
+    return {v if isinstance(v, str) else int(v) for v in values.tolist()}
 
 
 def read_sums_attrs(path: Path) -> dict:
@@ -98,7 +122,7 @@ def load_sums(paths) -> dict[str, dict[str, Tensor]]:
     for path in paths:
         try:
             with h5py.File(path, "r") as f:
-                parts = {name: _read_sums(path, name, group) for name, group in f.items()}
+                parts = {name: _read_sums(path, name, group) for name, group in f.items() if name != RECOUNTED}
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, LogFormatError):
                 raise
