@@ -57,7 +57,7 @@ class LogDirectory:
         if self.world.process_index == 0:
             try:
                 refuse_foreign_directory(self.path)
-                self.path.mkdir(parents=True, exist_ok=True)
+                make_directory(self.path)
                 self.lock = WriterLock.acquire(self.path)
                 manifest = self._read_or_start()
                 manifest["sessions"] += 1
@@ -114,6 +114,13 @@ def refuse_foreign_directory(path: Path) -> None:
     foreign = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not p.name.startswith(f".{MANIFEST}.")]
     if foreign:
         raise ConfigError(f"{path} exists, is not empty, and is not a logix log: refusing to write into it")
+
+
+def make_directory(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {path}: {e.strerror}; logix needs write access") from e
 
 
 def now() -> str:

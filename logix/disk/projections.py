@@ -10,13 +10,14 @@ import torch
 
 from ..errors import LogFormatError
 from .files import replace_atomic
+from .hdf5_files import new_hdf5
 from .segments import self_contained
 
 
 def write_projections(path: Path, projections: dict[str, tuple]) -> None:
     """Store each module's (P_in, P_out); a missing side means identity."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with new_hdf5(tmp) as f:
         for name, (p_in, p_out) in projections.items():
             group = f.create_group(name)
             for side, matrix in (("in", p_in), ("out", p_out)):

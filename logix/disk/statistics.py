@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import LogFormatError, LogixError
 from .files import replace_atomic
+from .hdf5_files import new_hdf5
 
 STATISTICS = "statistics"
 SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
@@ -78,9 +79,9 @@ RECOUNTED = ".recounted_ids"
 def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None = None, recounted=()) -> None:
     """Write sums atomically; attrs: small metadata (rows covered so far); recounted: ids of rows
     other sessions committed whose statistics these sums count, so no later session counts them again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # statistics/ of a log that exists: a deleted log is not remade
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with new_hdf5(tmp) as f:
         f.attrs.update(attrs or {})
         for name, values in sums.items():
             group = f.create_group(name)
@@ -165,9 +166,9 @@ def write_statistics(
 ) -> None:
     """A pass's statistics file, whole, in one atomic replace: each module's arrays and each
     preconditioner's self-influence (with `attrs`, the damping it was computed under)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # statistics/ of a log that exists: a deleted log is not remade
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with new_hdf5(tmp) as f:
         for name, values in derived.items():
             group = f.create_group(name)
             for key, value in values.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -15,6 +17,7 @@ import torch
 
 from ..errors import WriterError
 from .files import replace_atomic
+from .hdf5_files import abandon
 
 logger = logging.getLogger("logix")
 
@@ -26,12 +29,24 @@ class SegmentWriter:
         """Build the file under a temporary name and rename it once it is in SWMR mode, so that a
         crash at any moment leaves either no segment or a well-formed one."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # segments/ of a log that exists: a deleted log is not remade
         if path.exists():
             raise FileExistsError(f"segment {path} exists already")
         building = path.with_name(f".{path.name}.building")
         building.unlink(missing_ok=True)  # left by a crash during an earlier creation
         self.file = h5py.File(building, "x", libver="latest")
+        try:
+            self._build(width, dtype, id_kind, attrs)
+        except BaseException:
+            abandon(self.file)  # a full disk must not leave a file open for HDF5 to crash on at exit
+            building.unlink(missing_ok=True)
+            raise
+        replace_atomic(building, path)
+        self.rows = 0
+        self.committed_rows = 0
+        self.nonfinite = 0
+
+    def _build(self, width: int, dtype: str, id_kind: str, attrs: dict) -> None:
         self.file.attrs.update(attrs)
         itemsize = np.dtype(dtype).itemsize
         chunk_rows = int(max(1, min(4096, (1 << 20) // (width * itemsize))))
@@ -49,10 +64,6 @@ class SegmentWriter:
         self.committed = self.file.create_dataset("committed", data=np.zeros(1, dtype="i8"))
         self.file.swmr_mode = True
         self.file.flush()
-        replace_atomic(building, path)
-        self.rows = 0
-        self.committed_rows = 0
-        self.nonfinite = 0
 
     def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
         n = grads.shape[0]
@@ -69,16 +80,40 @@ class SegmentWriter:
             logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
 
     def commit(self) -> None:
-        """Make every appended row durable for readers: data first, then the counter."""
+        """Make every appended row durable for readers: data first, then the counter. A segment
+        whose file was deleted (with its log directory, say) fails here: writes to it would go on
+        succeeding into a file no one can open."""
         self.file.flush()
         self.committed[0] = self.rows
         self.file.flush()
+        self._check_still_there()
         self.committed_rows = self.rows
 
+    def _check_still_there(self) -> None:
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self.file.id.get_vfd_handle()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise FileNotFoundError(
+                errno.ENOENT, "the segment file was deleted or replaced while being written", str(self.path)
+            )
+
     def close(self) -> None:
-        if self.file.id.valid:
+        """Commit and close the file; if the disk refuses the commit, abandon the file (see
+        logix.disk.hdf5_files) and raise: the rows committed before stay readable."""
+        if not self.file.id.valid:
+            return
+        try:
             self.commit()
-            self.file.close()
+        except BaseException:
+            abandon(self.file)
+            raise
+        self.file.close()
+
+    def abandon(self) -> None:
+        """Close the file without writing to it again, after the disk refused a write."""
+        abandon(self.file)
 
 
 @dataclass
@@ -167,6 +202,7 @@ class BackgroundWriter:
                     last_commit = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
                 self.error = e
+                self.segment.abandon()  # no more writes: the rows committed so far stay as they are
             finally:
                 if from_queue:
                     self.queue.task_done()
