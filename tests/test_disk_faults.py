@@ -147,3 +147,36 @@ def test_a_read_only_directory_is_a_writer_error_before_anything_is_written(tmp_
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
         else:
             target.chmod(0o755)
+
+
+WATCH_WORKER = r"""
+import sys, torch, logix
+from torch import nn
+model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))  # 128 KB of projections at rank 16
+try:
+    run = logix.init(sys.argv[1], rank=16)
+    run.watch(model)
+    print("watched")
+except logix.LogixError as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_disk_full_during_watch_is_a_writer_error(tmp_path):
+    """The projections do not fit: a WriterError at watch, and the process exits cleanly (it used
+    to segfault inside HDF5's close)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", WATCH_WORKER, str(mount / "log")], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.startswith("WriterError: writing") and "projections" in done.stdout, done.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -1,15 +1,17 @@
-"""Writing an HDF5 file so that a refused write (a full disk, a file-size limit, a deleted
+"""Writing HDF5 files so that a refused write (a full disk, a file-size limit, a deleted
 directory) is an exception, never a crash.
 
 HDF5 cannot close a file whose metadata it cannot flush: the close fails, the file stays open in
-the library, and the interpreter then segfaults when it cleans up at exit. So a file the disk has
-refused a write is abandoned instead: its descriptor is pointed at /dev/null, where HDF5's closing
-writes succeed, and closed. The bytes on disk stay as the last successful flush left them (the
-rows a segment committed are still read back), and the caller raises the disk's error.
+the library, and the interpreter segfaults when it cleans up (at exit, or at the next flush). So:
+- files written whole are built in memory and written to disk with plain writes (`new_hdf5`);
+- a segment, written as it grows, is abandoned when the disk refuses a write (`abandon`): its
+  descriptor is pointed at /dev/null, where HDF5's closing writes succeed, and closed. The bytes on
+  disk stay as the last successful commit left them, and the caller raises the disk's error.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
+
+from ..errors import WriterError
 
 logger = logging.getLogger("logix")
 
@@ -41,14 +45,17 @@ def abandon(file: h5py.File) -> None:
 
 
 @contextmanager
-def new_hdf5(path: Path, mode: str = "w", **options) -> Iterator[h5py.File]:
-    """`h5py.File(path, mode)` for writing: flushed and closed at the end of the block, abandoned
-    (see `abandon`) if the block or the flush raises."""
-    file = h5py.File(path, mode, **options)
-    try:
+def new_hdf5(path: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file at `path`, built in memory and written with plain file writes at the end
+    of the block: a refused write is then an OSError (WriterError), which HDF5's own writes are
+    not (they fail inside object cleanup, and the next flush crashes). For the files of a log
+    written whole (projections, statistics, sums) and saved results."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as file:
         yield file
-        file.flush()  # the writes that can fail happen here, while the file can still be abandoned
-    except BaseException:
-        abandon(file)
-        raise
-    file.close()
+    try:
+        with open(path, "wb") as out:
+            out.write(image.getbuffer())
+    except OSError as e:
+        Path(path).unlink(missing_ok=True)
+        raise WriterError(f"writing {path} failed: {e.strerror or e}") from e
