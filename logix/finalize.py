@@ -43,9 +43,7 @@ def finalize_pass(root: Path, manifest: dict, entry: dict, wanted: tuple, block_
         return None
     name = entry["name"]
     modules = {m["name"]: ModuleInfo(**m) for m in manifest["modules"]}
-    segments = [SegmentInfo(**s) for s in entry["segments"]]
-    dtype = Config.from_json(manifest["config"]).dtype
-    rows = PassRows(root, name, segments, int(manifest["width"]), dtype, manifest.get("id_kind"))
+    rows = pass_rows(root, manifest, entry)
     parts = entry.get("statistics_parts", [])
     sums = load_sums([root / p for p in parts]) if parts else {}
     derived, raw_modules = derive(modules, rows.blocks(block_rows=block_rows, recycle=True), sums, wanted, name)
@@ -63,6 +61,26 @@ def finalize_pass(root: Path, manifest: dict, entry: dict, wanted: tuple, block_
     attrs = dict(damping_rule=DAMPING_RULE, damping_factor=DEFAULT_DAMPING_FACTOR, curvature="own")
     write_statistics(root / file, derived, values, attrs)
     return file
+
+
+def pass_rows(root: Path, manifest: dict, entry: dict) -> PassRows:
+    """The pass's committed rows, from the segments the run lists and the manifest's layout."""
+    segments = [SegmentInfo(**s) for s in entry["segments"]]
+    dtype = Config.from_json(manifest["config"]).dtype
+    return PassRows(root, entry["name"], segments, int(manifest["width"]), dtype, manifest.get("id_kind"))
+
+
+def check_rows_readable(root: Path, manifest: dict, entry: dict) -> None:
+    """Read each segment's index and its last committed rows (the chunk a kill may have torn), so
+    that a pass whose committed rows cannot be read is never marked finalized (a pass with
+    statistics reads every row anyway)."""
+    rows = pass_rows(root, manifest, entry)
+    end = 0
+    for n in rows.counts:
+        end += n
+        if n:
+            for _ in rows.blocks(rows=slice(end - 1, end), check_finite=False):
+                pass
 
 
 class _Held:

@@ -34,7 +34,7 @@ from .disk.projections import read_projections, write_projections
 from .distributed import World
 from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogixError
-from .finalize import finalize_pass, passes_to_finalize
+from .finalize import check_rows_readable, finalize_pass, passes_to_finalize
 from .hooks import Watched, warn_if_compiled
 from .intake import PassIntake
 from .layout import ProjectionFit, RowLayout, check_same_modules
@@ -464,6 +464,8 @@ class Run:
         self._save_manifest()  # a kill during the statistics pass leaves every segment listed: resumable
         if self.config.statistics and p["segments"]:
             p["statistics"] = finalize_pass(self.path, self._manifest, p, self.config.statistics)
+        elif p["segments"]:
+            check_rows_readable(self.path, self._manifest, p)
         p["finalized"] = True
 
     def _check_open(self) -> None:

@@ -248,3 +248,35 @@ def test_statistics_recounted_on_resume_are_counted_once_however_often_the_pass_
     for name in want:
         for key in ("a_sum", "s_sum", "a_count", "s_count"):
             torch.testing.assert_close(got[name][key], want[name][key])
+
+
+def test_resume_never_finalizes_a_pass_whose_committed_rows_cannot_be_read(tmp_path):
+    """A pass without statistics is finalized without reading its rows, so finalize reads each
+    segment's last committed rows first: a damaged last chunk is an error, not a finalized pass."""
+    import h5py
+
+    path = tmp_path / "log"
+    net = model()
+    crashed = logix.init(path, rank="full")
+    crashed.watch(net)
+    crashed.start_pass("p0")
+    for start in range(0, 20, 5):
+        capture(crashed, net, range(start, start + 5))
+    crashed.close()  # as after a crash: p0 is not finalized
+    segment = path / logix.open(path).pass_info("p0").segments[0].file
+    with h5py.File(segment, "r") as f:
+        grads = f["grads"]
+        last = grads.id.get_num_chunks() - 1
+        info = grads.id.get_chunk_info(last)
+    with open(segment, "r+b") as f:  # one flipped byte in the first row of the last chunk
+        f.seek(info.byte_offset + 3)
+        byte = f.read(1)
+        f.seek(info.byte_offset + 3)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    resumed = logix.init(path, rank="full", resume=True)
+    resumed.watch(net)
+    resumed.start_pass("p1")
+    capture(resumed, net, range(0, 5))
+    with pytest.raises(logix.LogFormatError, match="p000-r0-s000.h5"):
+        resumed.finalize()
+    assert not any(p.finalized for p in logix.open(path).passes if p.name == "p0")
