@@ -26,16 +26,11 @@ from .errors import (
 )
 from .labels import sampled_labels
 from .log import Log, ModuleInfo, PassInfo
+from .log import open_log as open  # noqa: A004 - the public name the docs promise
 from .query import Query
 from .results import Scores, SelfInfluence, TopK
 from .run import Run, init
 from .version import __version__
-
-
-def open(path, pass_name=None) -> Log:  # noqa: A001 - the public name the docs promise
-    """Open a log read-only (the latest pass unless `pass_name` is given)."""
-    return Log(path, pass_name=pass_name)
-
 
 __all__ = [
     "__version__",

@@ -47,9 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, load_curvature
+from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, load_curvature, self_influence_values
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .influence import self_influence_values
 from .results import Scores, SelfInfluence, as_ids
 
 METHODS = ("source", "tracin", "checkpoint")

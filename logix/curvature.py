@@ -1,4 +1,5 @@
-"""Curvature of a pass, ready to apply: per-module eigenbases and damped eigenvalues.
+"""Curvature of a pass, ready to apply: per-module eigenbases and damped eigenvalues, and its
+quadratic form on every row (self-influence).
 
     (F + lambda I)^{-1} g, with F block-diagonal over modules and, per module, one of
 
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .disk.statistics import RAW_MAX_WIDTH, open_statistics, preconditioners
 from .errors import ConfigError, LogFormatError, NotInLogError
+from .progress import progress_bar
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
@@ -286,3 +288,31 @@ def _module_names(modules) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"modules names a module more than once: {list(names)}")
     return list(names)
+
+
+def self_influence_values(
+    log, pre: Preconditioner, block_rows: int | None = None, progress=None
+) -> tuple[np.ndarray, Tensor]:
+    """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row of the log, preconditioning blockwise."""
+    blocks = log.blocks(block_rows=block_rows, recycle=True)
+    ids, values = self_influences(blocks, {"": pre}, len(log), progress, log.ids.dtype)
+    return ids, values[""]
+
+
+def self_influences(
+    blocks, pres: dict[str, Preconditioner], total: int, progress=None, id_dtype=np.int64
+) -> tuple[np.ndarray, dict[str, Tensor]]:
+    """Self-influence under several preconditioners with one pass over `blocks`, (ids, float32 rows)
+    of valid rows (a log's or a PassRows' blocks); total: how many rows they hold (for progress),
+    id_dtype: the ids' dtype when there are none."""
+    ids, values = [], {name: [] for name in pres}
+    with progress_bar(total, progress, "self-influence") as bar:
+        for block_ids, rows in blocks:
+            for name, pre in pres.items():
+                values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
+            ids.append(block_ids)
+            bar.update(len(block_ids))
+    if not ids:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return np.zeros(0, dtype=id_dtype), {name: empty for name in pres}
+    return np.concatenate(ids), {name: torch.cat(v) for name, v in values.items()}

@@ -1,5 +1,10 @@
 """Exceptions raised by logix. Every one names what went wrong and what to do about it."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LogixError(Exception):
     """Base class for all logix errors."""
@@ -46,3 +51,15 @@ class LogInUseError(LogixError, RuntimeError):
 
 class MissingExtraError(LogixError, ImportError):
     """An integration needs a package that is not installed; the message names the extra to install."""
+
+
+@contextmanager
+def refused_writes(path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a file-size limit, a deleted or read-only
+    directory) becomes a WriterError naming it."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, LogixError):
+            raise
+        raise WriterError(f"writing {path} failed: {e.strerror or e}; what was written before is kept") from e

@@ -5,7 +5,7 @@
         PassRows(root, the entry's segments, the manifest's width / dtype / id kind)   (logix.disk.rows)
         statistics.derive(modules, rows.blocks(), sums, ...)      curvature arrays, one read of the rows
         curvature.build_curvature + Preconditioner.from_curvature  the same arrays, ready to apply
-        influence.self_influences(rows.blocks(), ...)             self-influences, one more read
+        curvature.self_influences(rows.blocks(), ...)             self-influences, one more read
         disk.statistics.write_statistics                          the file, in one atomic replace
 
 The rows are read straight from the pass's segments as the run lists them (no reader of the
@@ -20,12 +20,11 @@ from pathlib import Path
 from torch import Tensor
 
 from .config import Config
-from .curvature import DAMPING_RULE, DEFAULT_DAMPING_FACTOR, Preconditioner, build_curvature
+from .curvature import DAMPING_RULE, DEFAULT_DAMPING_FACTOR, Preconditioner, build_curvature, self_influences
 from .disk.manifest import ModuleInfo, SegmentInfo
 from .disk.rows import PassRows
 from .disk.statistics import load_sums, preconditioners, statistics_name, write_statistics
 from .errors import StatisticsError
-from .influence import self_influences
 from .statistics import derive
 
 

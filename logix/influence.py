@@ -13,53 +13,18 @@ is whole (self_influences).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
 from .errors import ConfigError, LogFormatError
+from .progress import progress_bar
 from .results import Scores, TopK, as_ids
 
 MODES = ("dot", "cosine", "relative")
-
-
-def _progress(total: int, progress: bool | None, what: str):
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    return tqdm(total=total, desc=what, unit="rows", disable=disable, leave=False)
-
-
-def self_influence_values(
-    log, pre: Preconditioner, block_rows: int | None = None, progress=None
-) -> tuple[np.ndarray, Tensor]:
-    """(ids, g_i^T (F + lambda I)^{-1} g_i) for every valid row of the log, preconditioning blockwise."""
-    blocks = log.blocks(block_rows=block_rows, recycle=True)
-    ids, values = self_influences(blocks, {"": pre}, len(log), progress, log.ids.dtype)
-    return ids, values[""]
-
-
-def self_influences(
-    blocks, pres: dict[str, Preconditioner], total: int, progress=None, id_dtype=np.int64
-) -> tuple[np.ndarray, dict[str, Tensor]]:
-    """Self-influence under several preconditioners with one pass over `blocks`, (ids, float32 rows)
-    of valid rows (a log's or a PassRows' blocks); total: how many rows they hold (for progress),
-    id_dtype: the ids' dtype when there are none."""
-    ids, values = [], {name: [] for name in pres}
-    with _progress(total, progress, "self-influence") as bar:
-        for block_ids, rows in blocks:
-            for name, pre in pres.items():
-                values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
-            ids.append(block_ids)
-            bar.update(len(block_ids))
-    if not ids:
-        empty = torch.zeros(0, dtype=torch.float64)
-        return np.zeros(0, dtype=id_dtype), {name: empty for name in pres}
-    return np.concatenate(ids), {name: torch.cat(v) for name, v in values.items()}
 
 
 def _train_ids(log, train_ids) -> np.ndarray:
@@ -144,7 +109,7 @@ def score(log, query, options: ScoreOptions):
 
     kept_ids, kept_scores = [], []
     best_v, best_i = None, None
-    with _progress(len(log), progress, "scoring") as bar:
+    with progress_bar(len(log), progress, "scoring") as bar:
         for block_ids, rows in log.blocks(block_rows=block_rows, rows=rows_range, check_finite=False, recycle=True):
             bar.update(len(block_ids))
             norms = None

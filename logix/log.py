@@ -28,6 +28,7 @@ from .curvature import (
     Preconditioner,
     resolve_preconditioner,
     statistics_file,
+    self_influence_values,
 )
 from .disk.files import FLAG_NONFINITE, PROJECTIONS
 from .disk.lock import Writer, find_writer
@@ -39,7 +40,7 @@ from .disk.rows import default_block_rows as default_block_rows
 from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .influence import ScoreOptions, score, self_influence_values
+from .influence import ScoreOptions, score
 from .query import Query
 from .results import Scores, SelfInfluence
 
@@ -392,3 +393,8 @@ class Log:
         if self.current is not None and not self.current.finalized:
             state = ", being written" if self.writer is not None else ", NOT finalized"
         return f"Log({str(self.path)!r}, pass={name!r}, rows={len(self)}, modules={len(self.modules)}{state})"
+
+
+def open_log(path: str | Path, pass_name: str | None = None) -> Log:
+    """`logix.open`: a log read-only (the latest pass unless `pass_name` is given)."""
+    return Log(path, pass_name=pass_name)

@@ -15,7 +15,7 @@ from .disk.files import FORMAT, MANIFEST, SCHEMA_VERSION, write_json_atomic
 from .disk.lock import LOCK_FILE, WriterLock
 from .disk.manifest import read_manifest
 from .distributed import World
-from .errors import ConfigError, LogInUseError, LogixError
+from .errors import ConfigError, LogInUseError, LogixError, refused_writes
 from .version import __version__
 
 
@@ -34,7 +34,8 @@ class LogDirectory:
     def save(self) -> None:
         """Process 0 owns the manifest; the other processes keep their copy in memory only."""
         if self.world.process_index == 0:
-            write_json_atomic(self.path / MANIFEST, self.manifest)
+            with refused_writes(self.path / MANIFEST):
+                write_json_atomic(self.path / MANIFEST, self.manifest)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -61,7 +62,8 @@ class LogDirectory:
                 self.lock = WriterLock.acquire(self.path)
                 manifest = self._read_or_start()
                 manifest["sessions"] += 1
-                write_json_atomic(self.path / MANIFEST, manifest)
+                with refused_writes(self.path / MANIFEST):
+                    write_json_atomic(self.path / MANIFEST, manifest)
                 outcome = manifest
             except LogixError as e:
                 error = e

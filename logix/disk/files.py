@@ -7,8 +7,6 @@ import os
 import secrets
 from pathlib import Path
 
-from ..errors import WriterError
-
 SCHEMA_VERSION = 1
 FORMAT = "logix-log"
 MANIFEST = "manifest.json"
@@ -23,21 +21,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
     The temporary file is created with mode 0666 less the umask, like every other file of the log,
     so the manifest is as readable as the rest (mkstemp would make it private to the writer).
-    A refused write (a full disk, a deleted or read-only directory) is a WriterError naming the
-    file; the manifest already there is left as it was.
+    A refused write (a full disk, a deleted or read-only directory) raises the OSError and leaves
+    the file already there as it was.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            replace_atomic(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise WriterError(f"writing {path} failed: {e}; the log's earlier state is kept") from e
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        replace_atomic(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def replace_atomic(tmp: Path, path: Path) -> None:

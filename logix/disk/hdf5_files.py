@@ -20,8 +20,6 @@ from pathlib import Path
 
 import h5py
 
-from ..errors import WriterError
-
 logger = logging.getLogger("logix")
 
 
@@ -47,15 +45,15 @@ def abandon(file: h5py.File) -> None:
 @contextmanager
 def new_hdf5(path: Path) -> Iterator[h5py.File]:
     """A new HDF5 file at `path`, built in memory and written with plain file writes at the end
-    of the block: a refused write is then an OSError (WriterError), which HDF5's own writes are
-    not (they fail inside object cleanup, and the next flush crashes). For the files of a log
-    written whole (projections, statistics, sums) and saved results."""
+    of the block: a refused write is then an OSError (the caller names it, errors.refused_writes),
+    which HDF5's own writes are not (they fail inside object cleanup, and the next flush crashes).
+    For the files of a log written whole (projections, statistics, sums) and saved results."""
     image = io.BytesIO()
     with h5py.File(image, "w") as file:
         yield file
     try:
         with open(path, "wb") as out:
             out.write(image.getbuffer())
-    except OSError as e:
+    except OSError:
         Path(path).unlink(missing_ok=True)
-        raise WriterError(f"writing {path} failed: {e.strerror or e}") from e
+        raise

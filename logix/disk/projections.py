@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import LogFormatError
+from ..errors import LogFormatError, refused_writes
 from .files import replace_atomic
 from .hdf5_files import new_hdf5
 from .segments import self_contained
@@ -17,7 +17,7 @@ from .segments import self_contained
 def write_projections(path: Path, projections: dict[str, tuple]) -> None:
     """Store each module's (P_in, P_out); a missing side means identity."""
     tmp = path.with_name(path.name + ".tmp")
-    with new_hdf5(tmp) as f:
+    with refused_writes(tmp), new_hdf5(tmp) as f:
         for name, (p_in, p_out) in projections.items():
             group = f.create_group(name)
             for side, matrix in (("in", p_in), ("out", p_out)):

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogFormatError
+from ..errors import LogFormatError, refused_writes
 from .hdf5_files import new_hdf5
 
 
 def write_result(path: Path, result_type: str, fields: dict) -> None:
     """fields: name -> a tensor (`values`) or an id array (int64 or object str)."""
-    with new_hdf5(path) as f:
+    with refused_writes(path), new_hdf5(path) as f:
         f.attrs["logix_result"] = result_type
         for name, value in fields.items():
             if isinstance(value, Tensor):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogFormatError, LogixError
+from ..errors import LogFormatError, LogixError, refused_writes
 from .files import replace_atomic
 from .hdf5_files import new_hdf5
 
@@ -81,7 +81,7 @@ def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None
     other sessions committed whose statistics these sums count, so no later session counts them again."""
     path.parent.mkdir(exist_ok=True)  # statistics/ of a log that exists: a deleted log is not remade
     tmp = path.with_name(path.name + ".tmp")
-    with new_hdf5(tmp) as f:
+    with refused_writes(tmp), new_hdf5(tmp) as f:
         f.attrs.update(attrs or {})
         for name, values in sums.items():
             group = f.create_group(name)
@@ -168,7 +168,7 @@ def write_statistics(
     preconditioner's self-influence (with `attrs`, the damping it was computed under)."""
     path.parent.mkdir(exist_ok=True)  # statistics/ of a log that exists: a deleted log is not remade
     tmp = path.with_name(path.name + ".tmp")
-    with new_hdf5(tmp) as f:
+    with refused_writes(tmp), new_hdf5(tmp) as f:
         for name, values in derived.items():
             group = f.create_group(name)
             for key, value in values.items():
