@@ -12,6 +12,7 @@ and the gradient that reaches it during backward multiplies c.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,9 @@ from torch import Tensor
 
 from .errors import CaptureError, ConfigError
 from .hooks import Collector, Watched
+from .scalars import INT64, real_number
 
 REDUCTIONS = ("mean", "sum")
-INT64 = (-(2**63), 2**63 - 1)
 
 
 def normalize_ids(ids: Any) -> list:
@@ -70,8 +71,76 @@ class LossSpec:
     scaler: Any = None
 
     def __post_init__(self):
-        if self.reduction not in REDUCTIONS:
+        """Refuse what cannot describe a loss before any hook runs; the mask and scale are kept in
+        the form the capture uses (a CPU scale as a float)."""
+        if not isinstance(self.reduction, str) or self.reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        object.__setattr__(self, "mask", _checked_mask(self.mask))
+        object.__setattr__(self, "scale", _checked_scale(self.scale))
+        if self.scaler is not None and not callable(getattr(self.scaler, "get_scale", None)):
+            raise ConfigError(
+                f"scaler must be a torch GradScaler (anything with get_scale()), got {_describe(self.scaler)}"
+            )
+
+    def check_batch(self, batch: int) -> None:
+        """The mask has one row per example of the batch."""
+        if self.mask is not None and self.mask.shape[0] != batch:
+            raise CaptureError(
+                f"mask must be a (batch, positions) tensor with {batch} rows, got {tuple(self.mask.shape)}"
+            )
+
+
+def _checked_mask(mask: Any) -> Tensor | None:
+    """A (batch, positions) tensor of 0/1 values, bool or numeric; anything else is refused.
+
+    A mask on an accelerator is not read (that would wait for the device at every step): there,
+    one that is not all 0/1 is made all NaN instead, so every row of its batch comes out flagged
+    non-finite and its statistics are left out, as for a non-finite gradient.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise CaptureError(f"mask must be a (batch, positions) tensor, got {_describe(mask)}")
+    if mask.is_complex():
+        raise CaptureError(f"mask must hold 0/1 values, bool or real numbers; got a {mask.dtype} tensor")
+    if mask.dtype == torch.bool:
+        return mask
+    binary = (mask == 0) | (mask == 1)
+    if mask.device.type != "cpu":
+        floating = mask if mask.is_floating_point() else mask.float()
+        return torch.where(binary.all(), floating, float("nan"))
+    if not bool(binary.all()):
+        bad = mask.detach()[~binary]
+        raise CaptureError(
+            f"mask must hold only 0 and 1 (1 keeps a position), got {bad[0].item()} at {_first_place(~binary)} "
+            f"({len(bad)} such values): a NaN or a weight in the mask would spoil the rows and the statistics"
+        )
+    return mask
+
+
+def _checked_scale(scale: Any) -> float | Tensor | None:
+    """A loss scale as a float, or as the tensor it is when on an accelerator (reading it would
+    sync: a zero or non-finite one there shows up as flagged rows instead)."""
+    if scale is None:
+        return None
+    if isinstance(scale, Tensor) and scale.device.type != "cpu":
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise ConfigError(
+                f"scale must be one real number, got a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            )
+        return scale
+    value = real_number(scale)
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"scale must be one finite real number (or a one-element tensor), got {_describe(scale)}")
+    if value == 0.0:
+        raise CaptureError("the loss scale is zero: the rows would divide by zero")
+    if not math.isfinite(1.0 / value):
+        raise ConfigError(f"scale {value!r} is too small to divide out of the rows (1/scale overflows)")
+    return value
+
+
+def _first_place(where: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.nonzero(where)[0])
 
 
 class Capture:
@@ -101,6 +170,7 @@ class Capture:
         self.ids = normalize_ids(ids)
         if not self.ids:
             raise CaptureError("capture got no ids: an empty batch has no rows to log; skip it")
+        loss.check_batch(len(self.ids))
         self.mask, self.reduction, self.scale, self.scaler = loss.mask, loss.reduction, loss.scale, loss.scaler
         self._check, self._accept, self._observer, self._discard = check, accept, observer, discard
         self.keep_rows = keep_rows
@@ -113,10 +183,6 @@ class Capture:
 
     def __enter__(self) -> Capture:
         self.entered = True
-        if self.mask is not None:
-            if not isinstance(self.mask, Tensor) or self.mask.dim() != 2 or self.mask.shape[0] != len(self.ids):
-                shape = tuple(self.mask.shape) if isinstance(self.mask, Tensor) else type(self.mask).__name__
-                raise CaptureError(f"mask must be a (batch, positions) tensor with {len(self.ids)} rows, got {shape}")
         self.keep = self._check(self.ids)
         keep = None if self.keep is None or all(self.keep) else torch.tensor(self.keep)
         self.collector = Collector(
@@ -176,9 +242,15 @@ class Capture:
         elif self.scale is not None:
             factor *= float(self.scale)
         if self.scaler is not None:
-            factor *= float(self.scaler.get_scale())
+            got = self.scaler.get_scale()
+            value = real_number(got)
+            if value is None or not math.isfinite(value) or value == 0.0:
+                raise CaptureError(f"scaler.get_scale() gave {_describe(got)}, not a finite nonzero number")
+            factor *= value
         if factor == 0.0:
             raise CaptureError("the loss scale is zero: the rows would divide by zero")
+        if not (math.isfinite(factor) and math.isfinite(1.0 / factor)):
+            raise CaptureError(f"the loss scale {factor!r} (scale x scaler / batch) is beyond float range")
         for measured in (device_scale, self._backprop_scale):
             if measured is not None:  # no host sync; a zero shows up as flagged rows
                 factor = measured * factor
@@ -201,4 +273,7 @@ def running(cap: Capture | None) -> Capture | None:
 
 
 def _describe(x: Any) -> str:
-    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+    if isinstance(x, (Tensor, np.ndarray)):
+        return f"a {type(x).__name__} of shape {tuple(x.shape)}"
+    shown = repr(x)
+    return shown if len(shown) <= 60 else f"{shown[:57]}..."

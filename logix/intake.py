@@ -12,11 +12,24 @@ import torch
 from torch import Tensor
 
 from .distributed import World
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 from .log_directory import LogDirectory
 from .pass_ids import PassIds, id_kind
 from .pass_sums import PassSums
 from .pass_writer import PassWriter
+from .scalars import integer
+
+
+def check_step(step) -> int | None:
+    """A training step as an int (None stays None): an int, a numpy integer or a 0-d integer
+    tensor, in int64's range (rows store it as int64); a bool, a float or a string is refused."""
+    if step is None:
+        return None
+    value = integer(step)
+    if value is None:
+        shown = f"a tensor of shape {tuple(step.shape)}" if isinstance(step, Tensor) else repr(step)[:60]
+        raise ConfigError(f"step must be an integer in int64's range (not a bool or a float), got {shown}")
+    return value
 
 
 class PassIntake:
@@ -26,9 +39,19 @@ class PassIntake:
         self.directory, self.world = directory, world
         self.ids, self.sums, self.rows = ids, sums, rows
         self.pass_entry: dict | None = None  # the open pass's manifest entry, set by the Run
-        self.step = 0  # the training step of the next rows
+        self._step = 0  # the training step of the next rows
         self.steps_by_capture = True  # False once an optimizer hook counts the steps
         self._keep: list[bool] | None = None  # the last check's choice, for its accept
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value) -> None:
+        if value is None:
+            raise ConfigError("step must be an integer, got None")
+        self._step = check_step(value)
 
     def check_id_kind(self, ids: list) -> str:
         got = id_kind(ids)
@@ -45,7 +68,8 @@ class PassIntake:
         return self._keep
 
     def accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
-        """Queue a captured batch's rows, leaving out the examples `check` skipped."""
+        """Queue a captured batch's rows, leaving out the examples `check` skipped; `step` was
+        checked (check_step) before the capture began."""
         self.sums.close_batch(factor)
         (keep, recounted), self._keep = self.ids.rows_to_write(ids, self._keep), None
         self.sums.recounted(recounted)
@@ -53,7 +77,7 @@ class PassIntake:
             rows = rows[torch.tensor(keep, device=rows.device)]
             ids = [i for i, k in zip(ids, keep) if k]
         if ids:
-            self._write(ids, rows, self.step if step is None else int(step))
+            self._write(ids, rows, self.step if step is None else step)
             self.ids.wrote(ids)
         if self.sums.due():
             self.sums.checkpoint(self.pass_entry["index"], self.rows.writer)

@@ -36,7 +36,7 @@ from .engines import attacher_for
 from .errors import CaptureError, ConfigError, LogixError
 from .finalize import check_rows_readable, finalize_pass, passes_to_finalize
 from .hooks import Watched, warn_if_compiled
-from .intake import PassIntake
+from .intake import PassIntake, check_step
 from .layout import ProjectionFit, RowLayout, check_same_modules
 from .log_directory import LogDirectory, now
 from .pass_ids import PassIds, check_on_duplicate
@@ -274,7 +274,7 @@ class Run:
             self._end_pass()
             self._continue_pass(existing)
             return name
-        meta = {"step": self.step if step is None else int(step), "lr": lr, "checkpoint": checkpoint, **meta}
+        meta = {"step": self.step if step is None else check_step(step), "lr": lr, "checkpoint": checkpoint, **meta}
         entry = passes.new_pass(self._manifest["passes"], name, meta, curvature_for, self.config.statistics, self.path)
         self._end_pass()
         self.step = meta["step"]
@@ -367,7 +367,7 @@ class Run:
         self._refuse_unentered()
         if not self.watched:
             raise CaptureError("call run.watch(model) before run.capture(...)")
-        loss = LossSpec(mask, reduction, scale, scaler)
+        loss, step = LossSpec(mask, reduction, scale, scaler), check_step(step)  # before any pass starts
         if self._fitting is not None:
             self._created = self._fitting.capture(ids, loss)
             return self._created

@@ -80,7 +80,7 @@ class CovarianceSums:
             zero = torch.zeros((), dtype=torch.float64, device=a_cov.device)
             self.a_sum[name] += torch.where(ok, a_cov.double(), zero)
             self.s_sum[name] += torch.where(ok, s_cov.double(), zero)
-            self.a_count[name] += ok.double() * positions
+            self.a_count[name] += torch.where(ok, positions, zero)  # not ok * positions: a NaN count times 0 is NaN
             self.s_count[name] += ok.double() * examples
             self.skipped[name] += (~ok).double()
         self._batch.clear()
