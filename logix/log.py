@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -383,7 +384,7 @@ class Log:
     def projections(self) -> dict[str, tuple]:
         """{module: (P_in, P_out)} float32 tensors, None for an unprojected side."""
         path = self.path / PROJECTIONS
-        if self.modules and not path.is_file():
+        if self.modules and not os.path.lexists(path):  # anything else there is read_projections' to name
             raise LogFormatError(f"{path} is missing: the log's projections are lost")
         return check_projections(read_projections(path), self.modules.values(), path)
 

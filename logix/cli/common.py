@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..curvature import available_preconditioners
-from ..disk.segments import segment_reach
 from ..disk.statistics import RAW_MAX_WIDTH
 
 if TYPE_CHECKING:  # for annotations only: the commands open logs, this module only reads them
@@ -185,24 +184,6 @@ def _log_dir(path: str) -> Path:
     if not p.is_dir():
         raise CliError(f"{p} is a file; a logix log is a directory (the PATH given to logix.init)")
     return p
-
-
-def require_intact(log: Log) -> None:
-    """Refuse a pass with a truncated segment: HDF5 reads bytes past the end of a file as zeros, so
-    its rows would otherwise look valid. Reads only metadata (where each chunk lies)."""
-    if log.current is None:
-        return
-    for segment in log.current.segments:
-        path = log.path / segment.file
-        try:
-            reach, size = segment_reach(path)
-        except (OSError, ValueError) as e:
-            raise CliError(f"segment {path} cannot be read: {e}", 1) from None
-        if reach > size:
-            raise CliError(
-                f"segment {path} is truncated ({size} bytes, its data reach {reach}); run `logix verify {log.path}`",
-                1,
-            )
 
 
 def _modules_arg(log: Log, text: str | None) -> list[str] | None:

@@ -18,7 +18,6 @@ from .common import (
     _some,
     log_options,
     pass_option,
-    require_intact,
 )
 
 # -- export ----------------------------------------------------------------------------------------
@@ -71,7 +70,6 @@ def cmd_export(args) -> int:
         raise CliError(f"{log.path} holds no pass yet: nothing was captured", 1)
     if args.module is not None and args.module not in log.modules:
         raise CliError(f"unknown module {args.module!r}; this log's modules: {', '.join(log.modules)}")
-    require_intact(log)
     columns = log.modules[args.module].columns if args.module else slice(0, log.width)
     width = columns.stop - columns.start
     all_ids = log.ids

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Config
 from ..disk import (
     FORMAT,
     PROJECTIONS,
@@ -15,10 +16,11 @@ from ..disk import (
     read_manifest,
 )
 from ..disk.lock import find_writer, last_writer
-from ..disk.projections import projected_sides
+from ..disk.manifest import ModuleInfo
+from ..disk.projections import projection_problems, read_projections
 from ..disk.segments import segment_summary
 from ..disk.statistics import statistics_summary
-from ..errors import NotInLogError
+from ..errors import LogFormatError, NotInLogError
 from .common import (
     CliError,
     Formatter,
@@ -34,8 +36,15 @@ from .common import (
 # -- info ------------------------------------------------------------------------------------------
 
 
-def _segment_summary(root: Path, entry: dict) -> dict:
-    """What one segment holds, read without trusting it: committed rows and flagged rows."""
+def _unprefixed(error: LogFormatError, what: str, path: Path) -> str:
+    """A reader's complaint about a file without the "<what> <path> " it starts with."""
+    prefix = f"{what} {path} "
+    return str(error)[len(prefix) :] if str(error).startswith(prefix) else str(error)
+
+
+def _segment_summary(root: Path, entry: dict, expected: dict) -> dict:
+    """What one segment holds, committed rows and flagged rows, read and checked as logix.open
+    reads it (segment_summary: the same verdict, in the same time)."""
     out = {
         "file": entry.get("file"),
         "rank": entry.get("rank"),
@@ -46,13 +55,13 @@ def _segment_summary(root: Path, entry: dict) -> dict:
         "error": None,
     }
     path = root / str(entry.get("file"))
-    if not path.is_file():
+    if not os.path.lexists(path):
         out["error"] = "missing"
         return out
     try:
-        out["committed"], out["nonfinite"] = segment_summary(path)
-    except (OSError, KeyError, ValueError, IndexError) as e:
-        out["error"] = f"cannot be read ({e})"
+        out["committed"], out["nonfinite"] = segment_summary(path, root, rows=entry.get("rows"), **expected)
+    except LogFormatError as e:
+        out["error"] = _unprefixed(e, "segment", path)
     return out
 
 
@@ -69,14 +78,35 @@ def _statistics_summary(root: Path, p: dict, modules: list[dict]) -> dict:
     if name is None:
         return out
     path = root / name
-    if not path.is_file():
+    if not os.path.lexists(path):
         out["error"] = "missing"
         return out
     try:
         out["preconditioners"], out["self_influence"] = statistics_summary(path, [m["name"] for m in modules])
+    except LogFormatError as e:
+        out["error"] = _unprefixed(e, "statistics", path)
     except (OSError, KeyError, ValueError) as e:
         out["error"] = f"cannot be read ({e})"
     return out
+
+
+def _projections_summary(root: Path, modules: list[dict]) -> tuple[dict, list[str]]:
+    """Which sides of each module are projected, and what is wrong with the projections, read and
+    checked as logix.open's Log.projections reads them."""
+    path = root / PROJECTIONS
+    if not modules:
+        return {}, []
+    if not os.path.lexists(path):
+        return {m["name"]: None for m in modules}, [f"{PROJECTIONS} missing"]
+    try:
+        projections = read_projections(path)
+    except LogFormatError as e:
+        return {m["name"]: None for m in modules}, [str(e)]
+    projected = {
+        m["name"]: [side for side, p in zip(("in", "out"), projections.get(m["name"], ())) if p is not None]
+        for m in modules
+    }
+    return projected, projection_problems(projections, [ModuleInfo(**m) for m in modules], path)
 
 
 def _size_on_disk(root: Path) -> tuple[int, int]:
@@ -140,21 +170,13 @@ def overview(root: Path, pass_name: str | None = None) -> dict:
         raise NotInLogError(f"no pass named {pass_name!r} in {root}; passes: {names}")
     config = manifest["config"]
     modules = manifest["modules"]
-    projected = {}
-    problems = []
-    try:
-        projected = projected_sides(root / PROJECTIONS, [m["name"] for m in modules])
-    except OSError as e:
-        projected = {m["name"]: None for m in modules}
-        if modules:
-            problems.append(
-                f"{PROJECTIONS} " + ("missing" if not (root / PROJECTIONS).exists() else f"unreadable ({e})")
-            )
+    projected, problems = _projections_summary(root, modules)
+    expected = dict(width=manifest["width"], dtype=Config.from_json(config).dtype, id_kind=manifest.get("id_kind"))
     passes = []
     for p in manifest["passes"]:
         if pass_name is not None and p.get("name") != pass_name:
             continue
-        segments = [_segment_summary(root, s) for s in p.get("segments", [])]
+        segments = [_segment_summary(root, s, expected) for s in p.get("segments", [])]
         for s in segments:
             if s["error"]:
                 problems.append(f"pass {p['name']!r}: segment {s['file']} {s['error']}")
@@ -381,8 +403,8 @@ def add_parser(subparsers) -> None:
         "id kind, size on disk, the watched modules (kind, d_in, d_out, k_in, k_out), and each pass "
         "(committed rows, non-finite rows, finalized or not, segments per rank and session, "
         "statistics present, metadata such as step and lr). A pass whose job crashed or was closed "
-        "without finalize is reported with its committed rows. Reads only counters, not the rows; "
-        "`logix verify` reads everything.",
+        "without finalize is reported with its committed rows. Checks every file it reads as logix.open "
+        "does and reads each segment's index (ids, flags), not its gradients; `logix verify` reads everything.",
         epilog="examples:\n  logix info runs/digits\n  logix info runs/digits --json | jq '.passes[].rows'\n"
         "  logix info runs/digits --csv --table modules",
     )

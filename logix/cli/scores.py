@@ -26,7 +26,6 @@ from .common import (
     nonnegative_float,
     pass_option,
     positive_int,
-    require_intact,
     write_csv,
     write_json,
 )
@@ -35,12 +34,12 @@ from .common import (
 
 
 def _scored_log(args):
-    """The log to score and its --modules, its preconditioner resolved and checked, its data intact."""
+    """The log to score and its --modules, its preconditioner resolved and checked (its segments were
+    checked when it was opened: a truncated one is refused there)."""
     log = Log(_log_dir(args.path), pass_name=args.pass_name)
     modules = _modules_arg(log, args.modules)
     args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
     _check_preconditioner(log, args.preconditioner, modules)
-    require_intact(log)
     return log, modules
 
 
@@ -124,7 +123,6 @@ def cmd_top(args) -> int:
     log, modules = _scored_log(args)
     qlog = Log(_log_dir(args.query), pass_name=args.query_pass)
     check_query_log(log, qlog)
-    require_intact(qlog)
     if qlog.current is None:
         raise CliError(f"the query log {qlog.path} holds no pass: nothing was captured", 1)
     q_ids = qlog.ids.tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..disk import (
 from ..disk.manifest import inside_problem, load_manifest, sound_modules
 from ..disk.projections import projection_problems
 from ..disk.rows import index_problems
-from ..disk.segments import data_extent, segment_problems
+from ..disk.segments import segment_problems
 from ..disk.statistics import (
     RAW_MAX_WIDTH,
     ModuleStatistics,
@@ -107,7 +108,7 @@ class Verifier:
         if not modules:
             return
         path = self.root / PROJECTIONS
-        if not path.is_file():
+        if not os.path.lexists(path):  # anything else there is the reader's to name, as for logix.open
             self.problem(f"{path} is missing: the log's projections are lost")
             return
         try:
@@ -121,9 +122,9 @@ class Verifier:
         self.counts["projections"] += sum(m is not None for pair in projections.values() for m in pair)
 
     def _open_segments(self, p: dict, width, dtype, id_kind) -> list[tuple[dict, int]]:
-        """Each segment opened and checked as logix.open does (logix.disk.segments), then for what
-        only verify looks at (its extent against the file's size, the pass it names); the ones
-        whose rows can be read, with their committed count."""
+        """Each segment opened and checked as logix.open does (logix.disk.segments: open_segment,
+        segment_problems), then for what only verify looks at (the pass it names); the ones whose
+        rows can be read, with their committed count."""
         out = []
         for entry in _segments(p):
             self.counts["segments"] += 1
@@ -134,7 +135,7 @@ class Verifier:
                 continue  # the manifest's problems name it: outside the log, or listed twice
             self.listed.add(file)
             try:
-                with open_segment(path) as f:  # a missing or unreadable one named as logix.open names it
+                with open_segment(path, self.root) as f:  # a missing or unreadable one named as logix.open names it
                     n, problems = segment_problems(
                         f, path, width=width, dtype=dtype, id_kind=id_kind, rows=entry.get("rows")
                     )
@@ -142,20 +143,13 @@ class Verifier:
                         self.problem(f"pass {p['name']!r}: segment {path} is damaged: {problem}")
                     if problems:
                         continue
-                    reach, size = data_extent(f), path.stat().st_size
-                    if reach > size:
-                        self.problem(
-                            f"{where} is truncated: the file has {size} bytes, its datasets reach {reach} "
-                            "(what lies past the end would read as zeros)"
-                        )
-                        continue
                     attr = f.attrs.get("pass")
                     if attr is not None and attr != p["name"]:
                         self.problem(f"{where}: the file says it belongs to pass {attr!r}")
                     out.append((entry, n))
             except LogFormatError as e:
                 self.problem(f"pass {p['name']!r}: {e}")
-            except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+            except (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
                 self.problem(f"{where} cannot be read: {e}")
         return out
 
@@ -170,7 +164,7 @@ class Verifier:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
                 index.append(self._check_segment_rows(where, self.root / entry["file"], n, block, bar))
-            except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+            except (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
                 self.problem(f"{where}: committed rows cannot be read: {e}")
                 readable = False
         if index:
@@ -185,7 +179,7 @@ class Verifier:
     def _check_segment_rows(self, where: str, path: Path, n: int, block: int, bar) -> tuple[np.ndarray, np.ndarray]:
         """One segment's committed rows read in blocks: checksums, and flags against finiteness.
         Returns its ids and flags."""
-        with open_segment(path) as f:
+        with open_segment(path, self.root) as f:
             torn: list = []
             ids = read_ids(f["ids"], n, path, torn=torn)
             flags = read_rows(f["flags"], np.s_[:n], torn=torn)
@@ -241,7 +235,7 @@ class Verifier:
         if path is None:
             return
         what = f"{where}: statistics {name}"
-        if not path.is_file():
+        if not os.path.lexists(path):
             self.problem(f"{what} is missing")
             return
         self.counts["statistics_files"] += 1
@@ -306,7 +300,7 @@ class Verifier:
     def _check_sums(self, what: str, path: Path, modules: list[dict]) -> None:
         """A sums file, read as finalize reads it (logix.disk.statistics.load_sums), then its shapes
         against the manifest's modules."""
-        if not path.is_file():
+        if not os.path.lexists(path):
             self.problem(f"{what} is missing")
             return
         self.counts["statistics_files"] += 1

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConfigError, LogInUseError
+from .untrusted import outside_problem
 
 logger = logging.getLogger("logix")
 
@@ -162,12 +164,10 @@ def find_writer(root: Path) -> Writer | None:
     """The job writing the log at `root` now, or None if no job holds its lock.
 
     Needs only read access. Raises OSError when it cannot tell: the lock file is unreadable, or the
-    file system refuses locks.
+    file system refuses locks, the lock file is not a regular file inside the log.
     """
-    path = Path(root) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _open_record(root)
+    if fd is None:
         return None  # never written by a logix that locks, or never opened for writing
     try:
         try:
@@ -183,11 +183,34 @@ def find_writer(root: Path) -> Writer | None:
 def last_writer(root: Path) -> Writer | None:
     """The job that last held the log's lock, from its record (None if there is none)."""
     try:
-        text = (Path(root) / LOCK_FILE).read_bytes()
+        fd = _open_record(root)
+        if fd is None:
+            return None
+        try:
+            text = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     writer = Writer.parse(text)
     return writer if writer.pid is not None else None
+
+
+def _open_record(root: Path) -> int | None:
+    """A read-only descriptor of the log's lock file, or None where there is none. Only a regular
+    file inside the log is opened (a FIFO would block, a link could lead anywhere): OSError else."""
+    path = Path(root) / LOCK_FILE
+    problem = outside_problem(root, path)
+    if problem is not None:
+        raise OSError(errno.EPERM, f"{path} {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since it was looked at
+        os.close(fd)
+        raise OSError(errno.EPERM, f"{path} is not a regular file: refused")
+    return fd
 
 
 def _now() -> str:

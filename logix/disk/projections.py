@@ -11,7 +11,7 @@ import torch
 from ..errors import LogFormatError, refused_writes
 from .files import replace_atomic
 from .hdf5_files import new_hdf5
-from .segments import self_contained
+from .untrusted import open_hdf5
 
 
 def write_projections(path: Path, projections: dict[str, tuple]) -> None:
@@ -27,9 +27,11 @@ def write_projections(path: Path, projections: dict[str, tuple]) -> None:
 
 
 def read_projections(path: Path) -> dict[str, tuple]:
+    """{module: (P_in, P_out)} as stored (None for a side not stored), from the log's projections.h5
+    (`path`), checked whole first (logix.disk.untrusted)."""
     out = {}
     try:
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path, path.parent, "projections", LogFormatError) as f:
             for name, group in f.items():
                 if not isinstance(group, h5py.Group):
                     raise LogFormatError(f"projections {path} are damaged: {name!r} is not a group")
@@ -39,12 +41,7 @@ def read_projections(path: Path) -> dict[str, tuple]:
                         sides.append(None)
                         continue
                     ds = group[side]
-                    if (
-                        not isinstance(ds, h5py.Dataset)
-                        or ds.ndim != 2
-                        or ds.dtype.kind != "f"
-                        or not self_contained(ds)
-                    ):
+                    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.dtype.kind != "f":
                         raise LogFormatError(f"projections {path} are damaged: {name}/{side} is not a matrix of floats")
                     sides.append(torch.from_numpy(ds[()].astype(np.float32, copy=False)))
                 out[name] = tuple(sides)
@@ -86,9 +83,3 @@ def projection_problems(projections: dict[str, tuple], modules, path: Path) -> l
             elif not torch.isfinite(matrix).all():
                 problems.append(f"projections {path}: {m.name}/{side} holds non-finite numbers")
     return problems
-
-
-def projected_sides(path: Path, names: list[str]) -> dict[str, list[str]]:
-    """Per module, which sides ("in", "out") have a stored projection, for `logix info`."""
-    with h5py.File(path, "r") as f:
-        return {n: [s for s in ("in", "out") if f.get(n) is not None and s in f[n]] for n in names}

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import LogFormatError, refused_writes
 from .hdf5_files import new_hdf5
+from .untrusted import open_hdf5
 
 
 def write_result(path: Path, result_type: str, fields: dict) -> None:
@@ -27,13 +28,14 @@ def write_result(path: Path, result_type: str, fields: dict) -> None:
 
 
 def read_result(path: Path, result_type: str) -> dict:
-    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `result_type`."""
-    with h5py.File(path, "r") as f:
+    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `result_type`,
+    checked whole first (logix.disk.untrusted: nothing in it reads another file)."""
+    with open_hdf5(path, None, "results", LogFormatError) as f:
         if f.attrs.get("logix_result") != result_type:
             raise LogFormatError(f"{path} does not hold logix {result_type}")
         fields = {}
         for name, dataset in f.items():
-            if not isinstance(dataset, h5py.Dataset) or dataset.external is not None or dataset.is_virtual:
+            if not isinstance(dataset, h5py.Dataset):
                 raise LogFormatError(f"{path}: {name!r} is not a dataset held in the file: refused")
             if name == "values":
                 fields[name] = torch.from_numpy(dataset[()])

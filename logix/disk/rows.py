@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError, LogFormatError
 from .files import FLAG_NONFINITE
 from .manifest import SegmentInfo
-from .segments import check_segment, open_segment, read_ids, read_rows
+from .segments import open_segment, read_index, read_rows
 
 BLOCK_BYTES = 64 << 20  # default size of the blocks scoring streams
 
@@ -162,7 +162,7 @@ class PassRows:
         """float32 (committed rows, columns): every committed row, flagged ones included."""
         parts, offset = [], 0
         for segment, n in zip(self.segments, self.counts):
-            with open_segment(self.root / segment.file) as f:
+            with open_segment(self.root / segment.file, self.root) as f:
                 parts.append(self._grads(f, segment, 0, n, columns, self.flags[offset : offset + n]))
             offset += n
         width = columns.stop - columns.start
@@ -177,7 +177,7 @@ class PassRows:
             if first >= last:
                 offset += n
                 continue
-            with open_segment(self.root / segment.file) as f:
+            with open_segment(self.root / segment.file, self.root) as f:
                 for start in range(first, last, block_rows):
                     end = min(last, start + block_rows)
                     flags = self.flags[offset + start : offset + end]
@@ -192,18 +192,12 @@ class PassRows:
     def _read_index(self, dtype: str, id_kind: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         ids, flags, steps, counts = [], [], [], []
         for segment in self.segments:
-            path = self.root / segment.file
-            with open_segment(path) as f:
-                try:
-                    n = check_segment(f, path, width=self.width, dtype=dtype, id_kind=id_kind, rows=segment.rows)
-                    ids.append(read_ids(f["ids"], n, path))
-                    flags.append(read_rows(f["flags"], np.s_[:n]))
-                    steps.append(read_rows(f["step"], np.s_[:n]))
-                except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-                    if isinstance(e, LogFormatError):
-                        raise
-                    raise LogFormatError(f"segment {path} cannot be read: {e}") from e
-                counts.append(n)
+            expected = dict(width=self.width, dtype=dtype, id_kind=id_kind, rows=segment.rows)
+            segment_ids, segment_flags, segment_steps = read_index(self.root / segment.file, self.root, **expected)
+            ids.append(segment_ids)
+            flags.append(segment_flags)
+            steps.append(segment_steps)
+            counts.append(len(segment_ids))
         if not ids:
             return np.zeros(0, dtype="i8"), np.zeros(0, dtype="u1"), np.zeros(0, dtype="i8"), counts
         return np.concatenate(ids), np.concatenate(flags), np.concatenate(steps), counts

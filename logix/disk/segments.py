@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import LogFormatError
 from .files import FLAG_NONFINITE, SEGMENTS
 from .lock import find_writer
+from .untrusted import H5_ERRORS, checked_hdf5, open_swmr, refuse_outside
 
 logger = logging.getLogger("logix")
 
@@ -43,40 +44,39 @@ def pass_segments(root: Path, pass_index: int) -> list[dict]:
 
 def committed_ids(path: Path) -> list:
     """The ids of a segment's committed rows (ints or strs); readable while a writer appends."""
-    try:
-        with open_segment(path) as f:
-            n = check_segment(f, path)
-            return read_ids(f["ids"], n, path).tolist()
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-        if isinstance(e, LogFormatError):
-            raise
-        raise LogFormatError(f"segment {path} cannot be read: {e}") from e
+    return read_index(path)[0].tolist()
 
 
-def open_segment(path: Path) -> h5py.File:
-    """Open a segment for reading: plainly if no writer holds it, else in SWMR mode.
+def open_segment(path: Path, root: Path | None = None) -> h5py.File:
+    """Open a segment of the log at `root` for reading: plainly if no writer holds it, else in
+    SWMR mode; checked whole before anything reads it (logix.disk.untrusted). `root` defaults to
+    the folder above segments/ (a segment's name is segments/<file>).
 
     A closed segment opens plainly, so a damaged one fails at once (in SWMR mode HDF5 retries a
-    metadata block whose checksum fails, with back-off, for a very long time). A segment that a
-    writer holds (or held when it was killed) refuses a plain open and is read in SWMR mode. A
-    growing segment can also look truncated to a plain open (its end moves while HDF5 checks it):
-    that one is read in SWMR mode while its log's writer lock is held, and is damage otherwise
-    (SWMR mode would read the missing bytes as zeros).
+    metadata block whose checksum fails: bounded here, see open_swmr). A segment that a writer
+    holds (or held when it was killed) refuses a plain open and is read in SWMR mode. A growing
+    segment can also look truncated to a plain open (its end moves while HDF5 checks it): that one
+    is read in SWMR mode while its log's writer lock is held, and is damage otherwise (SWMR mode
+    would read the missing bytes as zeros).
     """
-    if not path.is_file():
+    refuse_outside(path.parent.parent if root is None else root, path, "segment", LogFormatError)
+    if not path.exists():
         raise LogFormatError(f"segment {path} listed in the manifest is missing; the log is incomplete")
     try:
-        return h5py.File(path, "r")
-    except (OSError, RuntimeError, ValueError) as e:
+        return checked_hdf5(h5py.File(path, "r"), path, "segment", LogFormatError)
+    except LogFormatError:
+        raise
+    except H5_ERRORS as e:
         truncated = "truncated file" in str(e)
         if truncated and not _being_written(path):
             raise LogFormatError(f"segment {path} is truncated: it cannot be opened (damaged: {e})") from e
         if "already open for write" not in str(e) and not truncated:
             raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
     try:
-        return h5py.File(path, "r", libver="latest", swmr=True)
-    except (OSError, RuntimeError, ValueError) as e:
+        f = open_swmr(path)
+    except H5_ERRORS as e:
         raise LogFormatError(f"segment {path} cannot be opened (damaged or not HDF5): {e}") from e
+    return checked_hdf5(f, path, "segment", LogFormatError, sizes=False)  # its datasets grow ahead of `committed`
 
 
 def _being_written(segment: Path) -> bool:
@@ -89,6 +89,27 @@ def _being_written(segment: Path) -> bool:
 
 
 SEGMENT_DATASETS = ("committed", "ids", "grads", "flags", "step")
+REOPENS = 3  # tries of a segment being written whose index read fails (see read_index)
+
+
+def read_index(path: Path, root: Path | None = None, **expected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ids, flags and steps of a segment's committed rows, the segment checked first
+    (check_segment, `expected` as there): what logix.open, resuming and `logix info` read of each
+    segment, with the same verdicts. A segment being written is opened again when a read fails
+    (REOPENS tries): a string id lives in a heap that may have grown past the end of the file as
+    the reader saw it when it opened it, which no refresh of the dataset updates."""
+    for attempt in range(REOPENS):
+        with open_segment(path, root) as f:
+            try:
+                n = check_segment(f, path, **expected)
+                return read_ids(f["ids"], n, path), read_rows(f["flags"], np.s_[:n]), read_rows(f["step"], np.s_[:n])
+            except LogFormatError:
+                raise
+            except H5_ERRORS as e:
+                if isinstance(e, OSError) and f.swmr_mode and attempt + 1 < REOPENS:
+                    continue
+                raise LogFormatError(f"segment {path} cannot be read: {e}") from e
+    raise AssertionError("unreachable")
 
 
 def check_segment(f: h5py.File, path: Path, **expected) -> int:
@@ -100,7 +121,19 @@ def check_segment(f: h5py.File, path: Path, **expected) -> int:
     return n
 
 
-def segment_problems(
+def segment_problems(f: h5py.File, path: Path, **expected) -> tuple[int | None, list[str]]:
+    """Every way an open segment differs from what the writer makes (names, dtypes, shapes) or from
+    the manifest where it is given (`expected`: width, the row width; dtype, the storage dtype;
+    id_kind; rows, the row count recorded when the segment was closed), in order: (its committed
+    rows, or None when its structure cannot say; the problems). A segment HDF5 fails to read is one
+    problem. `logix.open` refuses a segment with any (check_segment); `logix verify` lists them all."""
+    try:
+        return _segment_problems(f, path, **expected)
+    except H5_ERRORS as e:
+        return None, [f"it cannot be read ({e})"]
+
+
+def _segment_problems(
     f: h5py.File,
     path: Path,
     *,
@@ -109,16 +142,11 @@ def segment_problems(
     id_kind: str | None = None,
     rows: int | None = None,
 ) -> tuple[int | None, list[str]]:
-    """Every way an open segment differs from what the writer makes (names, dtypes, shapes) or from
-    the manifest where it is given (row width, storage dtype, id kind, the row count recorded when
-    the segment was closed), in order: (its committed rows, or None when its structure cannot say;
-    the problems). `logix.open` refuses a segment with any (check_segment); `logix verify` lists them all."""
-    problems = []
-    for name in SEGMENT_DATASETS:
-        if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f.get(name), h5py.Dataset):
-            problems.append(f"it has no {name!r} dataset")
-        elif not self_contained(f[name]):
-            problems.append(f"{name!r} keeps its data in other files (external or virtual storage): refused")
+    problems = [
+        f"it has no {name!r} dataset"
+        for name in SEGMENT_DATASETS
+        if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f.get(name), h5py.Dataset)
+    ]
     if problems:
         return None, problems
     committed, ids, grads, flags, step = (f[name] for name in SEGMENT_DATASETS)
@@ -148,6 +176,8 @@ def segment_problems(
     held = min(len(ids), len(grads), len(flags), len(step))
     if not 0 <= n <= held:
         problems.append(f"{n} rows are marked committed but it holds {held}")
+    else:
+        problems += _size_problems(f, path, n, (ids, grads, flags, step))
     if id_kind is None and n and width is not None:  # checked against a manifest that names no id kind
         problems.append(f"it holds {n} committed rows but the manifest's 'id_kind' is not set")
     if rows is not None and n != rows:
@@ -155,10 +185,24 @@ def segment_problems(
     return n, problems
 
 
-def self_contained(dataset: h5py.Dataset) -> bool:
-    """Whether a dataset's numbers live in its own file: HDF5 can also point a dataset at any other
-    file on the machine (external raw storage, virtual datasets), which a log never does."""
-    return dataset.external is None and not dataset.is_virtual
+def _size_problems(f: h5py.File, path: Path, n: int, datasets) -> list[str]:
+    """Committed rows the file's bytes cannot hold, and stored data reaching past the file's end
+    (a truncated file: HDF5 reads what is missing as zeros, as many rows as declared). The writer
+    stores every committed row before it moves the counter, so neither happens to a sound segment,
+    and reading the committed rows never allocates more than the file's size per dataset."""
+    size = path.stat().st_size
+    for ds in datasets:
+        need = n * ds.id.get_type().get_size() * int(np.prod(ds.shape[1:], dtype=np.int64))
+        if need > size:
+            name = ds.name.lstrip("/")
+            return [f"{n} rows are marked committed, whose {name!r} alone needs {need} bytes; the file has {size}"]
+    reach, size = data_extent(f), path.stat().st_size  # the size after the reach: a segment grows
+    if reach > size:
+        return [
+            f"it is truncated: the file has {size} bytes, its datasets reach {reach} "
+            "(what lies past the end would read as zeros)"
+        ]
+    return []
 
 
 SWMR_READ_RETRIES = 8
@@ -281,7 +325,8 @@ def read_ids(dataset: h5py.Dataset, n: int, path: Path, torn: list | None = None
 
 
 def data_extent(f: h5py.File) -> int:
-    """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros)."""
+    """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros);
+    one pass over each dataset's chunk index."""
     reach = 0
     for ds in f.values():
         if not isinstance(ds, h5py.Dataset):
@@ -291,23 +336,14 @@ def data_extent(f: h5py.File) -> int:
             if offset is not None:
                 reach = max(reach, offset + ds.id.get_storage_size())
             continue
-        for i in range(ds.id.get_num_chunks()):
-            info = ds.id.get_chunk_info(i)
-            if info.byte_offset is not None:
-                reach = max(reach, info.byte_offset + info.size)
+        ends = [reach]
+        ds.id.chunk_iter(lambda info, ends=ends: ends.append(info.byte_offset + info.size))
+        reach = max(ends)
     return reach
 
 
-def segment_reach(path: Path) -> tuple[int, int]:
-    """(bytes the segment's data reach, bytes the file has), from its metadata alone; a segment
-    whose data reach past its end is truncated."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as f:
-        reach = data_extent(f)
-    return reach, path.stat().st_size
-
-
-def segment_summary(path: Path) -> tuple[int, int]:
-    """(committed rows, of those flagged non-finite), read without trusting the rest of the file."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as f:
-        n = int(f["committed"][0])
-        return n, int(((read_rows(f["flags"], np.s_[:n]) & FLAG_NONFINITE) != 0).sum())
+def segment_summary(path: Path, root: Path | None = None, **expected) -> tuple[int, int]:
+    """(committed rows, of those flagged non-finite) of a segment, read and checked as logix.open
+    reads it (read_index)."""
+    flags = read_index(path, root, **expected)[1]
+    return len(flags), int(((flags & FLAG_NONFINITE) != 0).sum())

@@ -24,10 +24,17 @@ from torch import Tensor
 from ..errors import LogFormatError, LogixError, refused_writes
 from .files import replace_atomic
 from .hdf5_files import new_hdf5
+from .untrusted import open_hdf5
 
 STATISTICS = "statistics"
 SUM_KEYS = ("a_sum", "a_count", "s_sum", "s_count", "skipped")
 _SUMS = re.compile(r"p([0-9]{3,})-r(0|[1-9][0-9]*)-s([0-9]{3,})(\.partial)?\.h5")
+
+
+def _open(path: Path) -> h5py.File:
+    """A statistics or sums file (statistics/<file> of a log), opened and checked whole before
+    anything reads it (logix.disk.untrusted)."""
+    return open_hdf5(path, path.parent.parent, "statistics", LogFormatError)
 
 
 def preconditioners(statistics, raw: bool = True) -> list[str]:
@@ -96,14 +103,16 @@ def save_sums(path: Path, sums: dict[str, dict[str, Tensor]], attrs: dict | None
 def read_recounted(path: Path) -> set:
     """The ids whose statistics a sums file counted for rows of other sessions (save_sums)."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path) as f:
             if RECOUNTED not in f:
                 return set()
             data = f[RECOUNTED]
-            if not isinstance(data, h5py.Dataset) or data.ndim != 1 or data.external or data.is_virtual:
+            if not isinstance(data, h5py.Dataset) or data.ndim != 1:
                 raise LogFormatError(f"statistics {path}: {RECOUNTED} is not a list of ids; the file is damaged")
             values = data.asstr()[()] if h5py.check_string_dtype(data.dtype) else data[()]
     except (OSError, RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, LogFormatError):
+            raise
         raise LogFormatError(f"statistics {path} cannot be read: {e}") from e
     return {v if isinstance(v, str) else int(v) for v in values.tolist()}
 
@@ -111,7 +120,7 @@ def read_recounted(path: Path) -> set:
 def read_sums_attrs(path: Path) -> dict:
     """The metadata save_sums stored with a sums file ({} when it cannot be read)."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path) as f:
             return {key: f.attrs[key].item() if hasattr(f.attrs[key], "item") else f.attrs[key] for key in f.attrs}
     except OSError:
         return {}
@@ -122,7 +131,7 @@ def load_sums(paths) -> dict[str, dict[str, Tensor]]:
     total: dict[str, dict[str, Tensor]] = {}
     for path in paths:
         try:
-            with h5py.File(path, "r") as f:
+            with _open(path) as f:
                 parts = {name: _read_sums(path, name, group) for name, group in f.items() if name != RECOUNTED}
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, LogFormatError):
@@ -195,8 +204,6 @@ class ModuleStatistics:
         if key not in group or not isinstance(group[key], h5py.Dataset):
             raise LogFormatError(f"{where} is missing: the file is damaged")
         ds = group[key]
-        if ds.external is not None or ds.is_virtual:
-            raise LogFormatError(f"{where} keeps its data in other files: refused")
         if ds.shape != shape or ds.dtype.kind != "f":
             raise LogFormatError(f"{where} is {ds.dtype} of shape {ds.shape}, expected floats of shape {shape}")
         values = torch.from_numpy(np.asarray(ds[()], dtype=np.float64))
@@ -223,7 +230,7 @@ class StatisticsFile:
 def open_statistics(path: Path) -> Iterator[StatisticsFile]:
     """Read a pass's statistics file; any failure to read it is a LogFormatError naming it."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path) as f:
             yield StatisticsFile(f, path)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
         if isinstance(e, LogixError):  # a damaged array, or the caller's own error: as it is
@@ -241,8 +248,6 @@ def read_self_influence(path: Path, preconditioner: str) -> tuple[Tensor, dict] 
         dataset = f[key]
         if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.dtype.kind != "f":
             raise LogFormatError(f"statistics {path}: {key} is not a vector of floats; the file is damaged")
-        if dataset.external is not None or dataset.is_virtual:
-            raise LogFormatError(f"statistics {path}: {key} keeps its data in other files: refused")
         attrs = dict(dataset.attrs)
         values = torch.from_numpy(dataset[()].astype(np.float64, copy=False))
     if not torch.isfinite(values).all():
@@ -252,7 +257,7 @@ def read_self_influence(path: Path, preconditioner: str) -> tuple[Tensor, dict] 
 
 def statistics_summary(path: Path, module_names: list[str]) -> tuple[list[str], list[str]]:
     """(preconditioners every module has arrays for, self-influences stored), for `logix info`."""
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
 
         def everywhere(key):
             return bool(module_names) and all(n in f and key in f[n] for n in module_names)
