@@ -38,6 +38,7 @@ from test_faults import (
     write_log,
 )
 from test_hostile import _plant
+from test_hostile_files import _move_out, _reference_ids, _replace_by, declare_huge_segment, plant_foreign
 from test_torn_chunks import torn_log  # noqa: F401 - a fixture
 
 import logix
@@ -180,6 +181,15 @@ def _flipped_row_byte(path):
     (path / SEGMENT).write_bytes(bytes(data))
 
 
+def _flipped_byte(where: int):
+    def damage(path):
+        data = bytearray((path / SEGMENT).read_bytes())
+        data[where] ^= 0xFF
+        (path / SEGMENT).write_bytes(bytes(data))
+
+    return damage
+
+
 def _planted(file: str, key: str, how: str):
     def damage(path):
         _plant(path / file, key, path.parent / "executed", how)
@@ -268,6 +278,34 @@ CORPUS = {
     "sums_shape": lambda p: rewrite_h5(p / PART, lambda d: d.update({"0/a_sum": np.zeros((2, 3))})),
     "sums_truncated": _truncate(PART, 700),
     "sums_missing": _replace(PART, "missing"),
+    # a log is untrusted input (issue 15): files that read other files, links out of the log, FIFOs,
+    # tiny files declaring huge contents, flipped metadata bytes, ids of other types
+    **{
+        f"{name}_{how}": plant_foreign(file, key, how)
+        for name, file, key in (
+            ("segment_ids", SEGMENT, "ids"),
+            ("segment_extra", SEGMENT, "extra"),
+            ("projections", "projections.h5", "0/in"),
+            ("statistics_self_influence", STATS, "self_influence/identity"),
+            ("statistics_vec_s", STATS, "2/vec_s"),
+            ("sums", PART, "0/s_sum"),
+        )
+        for how in ("external_storage", "virtual", "external_link", "soft_link_through_an_external_link")
+    },
+    "statistics_self_influence_group_linked": plant_foreign(STATS, "self_influence", "external_link"),
+    "statistics_module_group_linked": plant_foreign(STATS, "0", "external_link"),
+    **{
+        f"{what.replace('/', '_').replace('.', '_')}_linked_out": _move_out(what)
+        for what in ("segments", "projections.h5", "statistics", STATS, PART, "manifest.json")
+    },
+    **{f"{what.replace('/', '_').replace('.', '_')}_a_fifo": _replace_by(what, "fifo") for what in LOG_FILES},
+    "manifest_linked_to_dev_zero": _replace_by("manifest.json", "/dev/zero"),
+    "manifest_over_its_size_cap": lambda p: os.truncate(p / "manifest.json", 400 << 20),
+    "segment_declaring_300M_rows": declare_huge_segment,
+    "segment_declaring_300M_rows_left_by_a_killed_writer": lambda p: declare_huge_segment(p, killed_writer=True),
+    **{f"segment_flipped_metadata_byte_{where}": _flipped_byte(where) for where in (40, 200, 700, 1200)},
+    "segment_ids_float64": lambda p: rewrite_segment(p / SEGMENT, ids=lambda i: i.astype("f8")),
+    "segment_ids_object_references": _reference_ids,
 }
 
 
