@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, load_curvature, self_influence_values
+from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, check_damping, load_curvature, self_influence_values
 from .errors import ConfigError, LogFormatError, NotInLogError
-from .results import Scores, SelfInfluence, as_ids
+from .results import Scores, SelfInfluence, as_ids, check_top_k
 
 METHODS = ("source", "tracin", "checkpoint")
 CURVATURES = ("raw", "kfac", "ekfac")
@@ -118,7 +118,7 @@ def training_passes(log, passes: Sequence[str] | None) -> list[str]:
     if passes is None:
         chosen = [p.name for p in log.passes if p.rows and p.name not in curvature_passes]
     else:
-        if isinstance(passes, str) or not all(isinstance(n, str) for n in passes):
+        if not isinstance(passes, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in passes):
             raise ConfigError(f"passes must be a list of pass names, got {passes!r}")
         unknown = [n for n in passes if n not in names]
         if unknown:
@@ -211,10 +211,13 @@ def influence_across_training(
         curvature pass ("sampled"), or the latter where the log has one ("auto").
     Returns Scores over the union of the passes' train ids (or, with top_k, a TopK).
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if not callable(queries):
         raise ConfigError("queries must be a function queries(q, model) that captures the query examples")
+    check_damping(damping, damping_factor, log.modules)  # "source" uses no damping_factor: still a mistake to name
+    if top_k is not None:
+        check_top_k(top_k, largest)
     names = training_passes(log, passes)
     if method == "tracin":
         values, query_ids, train_ids = _tracin(

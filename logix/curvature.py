@@ -19,6 +19,7 @@ finalize holds in memory before it writes one (build_curvature, Preconditioner.f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import Tensor
 from .disk.statistics import RAW_MAX_WIDTH, open_statistics, preconditioners
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .progress import progress_bar
+from .scalars import real_number
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
@@ -86,6 +88,11 @@ class ModuleCurvature:
 CURVATURE_SOURCES = ("auto", "own", "sampled")
 
 
+def check_curvature(curvature) -> None:
+    if not isinstance(curvature, str) or curvature not in CURVATURE_SOURCES:
+        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+
+
 def statistics_file(log, curvature: str = "auto") -> str:
     """The statistics file the pass's curvature comes from, or a clear error if it has none.
 
@@ -96,8 +103,7 @@ def statistics_file(log, curvature: str = "auto") -> str:
     """
     p = log.pass_info()
     files = log.statistics_files
-    if curvature not in CURVATURE_SOURCES:
-        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+    check_curvature(curvature)
     if curvature != "own":
         other = log.curvature_pass()
         if other is not None and other.name in files:
@@ -133,6 +139,8 @@ def resolve_preconditioner(log, preconditioner: str) -> str:
     EK-FAC first: on both tasks of benchmarks/attribution_quality.py it is the best on the language
     model and within 0.03 LDS of the best on digits at every rank (K-FAC is 0.01 to 0.03 ahead
     there, 0.02 behind on the language model)."""
+    if not isinstance(preconditioner, str) or preconditioner not in ("auto", *PRECONDITIONERS):
+        raise ConfigError(f"preconditioner must be one of {('auto', *PRECONDITIONERS)}, got {preconditioner!r}")
     if preconditioner != "auto":
         return preconditioner
     if log.current is None or log.current.name not in log.statistics_files:  # e.g. a finalized pass with no rows
@@ -149,9 +157,9 @@ def load_curvature(
     `curvature` says whose statistics (see statistics_file)."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    if curvature not in CURVATURE_SOURCES:
-        raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+    check_curvature(curvature)
     names = list(log.modules) if names is None else names
+    damping, damping_factor = check_damping(damping, damping_factor, log.modules)
     if preconditioner == "identity":
         return build_curvature(log.modules, names, preconditioner, None, damping, damping_factor)
     with open_statistics(log.path / statistics_file(log, curvature)) as stats:
@@ -197,6 +205,37 @@ def build_curvature(
     return out
 
 
+def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, float] | None, float]:
+    """(damping, damping_factor) checked and as floats, whatever the preconditioner (identity uses
+    neither, but a bad value is still a mistake to name): damping None, a non-negative number or
+    {module: number} naming modules of the log (`modules`), damping_factor a positive number."""
+    if isinstance(damping, dict):
+        for name in damping:
+            if not isinstance(name, str):
+                raise ConfigError(f"damping per module is keyed by module names, got the key {name!r}")
+            if name not in modules:
+                raise NotInLogError(f"damping names module {name!r}, which is not in this log: {list(modules)}")
+        damping = {name: _damping_value(value) for name, value in damping.items()}
+    elif damping is not None:
+        damping = _damping_value(damping)
+    factor = real_number(damping_factor)
+    if factor is None or not math.isfinite(factor) or factor <= 0:
+        raise ConfigError(f"damping_factor must be a positive number, got {_shown(damping_factor)}")
+    return damping, factor
+
+
+def _damping_value(damping) -> float:
+    value = real_number(damping)
+    if value is None or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"damping must be a non-negative number (or {{module: number}}), got {_shown(damping)}")
+    return value
+
+
+def _shown(value) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else f"{shown[:57]}..."
+
+
 def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int) -> float:
     """The module's lambda: given (a float or {module: float}), or factor x its block's trace over
     the unprojected dimension d_in d_out. A Gaussian projection keeps the trace but shrinks the
@@ -208,29 +247,12 @@ def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int
             raise ConfigError(f"damping given per module but not for {name!r}")
         damping = damping[name]
     if damping is not None:
-        value = _number(damping)
-        if value is None or not np.isfinite(value) or value < 0:
-            raise ConfigError(f"damping must be a non-negative number, got {damping!r}")
-        return value
-    value = _number(factor)
-    if value is None or not np.isfinite(value) or value <= 0:
-        raise ConfigError(f"damping_factor must be a positive number, got {factor!r}")
-    factor = value
+        return _damping_value(damping)
+    factor = check_damping(None, factor, ())[1]
     lam = factor * float(values.sum()) / unprojected
     if lam <= 0:  # an all-zero block: any positive damping inverts it
         lam = factor
     return lam
-
-
-def _number(value) -> float | None:
-    """A real number given as int, float, or a numpy / one-element torch scalar; None otherwise."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            return None
-        return float(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return None
-    return float(value)
 
 
 class Preconditioner:

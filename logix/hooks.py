@@ -60,8 +60,8 @@ def select_modules(
     matches `encoder.layer.0.fc`). Frozen modules (weight.requires_grad False, as in LoRA
     fine-tuning) are skipped unless include_frozen: their gradient is not part of training.
     """
-    include = list(include) if include is not None else None
-    exclude = list(exclude)
+    include = _patterns(include, "include") if include is not None else None
+    exclude = _patterns(exclude, "exclude") if exclude is not None else []
     chosen, seen = [], set()
     for name, module in named_modules(model):
         kind = kind_of(module)
@@ -86,6 +86,17 @@ def select_modules(
             f"(include_frozen={include_frozen})"
         )
     return chosen
+
+
+def _patterns(patterns, what: str) -> list[str]:
+    """Glob patterns as a list of strings (a lone string is one pattern, not its characters)."""
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, Iterable) and not isinstance(patterns, bytes):
+        patterns = list(patterns)
+        if all(isinstance(p, str) for p in patterns):
+            return patterns
+    raise ConfigError(f"{what} must be a list of module name patterns, got {patterns!r}")
 
 
 @dataclass

@@ -32,6 +32,8 @@ def _train_ids(log, train_ids) -> np.ndarray:
     if isinstance(train_ids, (str, bytes, int)) or not hasattr(train_ids, "__iter__"):
         raise ConfigError(f"train_ids must be a list of ids, got {type(train_ids).__name__} {train_ids!r}")
     values = train_ids.tolist() if hasattr(train_ids, "tolist") else list(train_ids)
+    if not isinstance(values, list):  # a 0-d tensor or array holds one id, not a list of them
+        raise ConfigError(f"train_ids must be a list of ids, got {type(train_ids).__name__} {train_ids!r}")
     id_kind = "str" if log.ids.dtype.kind in "OUS" else "int"
     for i in values:
         ok = isinstance(i, str) if id_kind == "str" else isinstance(i, (int, np.integer)) and not isinstance(i, bool)
@@ -82,7 +84,7 @@ def score(log, query, options: ScoreOptions):
     preconditioner, damping, damping_factor, mode = o.preconditioner, o.damping, o.damping_factor, o.mode
     top_k, largest, modules, train_ids, curvature = o.top_k, o.largest, o.modules, o.train_ids, o.curvature
     block_rows, progress, shard = o.block_rows, o.progress, o.shard
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k must be a positive int, got {top_k!r}")

@@ -23,13 +23,14 @@ import torch
 from . import across_training
 from .config import Config
 from .curvature import (
-    CURVATURE_SOURCES,
     DAMPING_RULE,
     DEFAULT_DAMPING_FACTOR,
     Preconditioner,
+    check_curvature,
+    check_damping,
     resolve_preconditioner,
-    statistics_file,
     self_influence_values,
+    statistics_file,
 )
 from .disk.files import FLAG_NONFINITE, PROJECTIONS
 from .disk.lock import Writer, find_writer
@@ -42,6 +43,7 @@ from .disk.statistics import read_self_influence
 from .distributed import World
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .influence import ScoreOptions, score
+from .progress import check_progress
 from .query import Query
 from .results import Scores, SelfInfluence
 
@@ -135,7 +137,7 @@ class Log:
         """The pass named `name`, or the one this view reads (an error when the log has none)."""
         if name is None:
             return self._require_pass()
-        for p in self.passes:
+        for p in self.passes if isinstance(name, str) else ():  # an array's == would not say yes or no
             if p.name == name:
                 return p
         raise NotInLogError(f"no pass named {name!r} in {self.path}; passes: {[p.name for p in self.passes]}")
@@ -207,7 +209,7 @@ class Log:
         return len(self.ids)
 
     def _module(self, name: str) -> ModuleInfo:
-        if name not in self.modules:
+        if not isinstance(name, str) or name not in self.modules:  # a list or a set is no name (nor hashable)
             raise NotInLogError(f"module {name!r} is not in this log; logged modules: {list(self.modules)}")
         return self.modules[name]
 
@@ -287,6 +289,8 @@ class Log:
         "sampled" (its curvature pass, `start_pass(..., curvature_for=...)`), "auto" (the curvature
         pass where there is one, else own).
         """
+        if not isinstance(across_ranks, bool):
+            raise ConfigError(f"across_ranks must be True or False, got {across_ranks!r}")
         if across_ranks:
             if shard is not None:
                 raise ConfigError("pass shard or across_ranks, not both")
@@ -335,9 +339,10 @@ class Log:
         Values finalize stored (the pass's own curvature, default damping, all modules) are read
         back when asked for exactly that, never for another curvature or damping.
         """
-        if curvature not in CURVATURE_SOURCES:
-            raise ConfigError(f"curvature must be one of {CURVATURE_SOURCES}, got {curvature!r}")
+        check_curvature(curvature)
+        check_progress(progress)  # before the cache: a value found there draws no bar
         preconditioner = resolve_preconditioner(self, preconditioner)
+        damping, damping_factor = check_damping(damping, damping_factor, self.modules)  # floats: the key hashes
         key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules), curvature)
         if key not in self._self_influence_cache:
             stored = None

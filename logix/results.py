@@ -32,6 +32,14 @@ def as_ids(ids) -> np.ndarray:
     raise TypeError(f"ids must be ints or strings, got an array of {array.dtype}")
 
 
+def check_top_k(k, largest) -> None:
+    """k a positive int, largest a bool: what every top-k here takes."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"top_k must be a positive int, got {k!r}")
+    if not isinstance(largest, bool):
+        raise ConfigError(f"largest must be True or False, got {largest!r}")
+
+
 def _values(values) -> Tensor:
     return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
 
@@ -98,6 +106,8 @@ class TopK(_Saved, _TopKFields):
     @classmethod
     def merge(cls, parts: list[TopK], largest: bool = True) -> TopK:
         """The top-k over all parts (shards of the train rows scored separately for the same queries)."""
+        if not isinstance(largest, bool):
+            raise ConfigError(f"largest must be True or False, got {largest!r}")
         query_ids = _same_queries(parts)
         k = max(part.values.shape[-1] for part in parts)
         values = torch.cat([part.values for part in parts], dim=-1)
@@ -133,6 +143,7 @@ class Scores(_Saved):
 
     def top_k(self, k: int, largest: bool = True) -> TopK:
         """The k most helpful train ids per query (largest=False: the k most harmful)."""
+        check_top_k(k, largest)
         k = min(k, self.values.shape[1])
         values, index = torch.topk(self.values, k, dim=1, largest=largest)
         return TopK(self.train_ids[index.numpy()], values, self.query_ids)
@@ -156,6 +167,7 @@ class SelfInfluence(_Saved):
 
     def top_k(self, k: int, largest: bool = True) -> TopK:
         """TopK (ids, values) of the k highest (or lowest) self-influences; its query_ids is None."""
+        check_top_k(k, largest)
         k = min(k, len(self.ids))
         values, index = torch.topk(self.values, k, largest=largest)
         return TopK(self.ids[index.numpy()], values)
