@@ -16,14 +16,13 @@ from ..disk import (
     ModuleInfo,
     default_block_rows,
     open_segment,
-    read_ids,
     read_projections,
     read_rows,
 )
 from ..disk.manifest import inside_problem, load_manifest, sound_modules
 from ..disk.projections import projection_problems
 from ..disk.rows import index_problems
-from ..disk.segments import segment_problems
+from ..disk.segments import read_index, segment_problems
 from ..disk.statistics import (
     RAW_MAX_WIDTH,
     ModuleStatistics,
@@ -160,10 +159,10 @@ class Verifier:
         index = []
         readable = len(segments) == len(_segments(p))
         block = default_block_rows(width)
-        for entry, n in segments:
+        for entry, _ in segments:
             where = f"pass {p['name']!r}: segment {entry['file']}"
             try:
-                index.append(self._check_segment_rows(where, self.root / entry["file"], n, block, bar))
+                index.append(self._check_segment_rows(where, self.root / entry["file"], block, bar))
             except (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
                 self.problem(f"{where}: committed rows cannot be read: {e}")
                 readable = False
@@ -176,13 +175,13 @@ class Verifier:
             self.notes.append(f"pass {p['name']!r} is not finalized ({valid} valid rows committed; no statistics)")
         return valid if readable else None
 
-    def _check_segment_rows(self, where: str, path: Path, n: int, block: int, bar) -> tuple[np.ndarray, np.ndarray]:
-        """One segment's committed rows read in blocks: checksums, and flags against finiteness.
-        Returns its ids and flags."""
+    def _check_segment_rows(self, where: str, path: Path, block: int, bar) -> tuple[np.ndarray, np.ndarray]:
+        """One segment's index read as logix.open reads it (read_index), then its committed rows in
+        blocks: checksums, and flags against finiteness. Returns its ids and flags."""
+        torn: list = []
+        ids, flags, _ = read_index(path, self.root, torn=torn)
+        n = len(ids)
         with open_segment(path, self.root) as f:
-            torn: list = []
-            ids = read_ids(f["ids"], n, path, torn=torn)
-            flags = read_rows(f["flags"], np.s_[:n], torn=torn)
             flagged = (flags & FLAG_NONFINITE) != 0
             unflagged_bad, flagged_good, corrupt = [], [], []
             for start, end, rows in _readable_blocks(f["grads"], n, block, corrupt, torn):
@@ -190,7 +189,6 @@ class Verifier:
                 unflagged_bad.extend((start + np.flatnonzero(~finite & ~flagged[start:end])).tolist())
                 flagged_good.extend((start + np.flatnonzero(finite & flagged[start:end])).tolist())
                 bar.update(end - start)
-            read_rows(f["step"], np.s_[:n], torn=torn)
         for name, chunk in sorted(set(torn)):
             self.notes.append(
                 f"{where}: chunk {chunk} of {name!r} was torn by an interrupted write (a crash); its "

@@ -89,20 +89,24 @@ def _being_written(segment: Path) -> bool:
 
 
 SEGMENT_DATASETS = ("committed", "ids", "grads", "flags", "step")
-REOPENS = 3  # tries of a segment being written whose index read fails (see read_index)
+REOPENS = 5  # tries of a segment being written whose index read fails (see read_index)
 
 
-def read_index(path: Path, root: Path | None = None, **expected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_index(
+    path: Path, root: Path | None = None, torn: list | None = None, **expected
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ids, flags and steps of a segment's committed rows, the segment checked first
-    (check_segment, `expected` as there): what logix.open, resuming and `logix info` read of each
-    segment, with the same verdicts. A segment being written is opened again when a read fails
-    (REOPENS tries): a string id lives in a heap that may have grown past the end of the file as
-    the reader saw it when it opened it, which no refresh of the dataset updates."""
+    (check_segment, `expected` as there): what logix.open, resuming, `logix info` and `logix
+    verify` read of each segment, with the same verdicts; `torn` as for read_rows. A segment being
+    written is opened again when a read fails (REOPENS tries): a string id lives in a heap that
+    may have grown past the end of the file as the reader saw it when it opened it, which no
+    refresh of the dataset updates."""
     for attempt in range(REOPENS):
         with open_segment(path, root) as f:
             try:
                 n = check_segment(f, path, **expected)
-                return read_ids(f["ids"], n, path), read_rows(f["flags"], np.s_[:n]), read_rows(f["step"], np.s_[:n])
+                ids = read_ids(f["ids"], n, path, torn=torn)
+                return ids, read_rows(f["flags"], np.s_[:n], torn=torn), read_rows(f["step"], np.s_[:n], torn=torn)
             except LogFormatError:
                 raise
             except H5_ERRORS as e:
