@@ -11,8 +11,14 @@ A log is a directory:
 Each segment holds `ids` (int64 or UTF-8), `grads` (N, D), `flags` (uint8), `step` (int64) and a
 one-element `committed` dataset. The writer moves `committed` only after the rows below it are
 written and flushed, so readers trust exactly the rows below it, even after a SIGKILL. A segment
-opens only with `h5py.File(path, "r", swmr=True)`. Nothing here is pickled. A pass's rows are read
-through `PassRows` (logix.disk.rows): its segments' index once, its gradients whole or in blocks.
+opens only with `open_segment` (plainly, or in SWMR mode while a writer holds it). Nothing here is
+pickled. A pass's rows are read through `PassRows` (logix.disk.rows): its segments' index once,
+its gradients whole or in blocks.
+
+A log is untrusted input: every file is read through logix.disk.untrusted, which opens nothing
+outside the log directory (symlinks resolved, regular files only) and checks an HDF5 file whole
+(no external links, external storage or virtual datasets; no dataset larger than its file) before
+any of its data is read.
 """
 
 from .files import (
