@@ -355,13 +355,13 @@ class Run:
         """Log one batch: run its forward and `loss.backward()` inside this context.
 
         ids: one per example (ints, strings or a 1-D int tensor), unique within the pass.
-        mask: (B, T) attention mask; positions where it is 0 are left out.
+        mask: (B, T) attention mask of 0/1 values (bool or numbers); positions where it is 0 are left out.
         reduction / scale / scaler: how the backpropagated loss relates to the examples' own
             losses: loss = scale * mean_i(loss_i) for "mean", scale * sum_i(loss_i) for "sum",
             further multiplied by scaler.get_scale() when a GradScaler is passed. For sequences,
             an example's own loss is the sum over its label tokens: a loss averaged over all
             tokens of the batch is reduction="sum", scale=1/num_tokens.
-        step: the training step recorded with the rows (default: the run's step counter).
+        step: the training step recorded with the rows, an int (default: the run's step counter).
         """
         self._check_open()
         self._refuse_unentered()

@@ -1110,6 +1110,28 @@ def test_what_fuzzing_found_in_scoring_is_a_logix_error(scored, case):
     assert log.influence(q, "kfac").values.isfinite().all()  # nothing was spoiled
 
 
+def test_a_query_refuses_the_same_arguments(scored):
+    log, model, _ = scored
+    q = log.query(model)
+    bad = [
+        dict(mask=torch.tensor([[1.0, NAN, 1.0], [1.0, 1.0, 1.0]])),
+        dict(scale="2"),
+        dict(scale=torch.ones(2)),
+        dict(scaler=object()),
+        dict(reduction=["sum"]),
+    ]
+    for kw in bad:
+        with pytest.raises(LogixError):
+            with q.capture(["qa", "qb"], **kw):
+                per_example(model, *batch(2, 7)).sum().backward()
+        model.zero_grad(set_to_none=True)
+    assert len(q) == 0
+    with q.capture(["qa", "qb"], mask=torch.ones(2, T, dtype=torch.bool), scale=np.float32(0.5), reduction="sum"):
+        (0.5 * per_example(model, *batch(2, 7)).sum()).backward()
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(q.rows, scored[2].rows)  # the same examples' own-loss gradients
+
+
 @pytest.mark.parametrize(
     "kw",
     [dict(include=[1]), dict(include=5), dict(exclude=[None]), dict(include=[b"0"]), dict(exclude=3)],
