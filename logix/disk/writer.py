@@ -22,6 +22,9 @@ from .hdf5_files import abandon
 logger = logging.getLogger("logix")
 
 
+RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
+
+
 class SegmentWriter:
     """Appends rows to one segment file; owned by exactly one thread at a time."""
 
@@ -57,6 +60,8 @@ class SegmentWriter:
                 name, (0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk_rows, *shape), fletcher32=checksum
             )
 
+        self.chunk_rows = chunk_rows
+        self.row_bytes = width * itemsize + 8 + 1 + 8  # grads, an int id, flags and step
         self.grads = column("grads", dtype, (width,))
         self.ids = column("ids", "i8" if id_kind == "int" else h5py.string_dtype("utf-8"))
         self.flags = column("flags", "u1")
@@ -70,6 +75,7 @@ class SegmentWriter:
         if n == 0:
             return
         end = self.rows + n
+        self._reserve(ids, end)
         for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
             ds.resize(end, axis=0)
             ds[self.rows : end] = values
@@ -78,6 +84,29 @@ class SegmentWriter:
         if bad:
             self.nonfinite += bad
             logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
+
+    def _reserve(self, ids, end: int) -> None:
+        """Make room in the file for the chunks rows up to `end` need, before HDF5 writes them.
+
+        HDF5 records a new end of file before it writes a new chunk: if the disk (or a file-size
+        limit) then refuses the write, the file ends before its recorded end and no longer opens,
+        its committed rows with it. Reserving the space first turns that refusal into an error here,
+        while the file is still whole. Filesystems without fallocate keep HDF5's own growth."""
+        new_chunks = -(-end // self.chunk_rows) - -(-self.rows // self.chunk_rows)
+        if new_chunks <= 0:
+            return
+        strings = sum(len(str(i).encode()) + 32 for i in ids) if self.ids.dtype.kind == "O" else 0
+        need = new_chunks * self.chunk_rows * self.row_bytes + strings + RESERVE_SLACK
+        descriptor = self.file.id.get_vfd_handle()
+        allocated = self.file.id.get_filesize()  # HDF5's end of allocated space: new chunks go here
+        size = os.fstat(descriptor).st_size
+        if size >= allocated + need:
+            return
+        try:
+            os.posix_fallocate(descriptor, size, allocated + need - size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
     def commit(self) -> None:
         """Make every appended row durable for readers: data first, then the counter. A segment
@@ -110,6 +139,7 @@ class SegmentWriter:
             abandon(self.file)
             raise
         self.file.close()
+        trim_to_recorded_end(self.path)
 
     def abandon(self) -> None:
         """Close the file without writing to it again, after the disk refused a write."""
@@ -211,3 +241,21 @@ class BackgroundWriter:
         except BaseException as e:  # noqa: BLE001
             if self.error is None:
                 self.error = e
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def trim_to_recorded_end(path: Path) -> None:
+    """Give back the space reserved past the end HDF5 recorded at close (SegmentWriter._reserve).
+
+    The end is read from the superblock (versions 2 and 3, the ones libver="latest" writes: base
+    address and end-of-file address after the 12-byte header); any other layout is left as it is."""
+    with open(path, "r+b") as f:
+        head = f.read(48)
+        if len(head) < 48 or head[:8] != _SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
+            return
+        base, _, end = (int.from_bytes(head[12 + 8 * k : 20 + 8 * k], "little") for k in range(3))
+        recorded = base + end
+        if 0 < recorded < os.fstat(f.fileno()).st_size:
+            f.truncate(recorded)
