@@ -809,3 +809,36 @@ def test_float16_log_streams_and_scores_like_its_rows(tmp_path, block_rows):
     torch.testing.assert_close(top.values, torch.topk(query.rows @ rows.T, 3, dim=1).values, rtol=1e-5, atol=1e-6)
     values = log.self_influence("identity", block_rows=block_rows).values
     torch.testing.assert_close(values, (rows.double() ** 2).sum(dim=1), rtol=1e-6, atol=1e-9)
+
+
+def test_a_damaged_sums_file_leaves_no_hdf5_lock_held(tmp_path):
+    """Reading a damaged file raises while the caller may keep the error (and its traceback): the
+    reader must not be suspended inside h5py's iteration then, which holds h5py's global lock, so
+    that every other thread's HDF5 call (the writer's next flush) would wait forever (issue 15.4)."""
+    import threading
+
+    import numpy as np
+
+    from logix.disk.statistics import load_sums, save_sums
+
+    bad = {"a_sum": torch.eye(2), "s_sum": torch.full((2, 2), float("nan"))}
+    bad.update(a_count=torch.tensor(1.0), s_count=torch.tensor(1.0), skipped=torch.tensor(0.0))
+    good = {k: torch.zeros_like(v) for k, v in bad.items()}
+    (tmp_path / "statistics").mkdir()
+    path = tmp_path / "statistics" / "p000-r0-s000.h5"
+    save_sums(path, {"a": good, "b": bad, "c": good})
+    kept = None
+    try:
+        load_sums([path])
+    except logix.LogFormatError as e:
+        kept = e  # held, as a caller that reports it later would
+    assert kept is not None and "non-finite" in str(kept)
+
+    def other_thread():
+        with h5py.File(tmp_path / "other.h5", "w") as f:
+            f.create_dataset("x", data=np.zeros(3))
+
+    worker = threading.Thread(target=other_thread, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "another thread's HDF5 call is blocked by the failed read"

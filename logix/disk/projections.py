@@ -32,7 +32,8 @@ def read_projections(path: Path) -> dict[str, tuple]:
     out = {}
     try:
         with open_hdf5(path, path.parent, "projections", LogFormatError) as f:
-            for name, group in f.items():
+            for name in list(f):  # names first: raising inside h5py's iteration keeps its lock held
+                group = f[name]
                 if not isinstance(group, h5py.Group):
                     raise LogFormatError(f"projections {path} are damaged: {name!r} is not a group")
                 sides = []

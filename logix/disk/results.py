@@ -34,7 +34,8 @@ def read_result(path: Path, result_type: str) -> dict:
         if f.attrs.get("logix_result") != result_type:
             raise LogFormatError(f"{path} does not hold logix {result_type}")
         fields = {}
-        for name, dataset in f.items():
+        for name in list(f):  # names first: raising inside h5py's iteration keeps its lock held
+            dataset = f[name]
             if not isinstance(dataset, h5py.Dataset):
                 raise LogFormatError(f"{path}: {name!r} is not a dataset held in the file: refused")
             if name == "values":

@@ -332,7 +332,8 @@ def data_extent(f: h5py.File) -> int:
     """How far into the file the datasets' stored bytes reach (HDF5 reads past the end as zeros);
     one pass over each dataset's chunk index."""
     reach = 0
-    for ds in f.values():
+    for name in list(f):  # names first: raising inside h5py's iteration keeps its lock held
+        ds = f[name]
         if not isinstance(ds, h5py.Dataset):
             continue
         if ds.chunks is None:

@@ -132,7 +132,8 @@ def load_sums(paths) -> dict[str, dict[str, Tensor]]:
     for path in paths:
         try:
             with _open(path) as f:
-                parts = {name: _read_sums(path, name, group) for name, group in f.items() if name != RECOUNTED}
+                names = [name for name in f if name != RECOUNTED]  # listed first: raising inside h5py's
+                parts = {name: _read_sums(path, name, f[name]) for name in names}  # iteration keeps its lock
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, LogFormatError):
                 raise
