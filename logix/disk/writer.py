@@ -138,8 +138,9 @@ class SegmentWriter:
         except BaseException:
             abandon(self.file)
             raise
+        allocated = self.file.id.get_filesize()  # HDF5's end before close: the recorded end is no less
         self.file.close()
-        trim_to_recorded_end(self.path)
+        trim_to_recorded_end(self.path, allocated)
 
     def abandon(self) -> None:
         """Close the file without writing to it again, after the disk refused a write."""
@@ -246,16 +247,17 @@ class BackgroundWriter:
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def trim_to_recorded_end(path: Path) -> None:
+def trim_to_recorded_end(path: Path, at_least: int) -> None:
     """Give back the space reserved past the end HDF5 recorded at close (SegmentWriter._reserve).
 
     The end is read from the superblock (versions 2 and 3, the ones libver="latest" writes: base
-    address and end-of-file address after the 12-byte header); any other layout is left as it is."""
+    address and end-of-file address after the 12-byte header); any other layout, or an end short of
+    `at_least` (what HDF5 had allocated before closing), is left as it is."""
     with open(path, "r+b") as f:
         head = f.read(48)
         if len(head) < 48 or head[:8] != _SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
             return
         base, _, end = (int.from_bytes(head[12 + 8 * k : 20 + 8 * k], "little") for k in range(3))
         recorded = base + end
-        if 0 < recorded < os.fstat(f.fileno()).st_size:
+        if at_least <= recorded < os.fstat(f.fileno()).st_size:
             f.truncate(recorded)
