@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import queue
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ logger = logging.getLogger("logix")
 
 
 RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
+RESERVE_STEP = 16 << 20  # the file grows ahead by at least this much (sparse; given back at close)
 
 
 class SegmentWriter:
@@ -88,13 +90,12 @@ class SegmentWriter:
     def _reserve(self, ids, end: int) -> None:
         """Make room in the file for the chunks rows up to `end` need, before HDF5 writes them.
 
-        HDF5 records a new end of file before it writes a new chunk: if the disk (or a file-size
-        limit) then refuses the write, the file ends before its recorded end and no longer opens,
-        its committed rows with it. Reserving the space first turns that refusal into an error here,
-        while the file is still whole. Filesystems without fallocate keep HDF5's own growth."""
+        HDF5 records a new end of file before it writes a new chunk: if a file-size limit then
+        refuses the write, the file ends before its recorded end and no longer opens, its committed
+        rows with it. Growing the file first (sparse: no blocks are allocated) makes the limit refuse
+        here, while the file is whole, and a write a full disk refuses later leaves a hole in an
+        uncommitted chunk, never a file shorter than its recorded end."""
         new_chunks = -(-end // self.chunk_rows) - -(-self.rows // self.chunk_rows)
-        if new_chunks <= 0:
-            return
         strings = sum(len(str(i).encode()) + 32 for i in ids) if self.ids.dtype.kind == "O" else 0
         need = new_chunks * self.chunk_rows * self.row_bytes + strings + RESERVE_SLACK
         descriptor = self.file.id.get_vfd_handle()
@@ -102,11 +103,18 @@ class SegmentWriter:
         size = os.fstat(descriptor).st_size
         if size >= allocated + need:
             return
+        # in steps, one call per several MB, never past a file-size limit before the rows need it
+        # (growing past one sends SIGXFSZ, which ends the process unless it is ignored)
+        target = allocated + max(need, RESERVE_STEP)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            target = max(min(target, limit), allocated + need)
         try:
-            os.posix_fallocate(descriptor, size, allocated + need - size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            os.ftruncate(descriptor, target)
+        except OSError:
+            if target == allocated + need:
                 raise
+            os.ftruncate(descriptor, allocated + need)  # a full disk may refuse the step, not the rows
 
     def commit(self) -> None:
         """Make every appended row durable for readers: data first, then the counter. A segment
