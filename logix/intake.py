@@ -82,7 +82,11 @@ class PassIntake:
         if self.sums.due():
             self.sums.checkpoint(self.pass_entry["index"], self.rows.writer)
         if self.steps_by_capture and step is None:
-            self.step += 1
+            self.count_step()
+
+    def count_step(self) -> None:
+        """One more training step (a capture without an optimizer hook, or an optimizer step)."""
+        self._step += 1  # an int already: no check on the hot path
 
     def _write(self, ids: list, rows: Tensor, step: int) -> None:
         """The batch's rows to the pass's segment, listed in the manifest first."""

@@ -240,7 +240,7 @@ class Run:
         )
 
     def _count_step(self) -> None:
-        self.step += 1
+        self._intake.count_step()
 
     # -- passes ----------------------------------------------------------------------------------
 
