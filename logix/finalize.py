@@ -107,6 +107,5 @@ def passes_to_finalize(manifest: dict, ours: set[str], failed: set[str], resume:
     return [
         p
         for p in manifest["passes"]
-        if p["name"] in ours - failed
-        or (resume and not p["finalized"] and p["index"] < resumed_at and p["name"] not in ours)
+        if p["name"] in ours - failed or (resume and not p["finalized"] and p["index"] < resumed_at)
     ]
