@@ -986,7 +986,14 @@ def test_fuzzed_names_are_found_or_not_in_log(scored, name, lookup):
         "open": lambda: logix.open(log.path, pass_name=name),
         "modules": lambda: log.influence(q, "identity", modules=name),
     }
-    outcome(f"{lookup}({name!r})", calls[lookup])
+    kind, result = outcome(f"{lookup}({name!r})", calls[lookup])
+    known = list(log.modules) if lookup in ("gradients", "modules") else [p.name for p in log.passes]
+    default = name is None and lookup != "gradients"  # None: the default pass, or every module
+    listed = lookup == "modules" and isinstance(name, (list, tuple)) and name and set(name) <= set(known)
+    if default or listed or (isinstance(name, str) and name in known):
+        assert kind == "ok", f"{lookup}({name!r}) refused a name the log has: {result}"
+    else:
+        assert kind == "refused", f"{lookup}({name!r}) found a name the log does not have"
 
 
 def _queries(q, model):
