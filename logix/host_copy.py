@@ -12,6 +12,23 @@ from .disk.files import FLAG_NONFINITE
 from .disk.writer import Batch
 
 
+def nonfinite_rows(rows: Tensor) -> Tensor:
+    """(B,) bool: which rows hold a NaN or an infinity.
+
+    On a CPU, `isfinite(rows).all(dim=1)` is a slow reduction (5.5 ms for 256 rows of 8,832
+    floats, longer than the MLP's training step); a row's float32 sum is cheap and not finite
+    whenever one of its values is not, so only rows whose sum is not finite (those, or an overflow
+    of the sum) are checked one value at a time. On an accelerator the exact check is cheap and
+    needs no host sync, which the recheck would.
+    """
+    if rows.device.type != "cpu":
+        return ~torch.isfinite(rows).all(dim=1)
+    suspect = ~torch.isfinite(rows.sum(dim=1, dtype=torch.float32))
+    if bool(suspect.any()):
+        suspect[suspect.clone()] = ~torch.isfinite(rows[suspect]).all(dim=1)
+    return suspect
+
+
 class HostCopies:
     """One device-to-host copy per batch (pinned and asynchronous on CUDA)."""
 
@@ -21,7 +38,7 @@ class HostCopies:
 
     def batch(self, ids: list, rows: Tensor, step: int) -> Batch:
         rows = rows.to(self.dtype)
-        flags = (~torch.isfinite(rows).all(dim=1)).to(torch.uint8) * FLAG_NONFINITE  # after the cast: overflow too
+        flags = nonfinite_rows(rows).to(torch.uint8) * FLAG_NONFINITE  # after the cast: overflow too
         ready = None
         if rows.device.type == "cuda":
             rows, flags, ready = self._copy(rows, flags)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .capture import Capture, LossSpec, refuse_unentered, running
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
+from .host_copy import nonfinite_rows
 from .kinds import kind_of
 from .results import as_ids
 
@@ -90,9 +91,9 @@ class Query:
         return running(self._last_capture)
 
     def _accept(self, ids: list, rows: Tensor, factor: float) -> None:
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+        nonfinite = nonfinite_rows(rows)
+        if bool(nonfinite.any()):
+            bad = [i for i, no in zip(ids, nonfinite.tolist()) if no]
             raise CaptureError(f"query gradients are not finite for ids {bad[:5]}")
         self._rows.append(rows.detach().float().cpu())
         self._ids.extend(ids)

@@ -29,6 +29,7 @@ from logix import (
     ModuleInfo,
     WriterError,
 )
+from logix.host_copy import nonfinite_rows
 
 NAMES = ["0", "2"]
 FULL_MODULES = {
@@ -253,6 +254,24 @@ def test_nonfinite_rows_are_flagged_and_excluded(tmp_path, bad):
         assert_close(everything[good], want[name])
     assert not torch.isfinite(log.rows(include_flagged=True)[1]).all()
     assert torch.isfinite(log.rows()).all() and log.rows().shape[0] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nonfinite_rows_finds_exactly_the_rows_with_a_nan_or_an_infinity(dtype):
+    """The fast check (a row's sum) must neither miss a bad row nor flag a finite row whose sum
+    overflows, nor two infinities of opposite signs that the sum turns into NaN."""
+    big = torch.finfo(dtype).max
+    rows = torch.zeros(7, 300, dtype=dtype)
+    rows[1, 5] = float("nan")
+    rows[2, :] = big  # finite values whose sum overflows
+    rows[3, 299] = float("inf")
+    rows[4, 0], rows[4, 1] = float("inf"), float("-inf")
+    rows[5, :150], rows[5, 150:] = big, -big  # sums to zero in exact arithmetic
+    rows[6, 10] = float("-inf")
+    want = torch.tensor([False, True, False, True, True, False, True])
+    assert torch.equal(nonfinite_rows(rows), want)
+    assert torch.equal(nonfinite_rows(rows[[0, 2, 5]]), torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(nonfinite_rows(rows), ~torch.isfinite(rows).all(dim=1))
 
 
 # -- passes --------------------------------------------------------------------------------------
