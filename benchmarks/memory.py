@@ -95,14 +95,11 @@ def tensor_bytes(fn) -> tuple[int, int]:
 
 def held_by(run) -> int:
     """Bytes of the tensors a run keeps between batches: projections (both copies) and statistics."""
-    tensors = []
-    for w in run.watched:
-        tensors += [w.proj_in, w.proj_out] + [t for pair in w._cache.values() for t in pair]
+    tensors = [t for w in run.watched for t in w.held_tensors()]
     sums = run._pass_sums.sums  # the open pass's covariance sums (logix.pass_sums)
     if sums is not None:
-        for store in (sums.a_sum, sums.s_sum):
-            tensors += store.values()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        tensors += sums.held_tensors()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import logix
+from logix.hooks import Collector
 
 WIDTH, BATCH, RANK = 16, 8, 4
 
@@ -57,12 +58,24 @@ def timed(fn, repetitions: int) -> float:
     return statistics.median(times)
 
 
-def ops_per_step(fn) -> int:
-    """How many torch operations one call of fn dispatches (the profiler's CPU events)."""
+def ops_per_step(fn) -> tuple[int, int]:
+    """How many torch operations one call of fn dispatches: every profiler CPU event named aten::*,
+    and those not inside another (torch.stack copies each input with its own narrow, inside one
+    stack: the second count has the stack once)."""
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    return len(ops), sum(1 for e in ops if not _inside_an_op(e))
+
+
+def _inside_an_op(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def measure(modules: int, statistic: str | None, distinct: bool, repetitions: int, root: Path) -> dict:
@@ -77,16 +90,24 @@ def measure(modules: int, statistic: str | None, distinct: bool, repetitions: in
         with run.capture(list(range(start, start + BATCH))):
             step(model, x)
 
+    def hooks_only() -> None:  # the hooks and rows of run.capture, without ids, statistics or the writer
+        with Collector(run.watched) as collector:
+            step(model, x)
+        collector.rows()
+
     plain_s = timed(lambda: step(model, x), repetitions)
     captured_s = timed(captured, repetitions)
+    hooks_s = timed(hooks_only, repetitions)
     plain_ops, captured_ops = ops_per_step(lambda: step(model, x)), ops_per_step(captured)
     run.finalize()
     return {
         "plain_ms": plain_s * 1e3,
         "captured_ms": captured_s * 1e3,
         "per_module_ms": (captured_s - plain_s) * 1e3 / modules,
-        "plain_ops": plain_ops,
-        "extra_ops": captured_ops - plain_ops,
+        "hooks_per_module_ms": (hooks_s - plain_s) * 1e3 / modules,
+        "plain_ops": plain_ops[0],
+        "extra_ops": captured_ops[0] - plain_ops[0],
+        "extra_top_ops": captured_ops[1] - plain_ops[1],
     }
 
 
@@ -106,8 +127,8 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, 1 thread; {args.modules} Linear layers of width ~{WIDTH}, batch {BATCH}, "
         f"rank {RANK}; medians of {args.repetitions} steps (forward + backward, no optimizer)"
     )
-    head = ("shapes", "statistics", "plain ms", "captured ms", "per module ms", "target ms", "plain ops", "extra ops",
-            "extra ops per module")  # fmt: skip
+    head = ("shapes", "statistics", "plain ms", "captured ms", "per module ms", "target ms", "hooks only",
+            "plain ops", "extra ops", "per module", "extra top-level", "per module")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for distinct in (False, True):
@@ -115,16 +136,19 @@ def main(argv=None) -> None:
                 m = measure(args.modules, statistic, distinct, args.repetitions, Path(tmp))
                 rows.append((
                     f"{args.modules if distinct else 1} distinct", statistic or "none", f"{m['plain_ms']:.3f}",
-                    f"{m['captured_ms']:.3f}", f"{m['per_module_ms']:.4f}", f"{target:.2f}", str(m["plain_ops"]),
-                    str(m["extra_ops"]), f"{m['extra_ops'] / args.modules:.1f}",
+                    f"{m['captured_ms']:.3f}", f"{m['per_module_ms']:.4f}", f"{target:.2f}",
+                    f"{m['hooks_per_module_ms']:.4f}", str(m["plain_ops"]), str(m["extra_ops"]),
+                    f"{m['extra_ops'] / args.modules:.1f}", str(m["extra_top_ops"]),
+                    f"{m['extra_top_ops'] / args.modules:.1f}",
                 ))  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
     for row in rows:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
     print(
-        "per module = (captured - plain) / modules; extra ops: torch operations a captured step dispatches "
-        "beyond a plain one (profiler CPU events named aten::*)"
+        "per module = (captured - plain) / modules; hooks only: the same for the hooks and rows alone (a Collector: "
+        "no ids, statistics or writer); extra ops: torch operations a captured step dispatches beyond a plain one "
+        "(profiler CPU events named aten::*; top-level: those not inside another operation)"
     )
 
 

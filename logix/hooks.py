@@ -16,10 +16,12 @@ import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from .call_groups import DEFER_NUMEL, FLUSH_ELEMENTS, Call, RowParts, group_calls, plan_for, stacked_sides
 from .errors import CaptureError, ConfigError
 from .kinds import Kind, kind_of
 
@@ -113,11 +115,36 @@ class Watched:
     offset: int
     proj_in: Tensor | None
     proj_out: Tensor | None
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # cleared whenever the projections change
+
+    def __post_init__(self):
+        self.has_bias = self.kind.has_bias(self.module)
 
     @property
     def width(self) -> int:
         return self.k_in * self.k_out
+
+    @property
+    def group_key(self) -> tuple:
+        """Modules with equal keys have calls that can be finished in one batched operation."""
+        key = self._cache.get("group_key")
+        if key is None:
+            key = self._cache["group_key"] = (
+                self.kind.name, self.d_in, self.d_out, self.k_in, self.k_out, self.has_bias,
+                self.proj_in is None, self.proj_out is None,
+            )  # fmt: skip
+        return key
+
+    def held_tensors(self) -> list[Tensor]:
+        """The tensors this module keeps between batches (projections and their cached copies)."""
+        found, todo = [], [self.proj_in, self.proj_out, *self._cache.values()]
+        while todo:
+            item = todo.pop()
+            if isinstance(item, Tensor):
+                found.append(item)
+            elif isinstance(item, tuple):
+                todo.extend(item)
+        return found
 
     def projections(
         self, device: torch.device, dtype: torch.dtype = torch.float32
@@ -136,26 +163,28 @@ class Watched:
         return self._cache[key]
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast runs matmul-type layers in on this device right now; None when it is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(device.type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if device.type == "cuda" else torch.get_autocast_cpu_dtype()
+BFLOAT16, FLOAT32 = torch.bfloat16, torch.float32
+
+if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+
+    def _autocast_dtype(device_type: str) -> torch.dtype | None:
+        """The dtype autocast runs matmul-type layers in on this device type now; None when it is off."""
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+else:  # pragma: no cover - torch < 2.4 has no device argument
+
+    def _autocast_dtype(device_type: str) -> torch.dtype | None:
+        if not (torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()):
+            return None
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
-def _explicit_dtypes(autocast: torch.dtype | None, device: torch.device):
+def _explicit_dtypes(autocast: torch.dtype | None, device_type: str):
     """Autocast off around the projections: they run in the dtype `_projection_dtype` chose."""
-    return torch.autocast(device_type=device.type, enabled=False) if autocast is not None else nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False) if autocast is not None else nullcontext()
 
 
-def _projection_dtype(layer_in_bfloat16: bool, device: torch.device) -> torch.dtype:
+def _projection_dtype(layer_in_bfloat16: bool, device_type: str) -> torch.dtype:
     """bfloat16 where the layer itself ran in bfloat16 on a GPU, else float32.
 
     The weight gradient autograd computes for such a layer already uses bfloat16 inputs and output
@@ -164,7 +193,7 @@ def _projection_dtype(layer_in_bfloat16: bool, device: torch.device) -> torch.dt
     projections are bound by those bytes. On CPUs, and for float16 (whose range a scaled loss can
     exceed), projections stay float32.
     """
-    return torch.bfloat16 if layer_in_bfloat16 and device.type == "cuda" else torch.float32
+    return BFLOAT16 if layer_in_bfloat16 and device_type == "cuda" else FLOAT32
 
 
 class Collector:
@@ -172,9 +201,10 @@ class Collector:
 
     Rows are the raw gradients the backward pass delivered, that is c * grad(loss_i) where c comes
     from the user's loss reduction; the caller divides c out. `observer`, if given, is called as
-    observer(watched, projected_activations, projected_output_grads, mask, examples) for each module
-    call (curvature statistics hook in there). `keep` (B,) bool leaves examples out of both: their
-    rows come out zero and the statistics never see them.
+    observer(names, projected_activations, projected_output_grads, mask, examples) for each group
+    of module calls (logix.call_groups; curvature statistics hook in there), with the first two
+    stacked (E, B, T, k). `keep` (B,) bool leaves examples out of both: their rows come out zero
+    and the statistics never see them.
     """
 
     def __init__(
@@ -192,11 +222,16 @@ class Collector:
         self.mask = mask
         self.keep = keep
         self.observer = observer
-        self.blocks: dict[str, Tensor] = {}
         self.forwards = 0
         self.masked_calls = 0
-        self._masks: dict = {}
         self.without_grad: set[str] = set()  # watched modules whose output needed no gradient
+        self._masks: dict = {}
+        self._finished: list[Call] = []  # calls whose output gradient arrived, not yet processed
+        self._finished_elements = 0
+        self._batch_of: dict[str, int] = {}  # module -> the batch size its calls had
+        self._mixed: dict[str, tuple[int, int]] = {}  # module -> two different batch sizes it saw
+        self._parts = RowParts(sum(w.width for w in watched))
+        self._device = None  # where the first group was processed
         self._handles: list = []
         self._active = False
 
@@ -214,99 +249,144 @@ class Collector:
         self._handles.clear()
 
     def _make_forward_hook(self, w: Watched):
+        kind, defers = w.kind, w.kind.defers
+
         def forward_hook(module, args, kwargs, output):
-            if not (self._active and torch.is_grad_enabled()):
+            if not (self._active and isinstance(output, Tensor)):
                 return None
-            if not isinstance(output, Tensor):
-                return None
-            if not output.requires_grad:
-                self.without_grad.add(w.name)
+            if not output.requires_grad:  # (a tensor that requires grad implies grad mode)
+                if torch.is_grad_enabled():
+                    self.without_grad.add(w.name)
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            device = output.device
-            autocast = _autocast_dtype(device)
-            layer_in_bfloat16 = w.kind.matmul and torch.bfloat16 in (x.dtype, autocast)
-            proj_in = w.projections(device, _projection_dtype(layer_in_bfloat16, device))[0]
-            with _explicit_dtypes(autocast, device):  # x is detached and P needs no grad: no graph is built
-                acts = w.kind.project_inputs(module, x.detach(), proj_in)
-                mask = self._mask_for(acts)
-                if mask is not None:
-                    acts = acts * mask
-                    mask = mask.reshape(acts.shape[0], -1)
-                acts = acts.reshape(acts.shape[0], -1, acts.shape[-1])  # (B, T, k_in)
-                examples = acts.shape[0]
-                if self.keep is not None:
-                    keep = self._keep_for(acts)
-                    acts = acts * keep.unsqueeze(-1)
-                    mask = keep if mask is None else mask * keep
-                    examples = keep[:, 0].sum()
+            if self.keep is not None and x.shape[0] != self.keep.shape[0]:
+                raise CaptureError(
+                    f"a watched module saw a batch of {x.shape[0]} examples, "
+                    f"but the capture has {self.keep.shape[0]} ids"
+                )
+            device_type = "cuda" if output.is_cuda else "cpu" if output.is_cpu else output.device.type
+            autocast = _autocast_dtype(device_type)
+            if autocast is None and x.dtype is FLOAT32:
+                dtype = FLOAT32
+            else:
+                dtype = _projection_dtype(kind.matmul and BFLOAT16 in (x.dtype, autocast), device_type)
+            if defers and x.numel() <= DEFER_NUMEL:  # projected with its group (logix.call_groups)
+                call = Call(self, w, x, True, dtype)  # read under no_grad when its group is processed
+            else:
+                with _explicit_dtypes(autocast, device_type):  # x is detached and P needs no grad: no graph
+                    acts = kind.project_inputs(module, x.detach(), w.projections(output.device, dtype)[0])
+                call = Call(self, w, acts, False, None)
+            if self.mask is not None and call.acts.shape[:-1] == self.mask.shape:
+                call.masked = True
+                self.masked_calls += 1
             self.forwards += 1
-
-            def grad_hook(grad: Tensor) -> None:
-                if not self._active:  # a backward after the capture ended: not ours to record
-                    return
-                with _explicit_dtypes(_autocast_dtype(grad.device), grad.device):
-                    delta = w.kind.output_grads(module, grad.detach())
-                    delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
-                    dtype = _projection_dtype(delta.dtype == torch.bfloat16, delta.device)
-                    proj_out = w.projections(delta.device, dtype)[1]
-                    if proj_out is not None:
-                        delta = delta.to(dtype) @ proj_out
-                    delta = delta.float()
-                    if self.observer is not None:
-                        self.observer(w, acts, delta, mask, examples)
-                    if self.keep_rows and delta.shape[1] == 1:  # one position: an outer product, ~10x
-                        block = delta.transpose(1, 2) * acts  # cheaper than a batched GEMM of 1-deep matrices
-                    elif self.keep_rows:
-                        block = torch.bmm(delta.transpose(1, 2), acts)
-                    else:  # statistics only: remember the batch size, skip the per-example products
-                        block = delta.new_zeros(delta.shape[0], 0, 0)
-                    if w.name in self.blocks:
-                        if self.blocks[w.name].shape != block.shape:
-                            raise CaptureError(
-                                f"module {w.name!r} was called on batches of different sizes "
-                                f"({self.blocks[w.name].shape[0]} and {block.shape[0]}) in one capture"
-                            )
-                        self.blocks[w.name].add_(block)
-                    else:
-                        self.blocks[w.name] = block
-
-            output.register_hook(grad_hook)
+            node = output.grad_fn
+            if node is None:  # an output that is a leaf: no node to hook
+                output.register_hook(partial(self._arrived, call, None))
+            else:  # the node's pre-hook: cheaper than a tensor hook, and the same gradient
+                call.slot = output.output_nr
+                node.register_prehook(call)  # calls self._arrived(call, slot, grads)
             return None
 
         return forward_hook
 
-    def _mask_for(self, acts: Tensor) -> Tensor | None:
-        """The (B, T, 1) mask when this call's positions are the mask's (B, T); else None."""
-        if self.mask is None or acts.shape[:-1] != self.mask.shape:
-            return None
-        self.masked_calls += 1
+    def _arrived(self, call: Call, slot: int | None, grad) -> None:
+        """A call's output gradient (grad, or grad[slot] of a node's gradients): held raw if small,
+        else projected now; the call is finished."""
+        if not self._active:  # a backward after the capture ended: not ours to record
+            return
+        if slot is not None:
+            grad = grad[slot]
+            if grad is None:
+                return
+        if call.acts_raw and grad.numel() <= DEFER_NUMEL:
+            call.grads, call.grads_raw = grad, True
+            if grad.dtype is not FLOAT32:
+                call.g_dtype = _projection_dtype(grad.dtype is BFLOAT16, grad.device.type)
+        else:
+            call.grads = self._project_output_grads(call.w, grad)
+            self._finished_elements += call.grads.numel() + call.acts.numel()
+        self._finished.append(call)
+        if self._finished_elements > FLUSH_ELEMENTS:
+            self._process()
+
+    @staticmethod
+    def _project_output_grads(w: Watched, grad: Tensor) -> Tensor:
+        """(B, T, k_out) float32: P_out delta for one call."""
+        device_type = grad.device.type
+        with _explicit_dtypes(_autocast_dtype(device_type), device_type):
+            delta = w.kind.output_grads(w.module, grad.detach())
+            delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (B, T, d_out)
+            dtype = _projection_dtype(delta.dtype == BFLOAT16, device_type)
+            proj_out = w.projections(delta.device, dtype)[1]
+            if proj_out is not None:
+                delta = delta.to(dtype) @ proj_out
+            return delta.float()
+
+    def _process(self) -> None:
+        """Finish every call whose gradient arrived, a group of equal shapes at a time."""
+        finished, self._finished, self._finished_elements = self._finished, [], 0
+        if not finished:
+            return
+        device_type = finished[0].acts.device.type
+        with torch.no_grad(), _explicit_dtypes(_autocast_dtype(device_type), device_type):
+            for calls in group_calls(finished):
+                self._process_group(calls)
+
+    def _process_group(self, calls: list[Call]) -> None:
+        ws = [c.w for c in calls]
+        names = tuple(w.name for w in ws)
+        plan = plan_for(ws, calls[0])
+        acts, grads = stacked_sides(plan, calls)
+        batch = acts.shape[1]
+        self._device = acts.device
+        if self._batch_of.keys().isdisjoint(names):  # the usual case: modules not seen before
+            self._batch_of.update(zip(names, (batch,) * len(names)))
+        else:
+            for name in names:
+                seen = self._batch_of.setdefault(name, batch)
+                if seen != batch:
+                    self._mixed.setdefault(name, (seen, batch))
+        mask = None
+        if calls[0].masked:
+            mask = self._mask_for(acts)
+            acts = acts * mask.unsqueeze(-1)
+        examples = batch
+        if self.keep is not None:
+            keep = self._keep_for(acts)
+            acts = acts * keep.unsqueeze(-1)
+            mask = keep if mask is None else mask * keep
+            examples = keep[:, 0].sum()
+        if self.observer is not None:
+            self.observer(names, acts, grads, mask, examples)
+        if not self.keep_rows:
+            return
+        self._parts.add(plan, acts, grads)
+
+    def _mask_for(self, acts: Tensor) -> Tensor:
+        """The (B, T) mask, converted once per capture, for a group whose positions are the mask's."""
         key = (acts.device, acts.dtype)
-        if key not in self._masks:  # converted once per capture, not once per module call
-            self._masks[key] = self.mask.to(device=acts.device, dtype=acts.dtype).unsqueeze(-1)
+        if key not in self._masks:
+            self._masks[key] = self.mask.to(device=acts.device, dtype=acts.dtype)
         return self._masks[key]
 
     def _keep_for(self, acts: Tensor) -> Tensor:
-        """The (B, T) 0/1 example mask for (B, T, k) activations."""
-        if acts.shape[0] != self.keep.shape[0]:
-            raise CaptureError(
-                f"a watched module saw a batch of {acts.shape[0]} examples, "
-                f"but the capture has {self.keep.shape[0]} ids"
-            )
+        """The (B, T) 0/1 example mask for (E, B, T, k) activations."""
         key = ("keep", acts.device, acts.dtype)
         if key not in self._masks:  # one host-to-device copy per capture, not one per module call
             self._masks[key] = self.keep.to(device=acts.device, dtype=acts.dtype)
-        return self._masks[key].unsqueeze(1).expand(acts.shape[0], acts.shape[1])
+        return self._masks[key].unsqueeze(1).expand(acts.shape[1], acts.shape[2])
 
     def rows(self) -> Tensor:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""
+        self._process()
         if self.without_grad:
             raise CaptureError(
                 f"watched modules {sorted(self.without_grad)} ran with gradients enabled but their outputs need no "
                 "gradient (frozen, with inputs that need none either), so their gradient cannot be captured; "
                 "exclude them from watch()"
             )
-        if not self.blocks:
+        if not self._batch_of:
             if self.forwards == 0:
                 raise CaptureError(
                     "no watched module ran a forward with gradients inside the capture block; "
@@ -316,14 +396,20 @@ class Collector:
                 "no gradient reached the watched modules inside the capture block; "
                 f"call loss.backward() inside `with {self.label}(ids):`"
             )
+        if self._mixed:
+            name, (a, b) = next(iter(self._mixed.items()))
+            a, b = sorted((a, b))
+            raise CaptureError(
+                f"module {name!r} was called on batches of different sizes ({a} and {b}) in one capture"
+            )
         if self.mask is not None and self.masked_calls == 0:
             raise CaptureError(
                 f"the mask of shape {tuple(self.mask.shape)} matches no watched module's (batch, positions); "
                 "pass the attention mask of the batch the model ran on"
             )
-        sizes = {name: block.shape[0] for name, block in self.blocks.items()}
-        batch = max(set(sizes.values()), key=list(sizes.values()).count)  # what most modules saw
-        odd = {name: b for name, b in sizes.items() if b != batch}
+        sizes = list(self._batch_of.values())
+        batch = max(set(sizes), key=sizes.count)  # what most modules saw
+        odd = {name: b for name, b in self._batch_of.items() if b != batch}
         if odd:
             raise CaptureError(
                 f"modules {sorted(odd)} saw a batch of {sorted(set(odd.values()))} while the others saw {batch}. "
@@ -331,14 +417,9 @@ class Collector:
                 "position_ids are not passed) has no per-example gradient: exclude it from watch(), or give it "
                 "batched inputs; the batch must be the first dimension of every watched module's input"
             )
-        some = next(iter(self.blocks.values()))
         if not self.keep_rows:
-            return some.new_zeros(batch, 0)
-        parts = []
-        for w in self.watched:
-            block = self.blocks.get(w.name)
-            parts.append(block.reshape(batch, -1) if block is not None else some.new_zeros(batch, w.width))
-        return torch.cat(parts, dim=1)
+            return torch.zeros(batch, 0, device=self._device)
+        return self._parts.assemble(batch, self._device)
 
 
 def warn_if_compiled(model: nn.Module) -> None:

@@ -27,6 +27,7 @@ class Kind:
 
     name = "linear"
     matmul = True  # computed by a matrix product, so autocast runs it in its low-precision dtype
+    defers = False  # activations(x) is x and output_grads(g) is g: small calls are projected in groups
 
     def has_bias(self, module: nn.Module) -> bool:
         return getattr(module, "bias", None) is not None
@@ -73,6 +74,7 @@ class Kind:
 
 class LinearKind(Kind):
     name = "linear"
+    defers = True
 
     def dims(self, module):
         return module.in_features + self.has_bias(module), module.out_features

@@ -58,7 +58,7 @@ class PassSums:
     def checkpoint(self, pass_index: int, writer) -> None:
         """Save the sums so far, in step with the committed rows: a resumed run counts them when
         this process dies before the pass ends."""
-        if self.sums is None or not self.sums.a_sum:
+        if self.sums is None or self.sums.empty:
             return
         covered = 0
         if writer is not None:

@@ -30,76 +30,142 @@ from .disk.statistics import RAW_MAX_WIDTH, SUM_KEYS
 from .errors import StatisticsError
 
 
+class _ShapeSums:
+    """The sums of every module with one (k_in, k_out) on one device, stacked: one slot per module,
+    so a group of calls adds in with one operation per array whatever its number of modules."""
+
+    def __init__(self, k_in: int, k_out: int, device: torch.device):
+        self.k_in, self.k_out, self.device = k_in, k_out, device
+        self.names: list[str] = []
+        self.slots: dict[tuple, Tensor] = {}  # a group's module names -> their slot indices
+        self.totals: dict[str, Tensor] = {}  # a_sum, s_sum (float64); a_count, s_count, skipped
+        self.batch: dict[str, Tensor] | None = None  # this batch: a, s (float32), positions, seen
+        self.examples = None
+
+    def _zeros(self, n: int, name: str, dtype=torch.float64) -> Tensor:
+        side = {"a": self.k_in, "a_sum": self.k_in, "s": self.k_out, "s_sum": self.k_out}.get(name)
+        shape = (n,) if side is None else (n, side, side)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _slots(self, names: tuple) -> Tensor:
+        idx = self.slots.get(names)
+        if idx is None:
+            new = [n for n in dict.fromkeys(names) if n not in self.names]
+            if new:  # modules first seen: every stacked array grows by their slots
+                self.names += new
+                for store, dtype in ((self.totals, torch.float64), (self.batch or {}, None)):
+                    for key, value in store.items():
+                        grown = self._zeros(len(new), key, value.dtype if dtype is None else dtype)
+                        store[key] = torch.cat([value, grown])
+            idx = torch.tensor([self.names.index(n) for n in names], device=self.device)
+            self.slots[names] = idx
+        return idx
+
+    def add(self, names: tuple, a_cov: Tensor, s_cov: Tensor, positions, examples) -> None:
+        idx = self._slots(names)
+        n = len(self.names)
+        if self.batch is None:
+            self.batch = {
+                "a": self._zeros(n, "a", a_cov.dtype),
+                "s": self._zeros(n, "s", s_cov.dtype),
+                "positions": self._zeros(n, "positions"),
+                "seen": self._zeros(n, "seen"),
+            }
+        self.batch["a"].index_add_(0, idx, a_cov)
+        self.batch["s"].index_add_(0, idx, s_cov)
+        positions = positions.double().expand(len(names)) if isinstance(positions, Tensor) else (
+            torch.full((len(names),), float(positions), dtype=torch.float64, device=self.device))  # fmt: skip
+        self.batch["positions"].index_add_(0, idx, positions)
+        self.batch["seen"].index_fill_(0, idx, 1.0)
+        self.examples = examples  # the same for every call of a capture
+
+    def close(self, factor) -> None:
+        """Fold the batch in: each module's contribution if all of it is finite, else count it skipped."""
+        batch, self.batch = self.batch, None
+        if batch is None:
+            return
+        n = len(self.names)
+        if not self.totals:
+            self.totals = {key: self._zeros(n, key) for key in (*SUM_KEYS, "batches")}
+        s = batch["s"] / (factor * factor)
+        ok = torch.isfinite(batch["a"]).flatten(1).all(1) & torch.isfinite(s).flatten(1).all(1)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.totals["a_sum"] += torch.where(ok[:, None, None], batch["a"].double(), zero)
+        self.totals["s_sum"] += torch.where(ok[:, None, None], s.double(), zero)
+        self.totals["a_count"] += torch.where(ok, batch["positions"], zero)  # not ok * count: NaN * 0 is NaN
+        self.totals["s_count"] += ok.double() * batch["seen"] * self.examples
+        self.totals["skipped"] += (~ok).double() * batch["seen"]
+        self.totals["batches"] += batch["seen"]
+
+    def per_module(self) -> dict[str, dict[str, Tensor]]:
+        """{module: {a_sum, a_count, s_sum, s_count, skipped}} on the host, for the modules some
+        closed batch saw (one seen only in discarded batches has no sums, as it had none)."""
+        if not self.totals:
+            return {}
+        host = {key: value.to("cpu", copy=True) for key, value in self.totals.items()}
+        return {
+            name: {key: host[key][slot] for key in SUM_KEYS}
+            for slot, name in enumerate(self.names)
+            if host["batches"][slot] > 0
+        }
+
+
 class CovarianceSums:
     """Running sums of the K-FAC factors for every watched module, fed by the capture hooks.
 
-    `observe` is the Collector's observer: it adds one module call's raw contribution to the
-    current batch. `close_batch(factor)` divides out the loss factor c (the hooks see c * d) and
-    folds the batch into the totals if every number in it is finite.
+    `observe` is the Collector's observer: it adds one group of module calls' raw contributions to
+    the current batch. `close_batch(factor)` divides out the loss factor c (the hooks see c * d)
+    and folds the batch in for each module whose contribution is all finite.
     """
 
     def __init__(self):
-        self.a_sum: dict[str, Tensor] = {}
-        self.s_sum: dict[str, Tensor] = {}
-        self.a_count: dict[str, Tensor] = {}
-        self.s_count: dict[str, Tensor] = {}
-        self.skipped: dict[str, Tensor] = {}
-        self._batch: dict[str, list] = {}
+        self._shapes: dict[tuple, _ShapeSums] = {}
 
-    def observe(self, watched, acts: Tensor, delta: Tensor, mask: Tensor | None, examples) -> None:
-        """acts (B, T, k_in), delta (B, T, k_out) raw; mask (B, T) or None; examples counted in S."""
+    def observe(self, names: tuple, acts: Tensor, delta: Tensor, mask: Tensor | None, examples) -> None:
+        """acts (E, B, T, k_in), delta (E, B, T, k_out) raw, one per call of the modules `names`;
+        mask (B, T) or None; examples counted in S."""
+        e, k_in, k_out = acts.shape[0], acts.shape[-1], delta.shape[-1]
         if mask is not None:
             delta = delta * mask.unsqueeze(-1)
             positions = mask.sum()  # stays on the device: no sync
         else:
-            positions = float(acts.shape[0] * acts.shape[1])
-        a = acts.reshape(-1, acts.shape[-1])
-        d = delta.reshape(-1, delta.shape[-1])
-        entry = self._batch.get(watched.name)
-        a_cov, s_cov = a.T @ a, d.T @ d
-        if entry is None:
-            self._batch[watched.name] = [a_cov, s_cov, positions, examples]
-        else:
-            entry[0] = entry[0] + a_cov
-            entry[1] = entry[1] + s_cov
-            entry[2] = entry[2] + positions
-            # examples: a module called twice per forward still sees each example once
-            entry[3] = entry[3] if isinstance(examples, Tensor) else max(entry[3], examples)
+            positions = acts.shape[1] * acts.shape[2]
+        a = acts.reshape(e, -1, k_in)
+        d = delta.reshape(e, -1, k_out)
+        a_cov, s_cov = torch.bmm(a.transpose(1, 2), a), torch.bmm(d.transpose(1, 2), d)
+        key = (k_in, k_out, acts.device)
+        sums = self._shapes.get(key)
+        if sums is None:
+            sums = self._shapes[key] = _ShapeSums(k_in, k_out, acts.device)
+        sums.add(names, a_cov, s_cov, positions, examples)
+
+    def held_tensors(self) -> list[Tensor]:
+        """The tensors the sums keep between batches."""
+        return [t for sums in self._shapes.values() for t in sums.totals.values()]
+
+    @property
+    def empty(self) -> bool:
+        """Whether no batch has been folded in yet."""
+        return not any(sums.totals for sums in self._shapes.values())
 
     def close_batch(self, factor: float) -> None:
         """Fold the batch in, with the loss factor c divided out of S (d enters squared)."""
-        for name, (a_cov, s_cov, positions, examples) in self._batch.items():
-            s_cov = s_cov / (factor * factor)
-            ok = torch.isfinite(a_cov).all() & torch.isfinite(s_cov).all()
-            if name not in self.a_sum:
-                device = a_cov.device
-                self.a_sum[name] = torch.zeros(a_cov.shape, dtype=torch.float64, device=device)
-                self.s_sum[name] = torch.zeros(s_cov.shape, dtype=torch.float64, device=device)
-                for store in (self.a_count, self.s_count, self.skipped):
-                    store[name] = torch.zeros((), dtype=torch.float64, device=device)
-            zero = torch.zeros((), dtype=torch.float64, device=a_cov.device)
-            self.a_sum[name] += torch.where(ok, a_cov.double(), zero)
-            self.s_sum[name] += torch.where(ok, s_cov.double(), zero)
-            self.a_count[name] += torch.where(ok, positions, zero)  # not ok * positions: a NaN count times 0 is NaN
-            self.s_count[name] += ok.double() * examples
-            self.skipped[name] += (~ok).double()
-        self._batch.clear()
+        for sums in self._shapes.values():
+            sums.close(factor)
 
     def discard_batch(self) -> None:
-        self._batch.clear()
+        for sums in self._shapes.values():
+            sums.batch = None
 
     def to_host(self) -> dict[str, dict[str, Tensor]]:
         """{module: {a_sum, a_count, s_sum, s_count, skipped}} as float64 CPU tensors."""
-        return {
-            name: {
-                "a_sum": self.a_sum[name].cpu(),
-                "a_count": self.a_count[name].cpu(),
-                "s_sum": self.s_sum[name].cpu(),
-                "s_count": self.s_count[name].cpu(),
-                "skipped": self.skipped[name].cpu(),
-            }
-            for name in self.a_sum
-        }
+        out: dict[str, dict[str, Tensor]] = {}
+        for sums in self._shapes.values():
+            for name, arrays in sums.per_module().items():
+                if name in out:  # the same module seen on two devices
+                    arrays = {key: out[name][key] + value for key, value in arrays.items()}
+                out[name] = arrays
+        return out
 
 
 def factors(sums: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor]:

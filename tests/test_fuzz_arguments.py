@@ -216,12 +216,11 @@ def test_a_nan_count_never_spoils_the_sums():
     from logix.statistics import CovarianceSums
 
     sums = CovarianceSums()
-    watched = type("W", (), {"name": "m"})()
-    acts, delta = torch.ones(2, T, 3), torch.ones(2, T, 2)
-    sums.observe(watched, acts, delta, torch.ones(2, T), 2)
+    acts, delta = torch.ones(1, 2, T, 3), torch.ones(1, 2, T, 2)  # one call: (calls, batch, positions, k)
+    sums.observe(("m",), acts, delta, torch.ones(2, T), 2)
     sums.close_batch(1.0)
     mask = torch.full((2, T), NAN)
-    sums.observe(watched, acts * mask.unsqueeze(-1), delta, mask, 2)
+    sums.observe(("m",), acts * mask.unsqueeze(-1), delta, mask, 2)
     sums.close_batch(1.0)
     host = sums.to_host()["m"]
     assert all(torch.isfinite(v).all() for v in host.values())

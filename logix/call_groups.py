@@ -1,0 +1,190 @@
+"""Watched module calls of equal shape, finished together in one batched operation per group.
+
+A hook call in eager PyTorch costs a few microseconds per torch operation whatever the tensor
+size, so a small model's capture cost is the number of operations, not the arithmetic. The hooks
+therefore only hold each call's input and output gradient (`Call`); `finish` stacks the calls that
+share a shape and, per group: projects both sides (one batched matmul each), applies the mask,
+feeds the statistics, forms the per-example products and adds them to the rows. The operations
+per step then grow with the number of distinct module shapes, not of modules.
+
+Large tensors are projected in the hook itself (the input as soon as the forward has it, so it is
+not held to the backward, e.g. in float32 under autocast), and finished calls are processed early
+once they hold FLUSH_ELEMENTS numbers, so memory stays bounded for large models, where a few operations more
+per module cost nothing measurable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT32 = torch.float32
+
+DEFER_NUMEL = 1 << 15  # an input or output gradient up to this many elements is projected with its group
+FLUSH_ELEMENTS = 4 << 20  # finished calls hold at most about this many numbers before their groups are processed
+
+
+class Call:
+    """One watched module call: its input (raw, or projected already) and, once the backward reached
+    it, its output gradient (raw or projected). Raw sides carry the dtype to project them in.
+
+    A call is itself the pre-hook of its output's autograd node (no closure to build per call):
+    called with the node's gradients, it hands its own to the collector."""
+
+    __slots__ = ("collector", "w", "acts", "acts_raw", "a_dtype", "masked", "slot", "grads", "grads_raw", "g_dtype")
+
+    def __init__(self, collector, w, acts: Tensor, acts_raw: bool, a_dtype):
+        self.collector, self.w, self.acts, self.acts_raw, self.a_dtype = collector, w, acts, acts_raw, a_dtype
+        self.masked, self.slot, self.grads, self.grads_raw, self.g_dtype = False, 0, None, False, torch.float32
+
+    def __call__(self, grads: tuple) -> None:
+        self.collector._arrived(self, self.slot, grads)
+
+    def key(self) -> tuple:
+        """Calls with equal keys are finished in one group."""
+        a, g = self.acts, self.grads
+        return (self.w.group_key, a.shape, a.dtype, self.acts_raw, self.a_dtype, g.shape, g.dtype, self.grads_raw,
+                self.g_dtype, self.masked, a.get_device())  # fmt: skip
+
+
+def group_calls(calls: list[Call]) -> list[list[Call]]:
+    """The calls in groups of equal keys (in the order their first call finished)."""
+    groups: dict[tuple, list[Call]] = {}
+    for call in calls:
+        groups.setdefault(call.key(), []).append(call)
+    return list(groups.values())
+
+
+class GroupPlan:
+    """What finishing a group of modules' calls needs, resolved once and cached on the group's first
+    module (in its projections' cache, cleared when they change): the stacked transposed projections
+    of the raw sides as ready views (2-D ones for a group of one call), and the group's row columns.
+    Building it turns each module's own projection copy into a view of the stack: no memory added."""
+
+    def __init__(self, ws: list, device: torch.device, in_dtype, out_dtype):
+        self.bias = ws[0].has_bias
+        self.in_weight = self.in_bias = self.in_weight_2d = self.in_bias_2d = None
+        self.out_weight = self.out_weight_2d = None
+        if in_dtype is not None and ws[0].proj_in is not None:
+            stack = self._stack(ws, 0, device, in_dtype)  # (E, d [+1], k_in): P_in^T, bias row last
+            d = stack.shape[1] - self.bias
+            self.in_weight, self.in_bias = stack[:, :d], (stack[:, d:] if self.bias else None)
+            self.in_weight_2d, self.in_bias_2d = stack[0, :d], (stack[0, d] if self.bias else None)
+        if out_dtype is not None and ws[0].proj_out is not None:
+            self.out_weight = self._stack(ws, 1, device, out_dtype)  # (E, d_out, k_out): P_out^T
+            self.out_weight_2d = self.out_weight[0]
+        self.index = torch.cat([torch.arange(w.offset, w.offset + w.width, device=device) for w in ws])
+        ends = [(w.offset, w.offset + w.width) for w in ws]
+        consecutive = all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+        self.run = range(ends[0][0], ends[-1][1]) if consecutive else None  # the columns as one run, if they are
+
+    @staticmethod
+    def _stack(ws: list, side: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        per_module = [w.projections(device, dtype) for w in ws]
+        stack = torch.stack([pair[side] for pair in per_module])
+        for w, pair, view in zip(ws, per_module, stack):
+            w._cache[(device, dtype)] = (view, pair[1]) if side == 0 else (pair[0], view)
+        return stack
+
+
+def plan_for(ws: list, first: Call) -> GroupPlan:
+    device = first.acts.device
+    in_dtype = first.a_dtype if first.acts_raw else None
+    out_dtype = first.g_dtype if first.grads_raw else None
+    key = ("plan", tuple(map(id, ws)), device, in_dtype, out_dtype)  # ids stay unique: the entry holds the objects
+    hit = ws[0]._cache.get(key)
+    if hit is not None:
+        return hit[1]
+    plan = GroupPlan(ws, device, in_dtype, out_dtype)
+    ws[0]._cache[key] = (tuple(ws), plan)
+    return plan
+
+
+def _project(xs: list[Tensor], weight, bias, weight_2d, bias_2d, dtype, append_one: bool) -> Tensor:
+    """(E, B, T, k) float32 from E raw tensors (B, *positions, d): x P^T (+ the bias row), or, with no
+    projection (weight None), x itself with a 1 appended where the layer has a bias."""
+    x = xs[0]
+    e, b, d = len(xs), x.shape[0], x.shape[-1]
+    flat = x.reshape(-1, d) if e == 1 else torch.stack(xs).reshape(e, -1, d)
+    if weight is None:  # full rank
+        out = flat.float()
+        if append_one:
+            out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+    else:
+        if flat.dtype is not dtype:
+            flat = flat.to(dtype)
+        if e == 1:  # a plain GEMM is cheaper than a batched one of one
+            out = flat @ weight_2d if bias_2d is None else torch.addmm(bias_2d, flat, weight_2d)
+        else:
+            out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias, flat, weight)
+        if out.dtype is not FLOAT32:
+            out = out.float()
+    return out.reshape(e, b, -1, out.shape[-1])
+
+
+def stacked_sides(plan: GroupPlan, calls: list[Call]) -> tuple[Tensor, Tensor]:
+    """The group's projected inputs and output gradients, (E, B, T, k_in) and (E, B, T, k_out) float32."""
+    first = calls[0]
+    acts = [c.acts for c in calls]
+    if first.acts_raw:
+        p = plan
+        acts = _project(acts, p.in_weight, p.in_bias, p.in_weight_2d, p.in_bias_2d, first.a_dtype, p.bias)
+    else:
+        acts = _stacked(acts)
+    grads = [c.grads for c in calls]
+    if first.grads_raw:
+        grads = _project(grads, plan.out_weight, None, plan.out_weight_2d, None, first.g_dtype, False)
+    else:
+        grads = _stacked(grads)
+    return acts, grads
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """(E, B, T, k) from E projected (B, *positions, k)."""
+    x = tensors[0]
+    stacked = x.unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    return stacked.reshape(len(tensors), x.shape[0], -1, x.shape[-1])
+
+
+class RowParts:
+    """A batch's rows as they are assembled: each group's blocks with their columns.
+
+    Where the groups' column runs tile the row (each module called once, the usual case), the
+    row is one concatenation of the blocks in column order; otherwise the blocks are added into a
+    zero row at their columns (a module called twice adds up its calls). Writing the products
+    straight into a preallocated row instead measured slower (a strided output)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.parts: list[tuple[GroupPlan, Tensor]] = []
+
+    def add(self, plan: GroupPlan, acts: Tensor, grads: Tensor) -> None:
+        batch = acts.shape[1]
+        self.parts.append((plan, products(acts, grads).transpose(0, 1).reshape(batch, -1)))  # (B, E * k_out * k_in)
+
+    def assemble(self, batch: int, device) -> Tensor:
+        runs = sorted((plan.run.start, plan.run.stop, blocks) for plan, blocks in self.parts if plan.run is not None)
+        if len(runs) == len(self.parts):
+            pieces, at = [], 0
+            for start, stop, blocks in runs:
+                if start < at:
+                    break  # overlapping runs: a module in two groups
+                if start > at:
+                    pieces.append(blocks.new_zeros(batch, start - at))  # modules that never ran
+                pieces.append(blocks)
+                at = stop
+            else:
+                if at < self.width:
+                    pieces.append(runs[0][2].new_zeros(batch, self.width - at))
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        rows = torch.zeros(batch, self.width, device=device)
+        for plan, blocks in self.parts:
+            rows.index_add_(1, plan.index.to(device), blocks.to(device))
+        return rows
+
+
+def products(acts: Tensor, grads: Tensor) -> Tensor:
+    """(E, B, k_out, k_in): sum over positions of each example's outer products d~ a~^T."""
+    if acts.shape[2] == 1:  # one position: a broadcast product, much cheaper than a GEMM of 1-deep matrices
+        return grads.transpose(-1, -2) * acts
+    return torch.matmul(grads.transpose(-1, -2), acts)
