@@ -38,7 +38,11 @@ class Call:
         self.masked, self.slot, self.grads, self.grads_raw, self.g_dtype = False, 0, None, False, torch.float32
 
     def __call__(self, grads: tuple) -> None:
-        self.collector._arrived(self, self.slot, grads)
+        collector = self.collector
+        if collector._active:  # else a backward after the capture ended: not ours to record
+            grad = grads[self.slot]
+            if grad is not None:
+                collector.arrived(self, grad)
 
     def key(self) -> tuple:
         """Calls with equal keys are finished in one group."""

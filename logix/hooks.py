@@ -264,15 +264,16 @@ class Collector:
                     f"a watched module saw a batch of {x.shape[0]} examples, "
                     f"but the capture has {self.keep.shape[0]} ids"
                 )
-            device_type = "cuda" if output.is_cuda else "cpu" if output.is_cpu else output.device.type
-            autocast = _autocast_dtype(device_type)
-            if autocast is None and x.dtype is FLOAT32:
-                dtype = FLOAT32
+            if output.is_cpu:  # projections on a CPU run in float32 (see _projection_dtype)
+                device_type, dtype = "cpu", FLOAT32
             else:
+                device_type = "cuda" if output.is_cuda else output.device.type
+                autocast = _autocast_dtype(device_type)
                 dtype = _projection_dtype(kind.matmul and BFLOAT16 in (x.dtype, autocast), device_type)
             if defers and x.numel() <= DEFER_NUMEL:  # projected with its group (logix.call_groups)
                 call = Call(self, w, x, True, dtype)  # read under no_grad when its group is processed
             else:
+                autocast = _autocast_dtype(device_type)
                 with _explicit_dtypes(autocast, device_type):  # x is detached and P needs no grad: no graph
                     acts = kind.project_inputs(module, x.detach(), w.projections(output.device, dtype)[0])
                 call = Call(self, w, acts, False, None)
@@ -292,13 +293,17 @@ class Collector:
 
     def _arrived(self, call: Call, slot: int | None, grad) -> None:
         """A call's output gradient (grad, or grad[slot] of a node's gradients): held raw if small,
-        else projected now; the call is finished."""
+        else projected now; the call is finished (Call.__call__ does the same, inlined, for the
+        usual node pre-hook)."""
         if not self._active:  # a backward after the capture ended: not ours to record
             return
         if slot is not None:
             grad = grad[slot]
             if grad is None:
                 return
+        self.arrived(call, grad)
+
+    def arrived(self, call: Call, grad: Tensor) -> None:
         if call.acts_raw and grad.numel() <= DEFER_NUMEL:
             call.grads, call.grads_raw = grad, True
             if grad.dtype is not FLOAT32:

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, LossSpec, refuse_unentered, running
+from .disk.writer import nonfinite_rows
 from .errors import CaptureError, ModelMismatchError
 from .hooks import Watched, named_modules
-from .host_copy import nonfinite_rows
 from .kinds import kind_of
 from .results import as_ids
 

@@ -29,7 +29,7 @@ from logix import (
     ModuleInfo,
     WriterError,
 )
-from logix.host_copy import nonfinite_rows
+from logix.disk.writer import nonfinite_rows
 
 NAMES = ["0", "2"]
 FULL_MODULES = {

@@ -15,9 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import WriterError
-from .files import replace_atomic
+from .files import FLAG_NONFINITE, replace_atomic
 from .hdf5_files import abandon
 
 logger = logging.getLogger("logix")
@@ -76,22 +77,18 @@ class SegmentWriter:
         self.file.swmr_mode = True
         self.file.flush()
 
-    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
-        """Take a batch of rows. They are staged and written to the file with those staged before
-        them, STAGE_BYTES at a time or at the next commit: rows are readable only once committed,
-        so holding them until then loses nothing a crash would not, and one HDF5 write per column
-        instead of one per batch keeps h5py's per-call work (done under the GIL, so taken from the
-        training thread) off every step."""
+    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray | None = None) -> None:
+        """Take a batch of rows (flags None: flagged here, where not finite). They are staged and
+        written to the file with those staged before them, STAGE_BYTES at a time or at the next
+        commit: rows are readable only once committed, so holding them until then loses nothing a
+        crash would not, and one HDF5 write per column instead of one per batch keeps h5py's
+        per-call work (done under the GIL, so taken from the training thread) off every step."""
         n = grads.shape[0]
         if n == 0:
             return
         self._staged.append((ids, grads, steps, flags))
         self._staged_bytes += grads.nbytes
         self.rows += n
-        bad = int(np.count_nonzero(flags))
-        if bad:
-            self.nonfinite += bad
-            logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
         if self._staged_bytes >= STAGE_BYTES:
             self._write_staged()
 
@@ -104,7 +101,12 @@ class SegmentWriter:
             ids: list | np.ndarray = [i for batch in staged for i in batch[0]]
         else:
             ids = np.concatenate([np.asarray(batch[0], dtype="i8") for batch in staged])
-        grads, steps, flags = (np.concatenate([batch[k] for batch in staged]) for k in (1, 2, 3))
+        grads, steps = (np.concatenate([batch[k] for batch in staged]) for k in (1, 2))
+        flags = np.concatenate([_nonfinite_flags(b[1]) if b[3] is None else b[3] for b in staged])
+        bad = int(np.count_nonzero(flags))
+        if bad:
+            self.nonfinite += bad
+            logger.warning("logix: %d row(s) with non-finite gradients flagged in %s", bad, self.path.name)
         start, end = self.written, self.written + len(ids)
         self._reserve(ids, end)
         for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
@@ -182,11 +184,42 @@ class SegmentWriter:
         abandon(self.file)
 
 
+def nonfinite_rows(rows: Tensor) -> Tensor:
+    """(B,) bool: which rows hold a NaN or an infinity.
+
+    On a CPU, `isfinite(rows).all(dim=1)` is a slow reduction (5.5 ms for 256 rows of 8,832
+    floats, longer than the MLP's training step); a row's float32 sum is cheap and not finite
+    whenever one of its values is not, so only rows whose sum is not finite (those, or an overflow
+    of the sum) are checked one value at a time. On an accelerator the exact check is cheap and
+    needs no host sync, which the recheck would.
+    """
+    if rows.device.type != "cpu":
+        return ~torch.isfinite(rows).all(dim=1)
+    suspect = ~torch.isfinite(rows.sum(dim=1, dtype=torch.float32))
+    if bool(suspect.any()):
+        suspect[suspect.clone()] = ~torch.isfinite(rows[suspect]).all(dim=1)
+    return suspect
+
+
+def _nonfinite_flags(grads: np.ndarray) -> np.ndarray:
+    """nonfinite_flags for rows in numpy (the writer thread's copy; numpy releases the GIL)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = ~np.isfinite(grads.sum(axis=1, dtype=np.float32))
+    if suspect.any():
+        suspect[suspect] = ~np.isfinite(grads[suspect]).all(axis=1)
+    return suspect.astype(np.uint8) * FLAG_NONFINITE
+
+
+def nonfinite_flags(rows: Tensor) -> Tensor:
+    """(B,) uint8: FLAG_NONFINITE for the rows that hold a NaN or an infinity, else 0."""
+    return nonfinite_rows(rows).to(torch.uint8) * FLAG_NONFINITE
+
+
 @dataclass
 class Batch:
     ids: list | np.ndarray
     grads: torch.Tensor  # on the host, possibly pinned and still being filled by a CUDA copy
-    flags: torch.Tensor  # uint8 per row, FLAG_NONFINITE where the stored row is not finite
+    flags: torch.Tensor | None  # uint8 per row, FLAG_NONFINITE where not finite; None: the writer flags them
     step: int
     ready: object | None = None  # a torch.cuda.Event recorded after the copy, or None
 
@@ -200,12 +233,20 @@ class BackgroundWriter:
     `put` blocks while the queue is full, so a slow disk slows training instead of growing memory
     or dropping rows. A failure in the thread is kept and re-raised in the training thread at the
     next `put` or at `close`; rows committed before it stay readable.
+
+    The thread is not woken for every batch: it drains whatever is queued every POLL seconds, or at
+    once when the queue is half full, a flush or the end asks for it. A writer woken per batch takes
+    the GIL from the training thread at every step, and on few cores the hand-offs cost more than
+    the writing.
     """
+
+    POLL = 0.02
 
     def __init__(self, segment: SegmentWriter, queue_size: int = 16, commit_interval: float = 1.0):
         self.segment = segment
         self.commit_interval = commit_interval
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.wake = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=f"logix-writer-{segment.path.name}", daemon=True)
         self.thread.start()
@@ -214,10 +255,14 @@ class BackgroundWriter:
         while True:
             self._raise_if_failed()
             try:
-                self.queue.put(batch, timeout=0.1)
-                return
+                self.queue.put_nowait(batch)
             except queue.Full:
+                self.wake.set()
+                time.sleep(0.001)
                 continue
+            if batch is None or batch is _COMMIT or 2 * self.queue.qsize() >= self.queue.maxsize:
+                self.wake.set()
+            return
 
     def flush(self) -> None:
         """Block until every queued batch is written and committed."""
@@ -228,10 +273,19 @@ class BackgroundWriter:
     def close(self) -> SegmentWriter:
         """Write everything queued, commit, close the file; re-raise a writer failure."""
         if self.thread.is_alive():
-            self.queue.put(None)
+            self._put_end()
             self.thread.join()
         self._raise_if_failed()
         return self.segment
+
+    def _put_end(self) -> None:
+        while True:
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                self.wake.set()
+        self.wake.set()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -241,37 +295,47 @@ class BackgroundWriter:
             ) from self.error
 
     def _loop(self) -> None:
-        """Write batches as they come; commit at most once per interval, and at the latest one
-        interval after the last write even if no batch follows (a stalled job loses nothing)."""
+        """Write what is queued at each wake; commit at most once per interval, and at the latest
+        one interval after the last write even if no batch follows (a stalled job loses nothing)."""
         last_commit = time.monotonic()
         while True:
-            uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
-            wait = max(0.0, self.commit_interval - (time.monotonic() - last_commit)) if uncommitted else None
-            try:
-                batch, from_queue = self.queue.get(timeout=wait), True
-            except queue.Empty:
-                batch, from_queue = _COMMIT, False  # the interval passed with rows not yet committed
-            if batch is None:
-                self.queue.task_done()
-                break
-            try:
-                if self.error is not None:
-                    continue  # keep draining so put() never blocks on a dead writer
-                if batch is not _COMMIT:
-                    if batch.ready is not None:
-                        batch.ready.synchronize()
-                    grads = batch.grads.numpy()
-                    steps = np.full(grads.shape[0], batch.step, dtype="i8")
-                    self.segment.append(batch.ids, grads, steps, batch.flags.numpy())
-                if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
-                    self.segment.commit()
-                    last_commit = time.monotonic()
-            except BaseException as e:  # noqa: BLE001 - handed to the training thread
-                self.error = e
-                self.segment.abandon()  # no more writes: the rows committed so far stay as they are
-            finally:
-                if from_queue:
+            self.wake.wait(self.POLL)
+            self.wake.clear()
+            while True:
+                try:
+                    batch = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    if batch is None:
+                        self._close_segment()
+                        return
+                    if self.error is None:  # else keep draining so put() never blocks on a dead writer
+                        last_commit = self._take(batch, last_commit)
+                finally:
                     self.queue.task_done()
+            uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
+            if uncommitted and time.monotonic() - last_commit >= self.commit_interval:
+                last_commit = self._take(_COMMIT, last_commit)
+
+    def _take(self, batch, last_commit: float) -> float:
+        """Stage a batch (or commit, for _COMMIT); returns the time of the last commit."""
+        try:
+            if batch is not _COMMIT:
+                if batch.ready is not None:
+                    batch.ready.synchronize()
+                grads = batch.grads.numpy()
+                flags = None if batch.flags is None else batch.flags.numpy()
+                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"), flags)
+            if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
+                self.segment.commit()
+                return time.monotonic()
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self.error = e
+            self.segment.abandon()  # no more writes: the rows committed so far stay as they are
+        return last_commit
+
+    def _close_segment(self) -> None:
         try:
             self.segment.close()
         except BaseException as e:  # noqa: BLE001
