@@ -26,7 +26,7 @@ logger = logging.getLogger("logix")
 
 RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
 RESERVE_STEP = 16 << 20  # the file grows ahead by at least this much (sparse; given back at close)
-STAGE_BYTES = 8 << 20  # rows staged in memory before they are written, if no commit comes first
+STAGE_BYTES = 4 << 20  # rows staged in memory before they are written, if no commit comes first
 
 
 class SegmentWriter:
@@ -79,10 +79,11 @@ class SegmentWriter:
 
     def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray | None = None) -> None:
         """Take a batch of rows (flags None: flagged here, where not finite). They are staged and
-        written to the file with those staged before them, STAGE_BYTES at a time or at the next
-        commit: rows are readable only once committed, so holding them until then loses nothing a
-        crash would not, and one HDF5 write per column instead of one per batch keeps h5py's
-        per-call work (done under the GIL, so taken from the training thread) off every step."""
+        written with those staged before them at `write_staged`, at the latest when STAGE_BYTES
+        are staged or at the next commit: rows are readable only once committed, so holding them
+        until then loses nothing a crash would not, and one HDF5 write per column for several
+        batches keeps h5py's per-call work (done under the GIL, so taken from the training thread)
+        off most steps."""
         n = grads.shape[0]
         if n == 0:
             return
@@ -90,9 +91,9 @@ class SegmentWriter:
         self._staged_bytes += grads.nbytes
         self.rows += n
         if self._staged_bytes >= STAGE_BYTES:
-            self._write_staged()
+            self.write_staged()
 
-    def _write_staged(self) -> None:
+    def write_staged(self) -> None:
         """Write the staged rows, one append per column."""
         if not self._staged:
             return
@@ -147,7 +148,7 @@ class SegmentWriter:
         """Make every appended row durable for readers: data first, then the counter. A segment
         whose file was deleted (with its log directory, say) fails here: writes to it would go on
         succeeding into a file no one can open."""
-        self._write_staged()
+        self.write_staged()
         self.file.flush()
         self.committed[0] = self.rows
         self.file.flush()
@@ -314,6 +315,7 @@ class BackgroundWriter:
                         last_commit = self._take(batch, last_commit)
                 finally:
                     self.queue.task_done()
+            self._write_staged()  # what this wake took, in one append per column
             uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
             if uncommitted and time.monotonic() - last_commit >= self.commit_interval:
                 last_commit = self._take(_COMMIT, last_commit)
@@ -334,6 +336,14 @@ class BackgroundWriter:
             self.error = e
             self.segment.abandon()  # no more writes: the rows committed so far stay as they are
         return last_commit
+
+    def _write_staged(self) -> None:
+        if self.error is None:
+            try:
+                self.segment.write_staged()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self.error = e
+                self.segment.abandon()
 
     def _close_segment(self) -> None:
         try:
