@@ -245,10 +245,21 @@ def workloads(args) -> list[tuple[str, int, int | None]]:
 
 
 def build(
-    name: str, batch: int, seq: int | None, device: torch.device, amp: torch.dtype | None = None, tiny: bool = False
+    name: str,
+    batch: int,
+    seq: int | None,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    tiny: bool = False,
+    compiled: bool = False,
 ) -> Workload:
-    """tiny: the --smoke GPT-2 (2 layers, width 64, seq <= 32) instead of the benchmark's."""
+    """tiny: the --smoke GPT-2 (2 layers, width 64, seq <= 32) instead of the benchmark's.
+    compiled: the model under torch.compile, with Dynamo guarding on module hooks so that the
+    graphs compiled outside a capture are not reused inside one (logix's README)."""
     wl = make_mlp(batch, device) if name == "mlp" else make_gpt2(batch, seq, device, tiny=tiny)
+    if compiled:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        wl.model = torch.compile(wl.model)
     wl.amp = amp
     lr = 1e-3 if name == "mlp" else 1e-4
     wl.optimizer = torch.optim.AdamW(wl.model.parameters(), lr=lr)
@@ -352,7 +363,7 @@ def disk_bound(r: Result) -> float:
 
 def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     device = args.device
-    wl = build(name, batch, seq, device, args.amp, tiny=args.smoke)
+    wl = build(name, batch, seq, device, args.amp, tiny=args.smoke, compiled=args.compile)
     bench = Bench(wl, device, tmp)
     res = Result(name, wl.params, batch, seq, rank)
     steps = args.steps or (args.mlp_steps if name == "mlp" else args.gpt2_steps)
@@ -361,6 +372,11 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
 
     for i in range(args.warmup):
         bench.plain(pool[i % len(pool)])
+    if args.compile:  # graphs are compiled for captured steps too (hooks break them): not timed
+        warm = bench.new_run(rank, args.dtype, args.statistics)
+        for i in range(args.warmup):
+            bench.captured(warm, pool[i % len(pool)])
+        warm.finalize()
 
     # 1. block phase: rounds of m plain steps and m captured steps, alternating which goes first;
     #    each captured round ends with the writer drained (flush; finalize after the last one).
@@ -585,6 +601,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; --smoke: 1)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the model under torch.compile (both arms: ratios are against the compiled plain step)",
+    )
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     args.amp = {"none": None, "bf16": torch.bfloat16}[args.amp]
@@ -608,7 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, logix {logix.__version__} ({git_commit()}), device {args.device} ({device_name}), "
         f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, rows stored as {args.dtype}, "
-        f"forward autocast {args.amp or 'off'}, statistics {args.statistics or 'none'}"
+        f"forward autocast {args.amp or 'off'}, statistics {args.statistics or 'none'}, "
+        f"torch.compile {'on' if args.compile else 'off'}"
     )
     print(f"peak extra memory: {PeakMemory(args.device).what}")
     if args.smoke:
