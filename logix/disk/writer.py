@@ -26,6 +26,7 @@ logger = logging.getLogger("logix")
 
 RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
 RESERVE_STEP = 16 << 20  # the file grows ahead by at least this much (sparse; given back at close)
+WAKE_BYTES = 4 << 20  # rows queued before the writer is woken early
 STAGE_BYTES = 4 << 20  # rows staged in memory before they are written, if no commit comes first
 
 
@@ -236,9 +237,9 @@ class BackgroundWriter:
     next `put` or at `close`; rows committed before it stay readable.
 
     The thread is not woken for every batch: it drains whatever is queued every POLL seconds, or at
-    once when the queue is half full, a flush or the end asks for it. A writer woken per batch takes
-    the GIL from the training thread at every step, and on few cores the hand-offs cost more than
-    the writing.
+    once when the queue is half full, WAKE_BYTES of rows wait, or a flush or the end asks for it.
+    A writer woken per batch takes the GIL from the training thread at every step, and on few cores
+    the hand-offs cost more than the writing.
     """
 
     POLL = 0.02
@@ -248,6 +249,7 @@ class BackgroundWriter:
         self.commit_interval = commit_interval
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.wake = threading.Event()
+        self.queued_bytes = 0  # rows queued since the writer last woke (approximate: both threads add/reset)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=f"logix-writer-{segment.path.name}", daemon=True)
         self.thread.start()
@@ -261,9 +263,15 @@ class BackgroundWriter:
                 self.wake.set()
                 time.sleep(0.001)
                 continue
-            if batch is None or batch is _COMMIT or 2 * self.queue.qsize() >= self.queue.maxsize:
+            if batch is not None and batch is not _COMMIT:
+                self.queued_bytes += batch.grads.nbytes
+            if batch is None or batch is _COMMIT or self._should_wake():
                 self.wake.set()
             return
+
+    def _should_wake(self) -> bool:
+        """Half the queue's batches, or WAKE_BYTES of rows, are waiting (memory stays small)."""
+        return 2 * self.queue.qsize() >= self.queue.maxsize or self.queued_bytes >= WAKE_BYTES
 
     def flush(self) -> None:
         """Block until every queued batch is written and committed."""
@@ -302,6 +310,7 @@ class BackgroundWriter:
         while True:
             self.wake.wait(self.POLL)
             self.wake.clear()
+            self.queued_bytes = 0
             while True:
                 try:
                     batch = self.queue.get_nowait()
