@@ -90,6 +90,15 @@ def measure(modules: int, statistic: str | None, distinct: bool, repetitions: in
         with run.capture(list(range(start, start + BATCH))):
             step(model, x)
 
+    def floor() -> None:  # PyTorch's own cost of what the hooks must do: install, call, remove, empty
+        def forward_hook(module, args, kwargs, output):
+            output.grad_fn.register_prehook(lambda grads: None)
+
+        handles = [w.module.register_forward_hook(forward_hook, with_kwargs=True) for w in run.watched]
+        step(model, x)
+        for handle in handles:
+            handle.remove()
+
     def hooks_only() -> None:  # the hooks and rows of run.capture, without ids, statistics or the writer
         with Collector(run.watched) as collector:
             step(model, x)
@@ -98,6 +107,7 @@ def measure(modules: int, statistic: str | None, distinct: bool, repetitions: in
     plain_s = timed(lambda: step(model, x), repetitions)
     captured_s = timed(captured, repetitions)
     hooks_s = timed(hooks_only, repetitions)
+    floor_s = timed(floor, repetitions)
     plain_ops, captured_ops = ops_per_step(lambda: step(model, x)), ops_per_step(captured)
     run.finalize()
     return {
@@ -105,6 +115,7 @@ def measure(modules: int, statistic: str | None, distinct: bool, repetitions: in
         "captured_ms": captured_s * 1e3,
         "per_module_ms": (captured_s - plain_s) * 1e3 / modules,
         "hooks_per_module_ms": (hooks_s - plain_s) * 1e3 / modules,
+        "floor_per_module_ms": (floor_s - plain_s) * 1e3 / modules,
         "plain_ops": plain_ops[0],
         "extra_ops": captured_ops[0] - plain_ops[0],
         "extra_top_ops": captured_ops[1] - plain_ops[1],
@@ -127,7 +138,7 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, 1 thread; {args.modules} Linear layers of width ~{WIDTH}, batch {BATCH}, "
         f"rank {RANK}; medians of {args.repetitions} steps (forward + backward, no optimizer)"
     )
-    head = ("shapes", "statistics", "plain ms", "captured ms", "per module ms", "target ms", "hooks only",
+    head = ("shapes", "statistics", "plain ms", "captured ms", "per module ms", "target ms", "hooks only", "floor",
             "plain ops", "extra ops", "per module", "extra top-level", "per module")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +148,8 @@ def main(argv=None) -> None:
                 rows.append((
                     f"{args.modules if distinct else 1} distinct", statistic or "none", f"{m['plain_ms']:.3f}",
                     f"{m['captured_ms']:.3f}", f"{m['per_module_ms']:.4f}", f"{target:.2f}",
-                    f"{m['hooks_per_module_ms']:.4f}", str(m["plain_ops"]), str(m["extra_ops"]),
+                    f"{m['hooks_per_module_ms']:.4f}", f"{m['floor_per_module_ms']:.4f}", str(m["plain_ops"]),
+                    str(m["extra_ops"]),
                     f"{m['extra_ops'] / args.modules:.1f}", str(m["extra_top_ops"]),
                     f"{m['extra_top_ops'] / args.modules:.1f}",
                 ))  # fmt: skip
@@ -147,8 +159,10 @@ def main(argv=None) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
     print(
         "per module = (captured - plain) / modules; hooks only: the same for the hooks and rows alone (a Collector: "
-        "no ids, statistics or writer); extra ops: torch operations a captured step dispatches beyond a plain one "
-        "(profiler CPU events named aten::*; top-level: those not inside another operation)"
+        "no ids, statistics or writer); floor: the same for empty hooks doing what logix's must (a forward hook "
+        "installed and removed per step, registering a pre-hook on each output's autograd node); extra ops: torch "
+        "operations a captured step dispatches beyond a plain one (profiler CPU events named aten::*; top-level: "
+        "those not inside another operation)"
     )
 
 
