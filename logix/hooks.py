@@ -1,11 +1,13 @@
 """Choosing modules, and the hooks that turn one forward/backward into projected per-example rows.
 
-This is the only module that touches nn.Module hooks. A forward hook projects each watched
-layer's input (P_in a) and registers a tensor hook on that call's output; when the output's
-gradient arrives, the hook projects it (P_out delta) and adds sum_t (P_out delta_t)(P_in a_t)^T
-to that module's (B, k_out, k_in) buffer. Pairing through the closure makes a module called several
-times per forward, and gradient checkpointing (which re-runs forwards during backward), come out
-right. A tensor hook instead of a full backward hook survives `ReLU(inplace=True)`.
+This is the only module that touches nn.Module hooks. A forward hook keeps each watched layer's
+input (projected at once when it is large) and registers a pre-hook on that call's output node;
+when the output's gradient arrives there, the call is finished and its two sides go to
+logix.call_groups, which projects and multiplies the calls of equal shape together:
+sum_t (P_out delta_t)(P_in a_t)^T per example, at the module's place in the row. Pairing each input
+with its own output makes a module called several times per forward, and gradient checkpointing
+(which re-runs forwards during backward), come out right; hooking the output's node (not the
+tensor that may be changed in place later) survives `ReLU(inplace=True)`.
 Hooks live only while a `Collector` is entered; nothing is left on the model afterwards.
 """
 

@@ -25,6 +25,7 @@ from .progress import progress_bar
 from .results import Scores, TopK, as_ids
 
 MODES = ("dot", "cosine", "relative")
+AGGREGATES = ("sum", "mean")
 
 
 def _train_ids(log, train_ids) -> np.ndarray:
@@ -59,6 +60,37 @@ def _shard_rows(log, shard) -> tuple[slice | None, int]:
     return slice(start, stop), int(log.valid_mask[:start].sum())
 
 
+def aggregate_queries(q_pre, q_ids: np.ndarray, aggregate: str, groups) -> tuple:
+    """Preconditioned query rows summed (or averaged) per group: (G, D) rows and the G labels.
+
+    Scoring these rows gives, for every train example, the sum (mean) over a group's queries of
+    its scores in any mode, exactly: the score is linear in the preconditioned query row, which
+    the caller has divided by the query's own norm for cosine; relative divides by the train side
+    only. One GEMM row per group instead of per query, and no Q x N matrix. Groups keep the order
+    of their first query; without groups the one label is the aggregate's name."""
+    if not isinstance(aggregate, str) or aggregate not in AGGREGATES:
+        raise ConfigError(f"aggregate must be one of {AGGREGATES} or None, got {aggregate!r}")
+    if groups is None:
+        labels, index = as_ids([aggregate]), torch.zeros(len(q_ids), dtype=torch.long)
+    else:
+        wanted = f"query_groups must be one int or str label per query row ({len(q_ids)})"
+        try:
+            values = as_ids(groups)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{wanted}, got {groups!r}"[:300]) from None
+        if values.ndim != 1 or len(values) != len(q_ids):
+            raise ConfigError(f"{wanted}, got shape {values.shape}")
+        first = {}
+        for label in values.tolist():
+            first.setdefault(label, len(first))
+        labels = as_ids(list(first))
+        index = torch.tensor([first[label] for label in values.tolist()], dtype=torch.long)
+    sums = torch.zeros(len(labels), q_pre.shape[1], dtype=torch.float64).index_add_(0, index, q_pre.double())
+    if aggregate == "mean":
+        sums /= torch.bincount(index, minlength=len(labels)).double()[:, None]
+    return sums.float(), labels
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """How `log.influence` scores: the options that travel together from the call to the loop
@@ -76,6 +108,8 @@ class ScoreOptions:
     progress: bool | None = None
     shard: tuple[int, int] | None = None
     curvature: str = "auto"
+    aggregate: str | None = None
+    query_groups: Any = None
 
 
 def score(log, query, options: ScoreOptions):
@@ -93,11 +127,16 @@ def score(log, query, options: ScoreOptions):
         raise ConfigError("the query holds no rows: capture query gradients with q.capture(ids) first")
     if q_rows.shape[1] != log.width:
         raise ConfigError(f"query rows have {q_rows.shape[1]} columns, the log {log.width}: not this log's query")
+    if o.aggregate is None and o.query_groups is not None:
+        raise ConfigError("query_groups needs aggregate='sum' or 'mean'")
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
     q_pre = pre.apply(q_rows).float()
     scale_q = torch.ones(q_rows.shape[0])
     if mode == "cosine":
         scale_q = (pre.columns(q_rows).double() * q_pre.double()).sum(dim=1).clamp_min(0).sqrt().float()
+    if o.aggregate is not None:
+        q_pre, q_ids = aggregate_queries(q_pre / scale_q.clamp_min(1e-30)[:, None], q_ids, o.aggregate, o.query_groups)
+        scale_q = torch.ones(q_pre.shape[0])
     train_norms = None
     if mode != "dot":  # aligned with log.blocks order, so a block's norms are a slice
         train_norms = log.self_influence(

@@ -271,6 +271,8 @@ class Log:
         block_rows: int | None = None,
         progress: bool | None = None,
         curvature: str = "auto",
+        aggregate: str | None = None,
+        query_groups=None,
     ):
         """Influence of every train row of the pass on every query row (+ = the train example helps).
 
@@ -288,6 +290,13 @@ class Log:
         curvature: whose statistics precondition: "own" (the pass's rows: the empirical Fisher),
         "sampled" (its curvature pass, `start_pass(..., curvature_for=...)`), "auto" (the curvature
         pass where there is one, else own).
+
+        aggregate="sum" | "mean": one score per train example for the whole query set (or, with
+        query_groups, one label per query row, per group) instead of one per query: Scores of
+        shape (G, N) whose query_ids are the group labels (or ["sum"] / ["mean"]); with top_k, the
+        train examples that matter most to the group. Exact in every mode: the sum (mean) over the
+        group's queries of the scores that mode gives. Streamed like top_k: one row per group in
+        memory, never Q x N.
         """
         if not isinstance(across_ranks, bool):
             raise ConfigError(f"across_ranks must be True or False, got {across_ranks!r}")
@@ -309,6 +318,8 @@ class Log:
             progress=progress,
             shard=shard,
             curvature=curvature,
+            aggregate=aggregate,
+            query_groups=query_groups,
         )
         result = score(self, query, options)
         if not across_ranks or not world.distributed:

@@ -860,3 +860,70 @@ def test_auto_preconditioner_is_identity_until_the_pass_is_finalized(tmp_path):
     finally:
         run.finalize()
     assert logix.curvature.resolve_preconditioner(logix.open(tmp_path / "log"), "auto") == "ekfac"
+
+
+# -- aggregate influence over a query set ----------------------------------------------------------
+
+
+GROUPS = ["b", "a", "b", "c", "a", "b"]  # one label per query row; first appearances: b, a, c
+
+
+def grouped(values: torch.Tensor, labels, reduce: str) -> torch.Tensor:
+    """Rows of `values` summed (or averaged) per label, in order of first appearance."""
+    order = list(dict.fromkeys(labels))
+    out = torch.stack([values[[i for i, g in enumerate(labels) if g == label]].sum(dim=0) for label in order])
+    if reduce == "mean":
+        out = out / torch.tensor([labels.count(label) for label in order], dtype=out.dtype)[:, None]
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["dot", "cosine", "relative"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_aggregate_influence_is_the_reference_summed_over_queries(gaussian, kind, mode, reduce):
+    """One score per train example for the whole query set, exact in every mode, streamed in
+    blocks (7 rows: does not divide the 40 train rows)."""
+    s = gaussian.log.influence(gaussian.query, kind, mode=mode, aggregate=reduce, block_rows=7)
+    assert s.values.shape == (1, N_TRAIN) and s.query_ids.tolist() == [reduce]
+    expected = gaussian.ref.scores(kind, mode=mode)
+    expected = expected.sum(dim=0, keepdim=True) / (N_QUERY if reduce == "mean" else 1)
+    assert_scores(columns_in(s, TRAIN_IDS), expected)
+
+
+@pytest.mark.parametrize("mode", ["dot", "cosine", "relative"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_aggregate_influence_per_query_group(gaussian, mode, reduce):
+    s = gaussian.log.influence(gaussian.query, "ekfac", mode=mode, aggregate=reduce, query_groups=GROUPS, block_rows=9)
+    assert s.query_ids.tolist() == ["b", "a", "c"]
+    expected = grouped(gaussian.ref.scores("ekfac", mode=mode), GROUPS, reduce)
+    assert_scores(columns_in(s, TRAIN_IDS), expected)
+
+
+def test_aggregate_top_k_train_ids_and_shards_agree_with_the_whole(gaussian):
+    log, query = gaussian.log, gaussian.query
+    whole = log.influence(query, "kfac", aggregate="sum", query_groups=GROUPS)
+    top = log.influence(query, "kfac", aggregate="sum", query_groups=GROUPS, top_k=5, block_rows=6)
+    want_v, want_i = torch.topk(whole.values, 5, dim=1)
+    assert_scores(top.values, want_v)
+    assert top.ids.tolist() == [[int(whole.train_ids[j]) for j in row] for row in want_i.tolist()]
+    subset = TRAIN_IDS[::3]
+    part = log.influence(query, "kfac", aggregate="mean", train_ids=subset)
+    assert_scores(columns_in(part, subset), columns_in(log.influence(query, "kfac", aggregate="mean"), subset))
+    shards = [log.influence(query, "kfac", aggregate="sum", shard=(i, 3)) for i in range(3)]
+    merged = logix.Scores.merge(shards)
+    assert_scores(columns_in(merged, TRAIN_IDS), columns_in(log.influence(query, "kfac", aggregate="sum"), TRAIN_IDS))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"aggregate": "max"}, "aggregate must be one of"),
+        ({"aggregate": True}, "aggregate must be one of"),
+        ({"aggregate": "sum", "query_groups": ["a", "b"]}, r"one int or str label per query row \(6\)"),
+        ({"aggregate": "sum", "query_groups": [1.5] * N_QUERY}, "one int or str label per query row"),
+        ({"query_groups": GROUPS}, "query_groups needs aggregate"),
+    ],
+)
+def test_aggregate_refuses_what_it_cannot_mean(gaussian, kwargs, message):
+    with pytest.raises(logix.ConfigError, match=message):
+        gaussian.log.influence(gaussian.query, "identity", **kwargs)

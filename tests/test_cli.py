@@ -587,3 +587,37 @@ def test_scoring_commands_choose_the_curvature(tmp_path, capsys):
     assert own["results"] != out["results"]  # the two curvatures give other values
     code, _, err = run_cli(capsys, "self-influence", path, "--pass", "train/curvature", "--curvature", "sampled")
     assert code != 0 and "no sampled-label curvature" in err
+
+
+def test_top_aggregate_ranks_train_examples_for_the_whole_query_set(capsys, tmp_path, logs):
+    """--aggregate gives the library's aggregate influence; --ids-out writes the chosen ids, which
+    `logix export --ids-file` reads back."""
+    train, query, _ = logs
+    log, qlog = logix.open(train), logix.open(query)
+    q = type("Q", (), {"rows": qlog.rows(), "ids": qlog.ids.tolist()})()
+    for reduce in ("sum", "mean"):
+        expected = log.influence(q, "ekfac", aggregate=reduce, top_k=5, progress=False)
+        ids_file = tmp_path / f"{reduce}.txt"
+        code, out, _ = run_cli(
+            capsys, "top", train, "--query", query, "--top", 5, "-p", "ekfac", "--aggregate", reduce,
+            "--ids-out", ids_file, "--json",
+        )  # fmt: skip
+        result = json.loads(out)
+        assert code == 0 and result["aggregate"] == reduce
+        [row] = result["queries"]
+        assert row["query_id"] == reduce
+        assert [x["id"] for x in row["results"]] == expected.ids[0].tolist()
+        np.testing.assert_allclose([x["score"] for x in row["results"]], expected.values[0].numpy(), rtol=1e-5)
+        assert [int(line) for line in ids_file.read_text().split()] == expected.ids[0].tolist()
+    code, _, _ = run_cli(capsys, "export", train, "--ids-file", tmp_path / "sum.txt", "--out", tmp_path / "rows.npy")
+    exported = np.load(tmp_path / "rows.npy")
+    assert code == 0 and exported.shape == (5, log.width)
+
+
+def test_self_influence_ids_out(capsys, tmp_path, logs):
+    train, _, _ = logs
+    ids, _ = logix.open(train).self_influence("kfac").top_k(4)
+    code, _, _ = run_cli(capsys, "self-influence", train, "--top", 4, "-p", "kfac", "--ids-out", tmp_path / "ids")
+    assert code == 0 and [int(line) for line in (tmp_path / "ids").read_text().split()] == ids.tolist()
+    code, _, err = run_cli(capsys, "self-influence", train, "--top", 4, "--ids-out", tmp_path / "no" / "such" / "f")
+    assert code != 0 and "cannot write --ids-out" in err

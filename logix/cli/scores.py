@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,6 +57,8 @@ def cmd_self_influence(args) -> int:
     n = len(si.ids) if args.all else args.top
     ids, values = si.top_k(n, largest=not args.lowest)
     ids, values = ids.tolist(), values.tolist()
+    if args.ids_out:
+        _write_ids(args.ids_out, ids)
     if args.json:
         write_json(
             {
@@ -142,8 +145,11 @@ def cmd_top(args) -> int:
         modules=modules,
         progress=_bars(args),
         curvature=args.curvature,
+        aggregate=args.aggregate,
     )
     values, ids = result.values.tolist(), np.asarray(result.ids).tolist()
+    if args.ids_out:
+        _write_ids(args.ids_out, [i for row in ids for i in row])
     if args.json:
         write_json(
             {
@@ -154,6 +160,7 @@ def cmd_top(args) -> int:
                 "preconditioner": args.preconditioner,
                 "curvature": args.curvature,
                 "mode": args.mode,
+                "aggregate": args.aggregate,
                 "order": "lowest" if args.lowest else "highest",
                 "queries": [
                     {"query_id": q, "results": [{"id": i, "score": v} for i, v in zip(ids[r], values[r])]}
@@ -174,11 +181,22 @@ def cmd_top(args) -> int:
         _say(
             args,
             f"pass {log.current.name!r} ({len(log)} rows) against {len(q_ids)} queries of "
-            f"{qlog.path} pass {qlog.current.name!r}: {args.preconditioner}, {args.mode}, "
+            f"{qlog.path} pass {qlog.current.name!r}{f' ({args.aggregate} over them)' if args.aggregate else ''}: "
+            f"{args.preconditioner}, {args.mode}, "
             f"{'most harmful' if args.lowest else 'most helpful'} first",
         )
         print(format_table(*table))
     return 0
+
+
+def _write_ids(path: str, ids: list) -> None:
+    """The chosen train ids, one per line and each once, in rank order: a list a dataset can index
+    (`logix export --ids-file` reads it back)."""
+    unique = list(dict.fromkeys(ids))
+    try:
+        Path(path).write_text("".join(f"{i}\n" for i in unique))
+    except OSError as e:
+        raise CliError(f"cannot write --ids-out {path}: {e.strerror or e}") from None
 
 
 # -- the subcommands -------------------------------------------------------------------------------
@@ -236,6 +254,7 @@ def add_parsers(subparsers) -> None:
     )
     p.add_argument("--top", type=positive_int, default=50, metavar="N", help="how many examples (default 50)")
     p.add_argument("--all", action="store_true", help="every example, sorted")
+    p.add_argument("--ids-out", metavar="FILE", help="also write the listed ids to FILE, one per line")
     p.set_defaults(func=cmd_self_influence)
     _add_top_parser(subparsers)
 
@@ -254,11 +273,21 @@ def _add_top_parser(subparsers) -> None:
         "query examples with the trained model; run.finalize()). Its config, module list and "
         "projection matrices must match the train log's, which is checked.",
         epilog="examples:\n  logix top runs/digits --query runs/digits-test --top 5 --preconditioner ekfac\n"
-        "  logix top runs/digits --query runs/test --mode relative --lowest --json",
+        "  logix top runs/digits --query runs/test --mode relative --lowest --json\n"
+        "  logix top runs/digits --query runs/target --aggregate mean --top 200 --ids-out selected.txt",
     )
     p.add_argument("--query", required=True, metavar="QUERY_LOG", help="the log holding the query examples' rows")
     p.add_argument("--query-pass", metavar="NAME", help="the query log's pass (default: its latest)")
     p.add_argument("--top", type=positive_int, default=10, metavar="K", help="train ids per query (default 10)")
+    p.add_argument(
+        "--aggregate",
+        choices=("sum", "mean"),
+        help="one ranking for the whole query set: each train example's scores summed (or averaged) over "
+        "the queries, exactly, streamed (query id 'sum' or 'mean')",
+    )
+    p.add_argument(
+        "--ids-out", metavar="FILE", help="also write the listed train ids to FILE, one per line, each once"
+    )
     p.add_argument(
         "--mode",
         choices=MODES,
