@@ -95,6 +95,29 @@ def rankings(path: str, model, x, queries, k: int, seed: int) -> dict[str, np.nd
     return ranked
 
 
+def experiment(out: str, seed: int, fraction: float, epochs: int) -> tuple[dict, list[list]]:
+    """Poison, train with logging, rank, remove and retrain: (facts, one row per method)."""
+    train_set, test_set = digits_datasets()
+    x, y, poisoned = poison(*train_set.tensors, fraction, seed + 1)
+    x_test, y_test = test_set.tensors
+    k = int(poisoned.sum())
+    shutil.rmtree(out, ignore_errors=True)
+    with logix.init(out, rank=16, statistics="ekfac") as run:  # logix: the ordinary run, logged
+        model = train(x, y, epochs, seed, run)
+    facts = {"digits": len(x), "poisoned": k, "clean accuracy": evaluate(model, x_test, y_test)[1]}
+    facts["attack success"] = attack_success(model, x_test, y_test)
+    others = np.nonzero((y_test != TARGET).numpy())[0][:N_QUERIES]
+    ranked = rankings(out, model, x, patched(x_test[others]), k, seed)
+    rows = []
+    for name, ids in [("nothing removed", np.zeros(0, dtype=np.int64)), *ranked.items()]:
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = drop(len(x), ids[:k])
+        retrained = train(x[keep], y[keep], epochs, seed)
+        found = [int(poisoned[ids[:n]].sum()) for n in (k, 2 * k)] if len(ids) else ["-", "-"]
+        rows.append([name, *found, attack_success(retrained, x_test, y_test), evaluate(retrained, x_test, y_test)[1]])
+    return facts, rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/backdoor", help="where the log is written")
@@ -104,28 +127,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other
     start = time.perf_counter()
-    train_set, test_set = digits_datasets()
-    x, y, poisoned = poison(*train_set.tensors, args.poison, args.seed + 1)
-    x_test, y_test = test_set.tensors
-    k = int(poisoned.sum())
-
-    shutil.rmtree(args.out, ignore_errors=True)
-    with logix.init(args.out, rank=16, statistics="ekfac") as run:  # logix: the ordinary run, logged
-        model = train(x, y, args.epochs, args.seed, run)
+    facts, rows = experiment(args.out, args.seed, args.poison, args.epochs)
+    k = facts["poisoned"]
     print(
-        f"trained on {len(x)} digits, {k} poisoned; clean test accuracy {evaluate(model, x_test, y_test)[1]:.3f}, "
-        f"attack success {attack_success(model, x_test, y_test):.3f}"
+        f"trained on {facts['digits']} digits, {k} poisoned; clean test accuracy {facts['clean accuracy']:.3f}, "
+        f"attack success {facts['attack success']:.3f}"
     )
-    others = np.nonzero((y_test != TARGET).numpy())[0][:N_QUERIES]
-    ranked = rankings(args.out, model, x, patched(x_test[others]), k, args.seed)
-
-    rows = []
-    for name, ids in [("nothing removed", np.zeros(0, dtype=np.int64)), *ranked.items()]:
-        ids = np.asarray(ids, dtype=np.int64)
-        keep = drop(len(x), ids[:k])
-        retrained = train(x[keep], y[keep], args.epochs, args.seed)
-        found = [int(poisoned[ids[:n]].sum()) for n in (k, 2 * k)] if len(ids) else ["-", "-"]
-        rows.append([name, *found, attack_success(retrained, x_test, y_test), evaluate(retrained, x_test, y_test)[1]])
     print(f"\nremove each method's top k = {k} and retrain ({N_QUERIES} patched test digits as queries)")
     head = ["method", f"poisoned in top {k}", f"in top {2 * k}", "attack success", "clean accuracy"]
     print(table(head, rows))

@@ -119,6 +119,24 @@ def table(head: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def experiment(out: str, seed: int, flip: float, epochs: int) -> tuple[dict, list[list], list[list]]:
+    """Train with logging on flipped labels, then clean and select: (facts, cleaning rows, selection rows)."""
+    train_set, test_set = digits_datasets()
+    x, y_true = train_set.tensors
+    y, flipped = flip_labels(y_true, flip, seed=seed + 1)
+    x_test, y_test = test_set.tensors
+    shutil.rmtree(out, ignore_errors=True)
+    with logix.init(out, rank=16, statistics="ekfac") as run:  # logix: the ordinary run, logged
+        model = train(x, y, epochs, seed, run)
+    log = logix.open(out)  # logix: the last epoch's pass, as any later process would open it
+    facts = {"digits": len(x), "flipped": int(flipped.sum()), "test accuracy": evaluate(model, x_test, y_test)[1]}
+    cleaning = clean(log, model, x, y, flipped, x_test, y_test, epochs, seed)
+    target = torch.isin(y_test, torch.tensor(TARGET_CLASSES))
+    facts["target digits"] = int(target.sum())
+    selection = select(log, model, x, y, x_test[target], y_test[target], epochs, seed)
+    return facts, cleaning, selection
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/selection", help="where the log is written")
@@ -128,26 +146,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other
     start = time.perf_counter()
-    train_set, test_set = digits_datasets()
-    x, y_true = train_set.tensors
-    y, flipped = flip_labels(y_true, args.flip, seed=args.seed + 1)
-    x_test, y_test = test_set.tensors
-
-    shutil.rmtree(args.out, ignore_errors=True)
-    with logix.init(args.out, rank=16, statistics="ekfac") as run:  # logix: the ordinary run, logged
-        model = train(x, y, args.epochs, args.seed, run)
-    log = logix.open(args.out)  # logix: the last epoch's pass, as any later process would open it
-    print(f"trained on {len(x)} digits ({int(flipped.sum())} labels flipped); test accuracy "
-          f"{evaluate(model, x_test, y_test)[1]:.3f}; log {args.out}: {log}")  # fmt: skip
-
+    facts, cleaning, selection = experiment(args.out, args.seed, args.flip, args.epochs)
+    print(f"trained on {facts['digits']} digits ({facts['flipped']} labels flipped); test accuracy "
+          f"{facts['test accuracy']:.3f}; log {args.out}")  # fmt: skip
     print("\n(a) cleaning: drop k training digits, retrain, test accuracy")
-    rows = clean(log, model, x, y, flipped, x_test, y_test, args.epochs, args.seed)
-    print(table(["dropped", "k", "flipped among them", "test accuracy"], rows))
-
-    target = torch.isin(y_test, torch.tensor(TARGET_CLASSES))
-    print(f"\n(b) selection for digits {TARGET_CLASSES} ({int(target.sum())} test digits: half queries, half held out)")
-    rows = select(log, model, x, y, x_test[target], y_test[target], args.epochs, args.seed)
-    print(table(["trained on", "digits", "target loss", "target accuracy"], rows))
+    print(table(["dropped", "k", "flipped among them", "test accuracy"], cleaning))
+    print(f"\n(b) selection for digits {TARGET_CLASSES} ({facts['target digits']} test digits: half queries, half "
+          "held out)")  # fmt: skip
+    print(table(["trained on", "digits", "target loss", "target accuracy"], selection))
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
