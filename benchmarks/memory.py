@@ -12,10 +12,13 @@ not projected); with batch B, T positions per example and rows stored as s-byte 
                kept for the log and their transposed copy on the training device); statistics:
                float64 K-FAC sums, 8 (k_in^2 + k_out^2) per layer, on the device
   per batch    at most: the projected activations kept from forward to backward, 4 B T k_in per
-               layer; per-example blocks, 4 B k_out k_in per layer; the (B, D) float32 row buffer
-               they are gathered into, 4 B D with D = sum of k_out k_in; on a GPU also the pinned
-               host copy, s B D. Up to queue_size batches of host rows (default 16) may wait for
-               the writer: 16 s B D at most.
+               layer (a layer whose input is at most 32k numbers keeps it unprojected instead,
+               4 B T d_in, to be projected with its group: logix.call_groups); the projected output
+               gradients held until their group is finished, at most 4M numbers (16 MB); per-example
+               blocks, 4 B k_out k_in per layer; the (B, D) float32 row buffer they are gathered
+               into, 4 B D with D = sum of k_out k_in; on a GPU also the pinned host copy, s B D.
+               Up to queue_size batches of host rows (default 16) may wait for the writer: 16 s B D
+               at most, and the writer stages up to 4 MB of them, plus their joined copy, per write.
   bf16 autocast on a GPU: the projections are also kept in bf16 on the device, 2 (k_in (d_in + b)
                + k_out d_out) bytes per layer more.
 
@@ -36,6 +39,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import logix
+from logix.disk.writer import STAGE_BYTES
 
 MB = 1 << 20
 
@@ -67,6 +71,7 @@ def formula(
         "row buffer (+ pinned host copy on GPU)": rows,
         "per batch in all, at most": acts + blocks + rows,
         "writer queue at most": queue * row_bytes * batch * width,
+        "writer staging at most (staged + joined)": 2 * max(STAGE_BYTES, row_bytes * batch * width),
         "bf16 projections (GPU autocast only)": proj / 2,
     }
 
