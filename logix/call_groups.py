@@ -2,15 +2,17 @@
 
 A hook call in eager PyTorch costs a few microseconds per torch operation whatever the tensor
 size, so a small model's capture cost is the number of operations, not the arithmetic. The hooks
-therefore only hold each call's input and output gradient (`Call`); `finish` stacks the calls that
-share a shape and, per group: projects both sides (one batched matmul each), applies the mask,
-feeds the statistics, forms the per-example products and adds them to the rows. The operations
-per step then grow with the number of distinct module shapes, not of modules.
+(logix.hooks) therefore only hold each call's input and output gradient (`Call`); when the capture
+ends, the Collector groups the calls that share a shape (`group_calls`) and, per group, projects
+both sides with one batched matmul each (`stacked_sides`, with the group's `GroupPlan`), applies
+the mask, feeds the statistics, and forms the per-example products that become the rows
+(`RowParts`). The operations per step then grow with the number of distinct module shapes, not of
+modules.
 
 Large tensors are projected in the hook itself (the input as soon as the forward has it, so it is
 not held to the backward, e.g. in float32 under autocast), and finished calls are processed early
-once they hold FLUSH_ELEMENTS numbers, so memory stays bounded for large models, where a few operations more
-per module cost nothing measurable.
+once they hold FLUSH_ELEMENTS numbers: memory stays bounded for large models, where a few
+operations more per module cost nothing measurable.
 """
 
 from __future__ import annotations
