@@ -5,12 +5,14 @@ operation count does not grow with the number of modules of one shape."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import exact_gradients, projected
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import logix
 import logix.hooks
@@ -155,15 +157,13 @@ def test_a_module_called_on_two_batch_sizes_is_refused(tmp_path):
     run.close()
 
 
-def _inside_an_op(event) -> bool:
-    """Whether the profiler event ran inside another torch operation (torch.stack copies each input
-    with a narrow of its own: the operation is the stack, dispatched once)."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
+def _benchmark(name: str):
+    """A script of benchmarks/, imported: the test counts operations as the benchmark reports them."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extra_ops(layers: int, root) -> int:
@@ -182,14 +182,10 @@ def extra_ops(layers: int, root) -> int:
             model(x).sum().backward()
         c.rows()
 
-    counts = []
-    for fn in (plain, captured):
-        fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::") and not _inside_an_op(e)))
+    ops_per_step = _benchmark("module_overhead").ops_per_step  # (every aten op, those not inside another)
+    extra = ops_per_step(captured)[1] - ops_per_step(plain)[1]
     run_dir.close()
-    return counts[1] - counts[0]
+    return extra
 
 
 def test_operations_per_step_do_not_grow_with_modules_of_one_shape(tmp_path):
