@@ -78,13 +78,12 @@ class SegmentWriter:
         self.file.swmr_mode = True
         self.file.flush()
 
-    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray | None = None) -> None:
-        """Take a batch of rows (flags None: flagged here, where not finite). They are staged and
-        written with those staged before them at `write_staged`, at the latest when STAGE_BYTES
-        are staged or at the next commit: rows are readable only once committed, so holding them
-        until then loses nothing a crash would not, and one HDF5 write per column for several
-        batches keeps h5py's per-call work (done under the GIL, so taken from the training thread)
-        off most steps."""
+    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
+        """Take a batch of rows. They are staged and written with those staged before them at
+        `write_staged`, at the latest when STAGE_BYTES are staged or at the next commit: rows are
+        readable only once committed, so holding them until then loses nothing a crash would not,
+        and one HDF5 write per column for several batches keeps h5py's per-call work (done under
+        the GIL, so taken from the training thread) off most steps."""
         n = grads.shape[0]
         if n == 0:
             return
@@ -104,7 +103,7 @@ class SegmentWriter:
         else:
             ids = np.concatenate([np.asarray(batch[0], dtype="i8") for batch in staged])
         grads, steps = (np.concatenate([batch[k] for batch in staged]) for k in (1, 2))
-        flags = np.concatenate([_nonfinite_flags(b[1]) if b[3] is None else b[3] for b in staged])
+        flags = np.concatenate([batch[3] for batch in staged])
         bad = int(np.count_nonzero(flags))
         if bad:
             self.nonfinite += bad
@@ -203,15 +202,6 @@ def nonfinite_rows(rows: Tensor) -> Tensor:
     return suspect
 
 
-def _nonfinite_flags(grads: np.ndarray) -> np.ndarray:
-    """nonfinite_flags for rows in numpy (the writer thread's copy; numpy releases the GIL)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        suspect = ~np.isfinite(grads.sum(axis=1, dtype=np.float32))
-    if suspect.any():
-        suspect[suspect] = ~np.isfinite(grads[suspect]).all(axis=1)
-    return suspect.astype(np.uint8) * FLAG_NONFINITE
-
-
 def nonfinite_flags(rows: Tensor) -> Tensor:
     """(B,) uint8: FLAG_NONFINITE for the rows that hold a NaN or an infinity, else 0."""
     return nonfinite_rows(rows).to(torch.uint8) * FLAG_NONFINITE
@@ -257,17 +247,25 @@ class BackgroundWriter:
     def put(self, batch: Batch) -> None:
         while True:
             self._raise_if_failed()
-            try:
-                self.queue.put_nowait(batch)
-            except queue.Full:
-                self.wake.set()
-                time.sleep(0.001)
-                continue
-            if batch is not None and batch is not _COMMIT:
-                self.queued_bytes += batch.grads.nbytes
-            if batch is None or batch is _COMMIT or self._should_wake():
-                self.wake.set()
-            return
+            if self._enqueue(batch):
+                break
+        if batch is not _COMMIT:
+            self.queued_bytes += batch.grads.nbytes
+        if batch is _COMMIT or self._should_wake():
+            self.wake.set()
+
+    def _enqueue(self, item) -> bool:
+        """Queue an item, waiting at most 0.1 s for room (the writer woken to make it)."""
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.wake.set()
+        try:
+            self.queue.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            return False
 
     def _should_wake(self) -> bool:
         """Half the queue's batches, or WAKE_BYTES of rows, are waiting (memory stays small)."""
@@ -288,12 +286,9 @@ class BackgroundWriter:
         return self.segment
 
     def _put_end(self) -> None:
-        while True:
-            try:
-                self.queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                self.wake.set()
+        """The end marker, queued even after a failure (close must not raise before the join)."""
+        while not self._enqueue(None):
+            pass
         self.wake.set()
 
     def _raise_if_failed(self) -> None:
@@ -335,9 +330,9 @@ class BackgroundWriter:
             if batch is not _COMMIT:
                 if batch.ready is not None:
                     batch.ready.synchronize()
+                flags = batch.flags if batch.flags is not None else nonfinite_flags(batch.grads)  # CPU rows
                 grads = batch.grads.numpy()
-                flags = None if batch.flags is None else batch.flags.numpy()
-                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"), flags)
+                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"), flags.numpy())
             if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
                 self.segment.commit()
                 return time.monotonic()
