@@ -30,8 +30,9 @@ class Call:
     """One watched module call: its input (raw, or projected already) and, once the backward reached
     it, its output gradient (raw or projected). Raw sides carry the dtype to project them in.
 
-    A call is itself the pre-hook of its output's autograd node (no closure to build per call):
-    called with the node's gradients, it hands its own to the collector."""
+    A call is itself the hook that receives its output gradient (no closure to build per call): the
+    pre-hook of its output's autograd node, called with the node's gradients (`slot` picks its
+    own), or, for an output that is a leaf, a tensor hook (`slot` None)."""
 
     __slots__ = ("collector", "w", "acts", "acts_raw", "a_dtype", "masked", "slot", "grads", "grads_raw", "g_dtype")
 
@@ -39,10 +40,10 @@ class Call:
         self.collector, self.w, self.acts, self.acts_raw, self.a_dtype = collector, w, acts, acts_raw, a_dtype
         self.masked, self.slot, self.grads, self.grads_raw, self.g_dtype = False, 0, None, False, torch.float32
 
-    def __call__(self, grads: tuple) -> None:
+    def __call__(self, grads) -> None:
         collector = self.collector
         if collector._active:  # else a backward after the capture ended: not ours to record
-            grad = grads[self.slot]
+            grad = grads if self.slot is None else grads[self.slot]
             if grad is not None:
                 collector.arrived(self, grad)
 
@@ -169,7 +170,8 @@ class RowParts:
         self.parts.append((plan, products(acts, grads).transpose(0, 1).reshape(batch, -1)))  # (B, E * k_out * k_in)
 
     def assemble(self, batch: int, device) -> Tensor:
-        runs = sorted((plan.run.start, plan.run.stop, blocks) for plan, blocks in self.parts if plan.run is not None)
+        runs = [(plan.run.start, plan.run.stop, blocks) for plan, blocks in self.parts if plan.run is not None]
+        runs.sort(key=lambda run: run[:2])  # by columns only: two groups of one module share them
         if len(runs) == len(self.parts):
             pieces, at = [], 0
             for start, stop, blocks in runs:

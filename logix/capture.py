@@ -42,8 +42,9 @@ def normalize_ids(ids: Any) -> list:
         raise CaptureError(f"ids must be a sequence of ints or strings, one per example, got {type(ids).__name__}")
     ids = list(ids)
     if ids and set(map(type, ids)) == {int}:  # the usual case, checked at C speed (a bool's type is bool)
-        if min(ids) < INT64[0] or max(ids) > INT64[1]:
-            raise CaptureError(f"integer id {min(ids) if min(ids) < INT64[0] else max(ids)} does not fit in int64")
+        low, high = min(ids), max(ids)
+        if low < INT64[0] or high > INT64[1]:
+            raise CaptureError(f"integer id {low if low < INT64[0] else high} does not fit in int64")
         return ids
     if ids and all(isinstance(i, str) for i in ids):
         for i in ids:

@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -284,36 +283,29 @@ class Collector:
                 self.masked_calls += 1
             self.forwards += 1
             node = output.grad_fn
-            if node is None:  # an output that is a leaf: no node to hook
-                output.register_hook(partial(self._arrived, call, None))
+            if node is None:  # an output that is a leaf: no node to hook, a tensor hook instead
+                call.slot = None
+                output.register_hook(call)
             else:  # the node's pre-hook: cheaper than a tensor hook, and the same gradient
                 call.slot = output.output_nr
-                node.register_prehook(call)  # calls self._arrived(call, slot, grads)
+                node.register_prehook(call)
             return None
 
         return forward_hook
 
-    def _arrived(self, call: Call, slot: int | None, grad) -> None:
-        """A call's output gradient (grad, or grad[slot] of a node's gradients): held raw if small,
-        else projected now; the call is finished (Call.__call__ does the same, inlined, for the
-        usual node pre-hook)."""
-        if not self._active:  # a backward after the capture ended: not ours to record
-            return
-        if slot is not None:
-            grad = grad[slot]
-            if grad is None:
-                return
-        self.arrived(call, grad)
-
     def arrived(self, call: Call, grad: Tensor) -> None:
-        if call.acts_raw and grad.numel() <= DEFER_NUMEL:
+        """A call's output gradient (from Call.__call__): held raw if small, else projected now;
+        the call is finished, and the finished ones are processed once they hold FLUSH_ELEMENTS."""
+        size = grad.numel()
+        if call.acts_raw and size <= DEFER_NUMEL:
             call.grads, call.grads_raw = grad, True
             if grad.dtype is not FLOAT32:
                 call.g_dtype = _projection_dtype(grad.dtype is BFLOAT16, grad.device.type)
         else:
             call.grads = self._project_output_grads(call.w, grad)
-            self._finished_elements += call.grads.numel() + call.acts.numel()
+            size = call.grads.numel()
         self._finished.append(call)
+        self._finished_elements += size + call.acts.numel()
         if self._finished_elements > FLUSH_ELEMENTS:
             self._process()
 
@@ -347,13 +339,10 @@ class Collector:
         acts, grads = stacked_sides(plan, calls)
         batch = acts.shape[1]
         self._device = acts.device
-        if self._batch_of.keys().isdisjoint(names):  # the usual case: modules not seen before
-            self._batch_of.update(zip(names, (batch,) * len(names)))
-        else:
-            for name in names:
-                seen = self._batch_of.setdefault(name, batch)
-                if seen != batch:
-                    self._mixed.setdefault(name, (seen, batch))
+        for name in names:
+            seen = self._batch_of.setdefault(name, batch)
+            if seen != batch:
+                self._mixed.setdefault(name, (seen, batch))
         mask = None
         if calls[0].masked:
             mask = self._mask_for(acts)
