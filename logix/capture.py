@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import CaptureError, ConfigError
 from .hooks import Collector, Watched
-from .scalars import INT64, real_number
+from .scalars import INT64, real_number, shown
 
 REDUCTIONS = ("mean", "sum")
 
@@ -84,7 +84,7 @@ class LossSpec:
         object.__setattr__(self, "scale", _checked_scale(self.scale))
         if self.scaler is not None and not callable(getattr(self.scaler, "get_scale", None)):
             raise ConfigError(
-                f"scaler must be a torch GradScaler (anything with get_scale()), got {_describe(self.scaler)}"
+                f"scaler must be a torch GradScaler (anything with get_scale()), got {shown(self.scaler)}"
             )
 
     def check_batch(self, batch: int) -> None:
@@ -105,7 +105,7 @@ def _checked_mask(mask: Any) -> Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, Tensor) or mask.dim() != 2:
-        raise CaptureError(f"mask must be a (batch, positions) tensor, got {_describe(mask)}")
+        raise CaptureError(f"mask must be a (batch, positions) tensor, got {shown(mask)}")
     if mask.is_complex():
         raise CaptureError(f"mask must hold 0/1 values, bool or real numbers; got a {mask.dtype} tensor")
     if mask.dtype == torch.bool:
@@ -136,7 +136,7 @@ def _checked_scale(scale: Any) -> float | Tensor | None:
         return scale
     value = real_number(scale)
     if value is None or not math.isfinite(value):
-        raise ConfigError(f"scale must be one finite real number (or a one-element tensor), got {_describe(scale)}")
+        raise ConfigError(f"scale must be one finite real number (or a one-element tensor), got {shown(scale)}")
     if value == 0.0:
         raise CaptureError("the loss scale is zero: the rows would divide by zero")
     if not math.isfinite(1.0 / value):
@@ -226,7 +226,7 @@ class Capture:
                 engine.backward(cap.loss(F.cross_entropy(engine(x), y)))
         """
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise CaptureError(f"capture.loss expects the scalar loss tensor, got {_describe(loss)}")
+            raise CaptureError(f"capture.loss expects the scalar loss tensor, got {shown(loss)}")
         if not loss.requires_grad:
             raise CaptureError("capture.loss: this loss needs no gradient (computed under torch.no_grad()?)")
         if self.scaler is not None:
@@ -250,7 +250,7 @@ class Capture:
             got = self.scaler.get_scale()
             value = real_number(got)
             if value is None or not math.isfinite(value) or value == 0.0:
-                raise CaptureError(f"scaler.get_scale() gave {_describe(got)}, not a finite nonzero number")
+                raise CaptureError(f"scaler.get_scale() gave {shown(got)}, not a finite nonzero number")
             factor *= value
         if factor == 0.0:
             raise CaptureError("the loss scale is zero: the rows would divide by zero")
@@ -275,10 +275,3 @@ def refuse_unentered(cap: Capture | None) -> None:
 def running(cap: Capture | None) -> Capture | None:
     """`cap` if its block is running now, else None (how adapters find the capture to hook)."""
     return cap if cap is not None and cap.active else None
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, (Tensor, np.ndarray)):
-        return f"a {type(x).__name__} of shape {tuple(x.shape)}"
-    shown = repr(x)
-    return shown if len(shown) <= 60 else f"{shown[:57]}..."

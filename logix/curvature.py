@@ -29,7 +29,7 @@ from torch import Tensor
 from .disk.statistics import RAW_MAX_WIDTH, open_statistics, preconditioners
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .progress import progress_bar
-from .scalars import real_number
+from .scalars import real_number, shown
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
@@ -220,20 +220,15 @@ def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, f
         damping = _damping_value(damping)
     factor = real_number(damping_factor)
     if factor is None or not math.isfinite(factor) or factor <= 0:
-        raise ConfigError(f"damping_factor must be a positive number, got {_shown(damping_factor)}")
+        raise ConfigError(f"damping_factor must be a positive number, got {shown(damping_factor)}")
     return damping, factor
 
 
 def _damping_value(damping) -> float:
     value = real_number(damping)
     if value is None or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"damping must be a non-negative number (or {{module: number}}), got {_shown(damping)}")
+        raise ConfigError(f"damping must be a non-negative number (or {{module: number}}), got {shown(damping)}")
     return value
-
-
-def _shown(value) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 60 else f"{shown[:57]}..."
 
 
 def _damping(name: str, values: Tensor, damping, factor: float, unprojected: int) -> float:

@@ -17,7 +17,7 @@ from .log_directory import LogDirectory
 from .pass_ids import PassIds, id_kind
 from .pass_sums import PassSums
 from .pass_writer import PassWriter
-from .scalars import integer
+from .scalars import integer, shown
 
 
 def check_step(step) -> int | None:
@@ -27,8 +27,7 @@ def check_step(step) -> int | None:
         return None
     value = integer(step)
     if value is None:
-        shown = f"a tensor of shape {tuple(step.shape)}" if isinstance(step, Tensor) else repr(step)[:60]
-        raise ConfigError(f"step must be an integer in int64's range (not a bool or a float), got {shown}")
+        raise ConfigError(f"step must be an integer in int64's range (not a bool or a float), got {shown(step)}")
     return value
 
 

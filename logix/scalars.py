@@ -60,3 +60,12 @@ def _tensor_kind(t: Tensor) -> str:
     if t.is_floating_point():
         return "f"
     return "u" if t.dtype == torch.uint8 else "i"
+
+
+def shown(value) -> str:
+    """A value as an error message shows it: an array or tensor by its shape, anything else by a
+    repr cut to 60 characters."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
