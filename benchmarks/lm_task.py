@@ -1,8 +1,7 @@
 """A tiny causal language model task, shared by attribution_quality.py and across_training.py.
 
-Data: the prose of scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`, about 24k
-characters once tables and markup are dropped), lower-cased, read one character per token (a
-vocabulary of about 50). The text is cut into pieces of 24 to 48 characters (a seeded draw), so
+Data: the prose of scikit-learn's dataset descriptions (examples/prose.py), read one character per
+token (a vocabulary of about 50). The text is cut into pieces of 24 to 48 characters (a seeded draw), so
 batches hold sequences of different lengths and are padded; the pieces are shuffled with a fixed
 seed: the first N_TRAIN are the train set, the next N_QUERY the queries.
 
@@ -21,12 +20,9 @@ the first run pays for them: about 1 s per model on one core.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
-import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from prose import prose  # noqa: E402 - real text shipped with scikit-learn
 
 WIDTH, LAYERS, HEADS = 64, 2, 2
 PIECE = (24, 48)
@@ -62,29 +61,6 @@ SMOKE = Recipe(n_train=60, n_query=8, epochs=2, batch=20)
 
 
 # -- data --------------------------------------------------------------------------------------------------
-
-
-def prose() -> str:
-    """The running text of scikit-learn's dataset descriptions, markup and tables dropped."""
-    import sklearn
-
-    folder = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr")
-    paragraphs = []
-    for name in sorted(glob.glob(os.path.join(folder, "*.rst"))):
-        current = []
-        for line in Path(name).read_text(encoding="utf-8").splitlines():
-            s = line.strip()
-            markup = s.startswith(("..", "=", "-", "*", "|", ":", "+", ">")) or "http" in s
-            if not s or markup or re.search(r"\d\s{2,}\d", s):
-                if current:
-                    paragraphs.append(" ".join(current))
-                current = []
-                continue
-            current.append(s)
-        if current:
-            paragraphs.append(" ".join(current))
-    text = " ".join(re.sub(r"[`*_]", "", p).lower() for p in paragraphs)
-    return re.sub(r"\s+", " ", text)
 
 
 @dataclass

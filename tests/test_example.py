@@ -64,3 +64,25 @@ def test_ddp_digits_example_on_two_processes(tmp_path):
     assert top == 129 and caught / top > 0.3
     log = logix.open(out)
     assert sorted(log.ids.tolist()) == list(range(1297)) and log.current.finalized
+
+
+def test_backdoor_lm_influence_finds_the_poisoned_sequences(tmp_path):
+    """examples/backdoor_lm.py, short: the aggregate influence of the triggered queries ranks the
+    poisoned sequences first where chance finds almost none, in both variants; removing them and
+    retraining gives a model (checked: a row per method, outcomes only where retrained)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import backdoor_lm
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    for variant in backdoor_lm.VARIANTS:
+        facts, rows = backdoor_lm.experiment(
+            str(tmp_path / variant), 0, variant, 0.01, 3, retrain=("influence (ekfac, cosine)",), workers=1
+        )
+        k, found = facts["poisoned"], {row[0]: row[1] for row in rows[1:]}
+        assert k == 6 and facts["sequences"] == 555
+        assert found["influence (ekfac, cosine)"] >= 5, rows  # chance: 6 x 6 / 555, well under 1
+        assert found["random"] <= 2, rows
+        assert [len(row) for row in rows] == [len(backdoor_lm.HEAD)] * len(rows)
+        retrained = [row[0] for row in rows if isinstance(row[3], float)]
+        assert retrained == ["nothing removed", "influence (ekfac, cosine)"]
