@@ -9,6 +9,7 @@ log = logix.open("runs/digits")            # read back, in any later process
 """
 
 from .capture import Capture
+from .complexity import Complexity
 from .config import Config
 from .data import WithIds
 from .errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "Capture",
     "CaptureError",
+    "Complexity",
     "Config",
     "ConfigError",
     "DuplicateIdError",

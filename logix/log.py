@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import across_training
+from . import complexity as ifcomp
 from .config import Config
 from .curvature import (
     DAMPING_RULE,
@@ -332,6 +333,9 @@ class Log:
     # every pass of the log, each where training used it: see logix.across_training
     influence_across_training = across_training.influence_across_training
     self_influence_across_training = across_training.self_influence_across_training
+
+    # IF-COMP: pNML predictions and complexity of new inputs (see logix.complexity)
+    complexity = ifcomp.complexity
 
     def self_influence(
         self,

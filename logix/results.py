@@ -57,7 +57,7 @@ class _Saved:
     @classmethod
     def load(cls, path):
         fields = read_result(path, cls.__name__)
-        return cls(**{k: v if k == "values" else as_ids(v) for k, v in fields.items()})
+        return cls(**{k: v if isinstance(v, Tensor) else as_ids(v) for k, v in fields.items()})
 
 
 def _same_queries(parts) -> np.ndarray | None:

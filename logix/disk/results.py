@@ -1,5 +1,5 @@
-"""Saved results (`Scores`, `TopK`, `SelfInfluence`): plain HDF5 datasets, one per field, so any
-HDF5 reader opens them; `values` is a float array, ids int64 or UTF-8 strings."""
+"""Saved results (`Scores`, `TopK`, `SelfInfluence`, `Complexity`): plain HDF5 datasets, one per
+field, so any HDF5 reader opens them; numbers are float arrays, ids int64 or UTF-8 strings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .untrusted import open_hdf5
 
 
 def write_result(path: Path, result_type: str, fields: dict) -> None:
-    """fields: name -> a tensor (`values`) or an id array (int64 or object str)."""
+    """fields: name -> a float tensor (`values`, ...) or an id array (int64 or object str)."""
     with refused_writes(path), new_hdf5(path) as f:
         f.attrs["logix_result"] = result_type
         for name, value in fields.items():
@@ -28,7 +28,7 @@ def write_result(path: Path, result_type: str, fields: dict) -> None:
 
 
 def read_result(path: Path, result_type: str) -> dict:
-    """name -> a tensor (`values`) or a numpy id array, from a file write_result wrote as `result_type`,
+    """name -> a tensor (float data) or a numpy id array, from a file write_result wrote as `result_type`,
     checked whole first (logix.disk.untrusted: nothing in it reads another file)."""
     with open_hdf5(path, None, "results", LogFormatError) as f:
         if f.attrs.get("logix_result") != result_type:
@@ -38,8 +38,8 @@ def read_result(path: Path, result_type: str) -> dict:
             dataset = f[name]
             if not isinstance(dataset, h5py.Dataset):
                 raise LogFormatError(f"{path}: {name!r} is not a dataset held in the file: refused")
-            if name == "values":
-                fields[name] = torch.from_numpy(dataset[()])
+            if dataset.dtype.kind == "f":
+                fields[name] = torch.from_numpy(np.asarray(dataset[()]))
             else:
                 fields[name] = np.asarray(dataset[()] if dataset.dtype.kind in "iu" else dataset.asstr()[()])
     return fields

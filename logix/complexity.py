@@ -1,0 +1,178 @@
+"""IF-COMP from a log: pNML predictions and the complexity of inputs and labelled pairs.
+
+The predictive normalised maximum likelihood (pNML) asks, for an input x and each candidate label
+c: if (x, c) were added to training, how likely would the refitted model find c? Labels the data
+cannot rule out keep probability, and the normaliser is the point's complexity. IF-COMP (Ng,
+Grosse, Ghassemi, ICML 2024) answers with an influence function instead of refitting. logix takes
+the refit to be the proximal Bregman one (the training outputs held where they are, damping
+lambda), adds the pair with weight w = 1 / (N T) (N the pass's training rows, each of weight 1/N in
+the mean objective whose curvature F the log holds; T the temperature), and keeps the first order
+in w:
+
+    h_c(x)           = w g_c^T (F + lambda I)^{-1} g_c,   g_c = grad_theta [-log p(c | x)]  (a projected row)
+    p_pNML(c | x)    = p(c | x) exp(h_c) / sum_c' p(c' | x) exp(h_c')
+    complexity(x)    = log sum_c p(c | x) exp(h_c)          (nats, >= 0)
+    code length(x, y) = -log p_pNML(y | x)                   (labelled: high = the label is surprising)
+
+A temperature below 1 weighs the added pair as more than one example; the paper's temperature
+enters through a Boltzmann output distribution instead, and its choice, like this one's, is made
+on held-out data (`benchmarks/ifcomp.py`). The candidate labels' gradients take one forward and
+one backward pass per class and batch, captured like query rows (nothing is written).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
+from .errors import ConfigError
+from .results import _Saved, _values, as_ids
+from .scalars import real_number, shown
+
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(eq=False)
+class Complexity(_Saved):
+    """IF-COMP per input: `values` its complexity (nats), `probs` (n, C) the pNML distribution,
+    `softmax` (n, C) the model's own, `gains` (n, C) each label's hindsight gain h_c; with labels,
+    `labels` and `code_length` = -log p_pNML(label | x). ids as given (numpy, as `Log.ids`)."""
+
+    values: Tensor
+    probs: Tensor
+    softmax: Tensor
+    gains: Tensor
+    ids: np.ndarray
+    labels: Tensor | None = None
+    code_length: Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("values", "probs", "softmax", "gains", "labels", "code_length"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _values(getattr(self, name)))
+        self.ids = as_ids(self.ids)
+
+    def __repr__(self) -> str:
+        labelled = ", labelled" if self.labels is not None else ""
+        return f"Complexity(inputs={len(self.ids)}, classes={self.probs.shape[1]}{labelled})"
+
+
+def pnml(log_softmax: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
+    """(pNML probabilities, complexity) from the model's log-probabilities and the gains (n, C)."""
+    joint = log_softmax + gains
+    complexity = torch.logsumexp(joint, dim=1)
+    return (joint - complexity[:, None]).exp(), complexity
+
+
+def complexity(
+    log,
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    preconditioner: str = "auto",
+    damping=None,
+    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    modules=None,
+    curvature: str = "auto",
+    logits: Callable | None = None,
+) -> Complexity:
+    """IF-COMP of the inputs in `batches` against the log's current pass (see the module docstring).
+
+    batches: (ids, inputs) or (ids, inputs, labels) per batch; the labels give each pair's code
+    length. logits(model, inputs) -> (B, C) class scores (default model(inputs)). temperature > 0:
+    the added pair weighs 1/T training examples. preconditioner, damping, damping_factor, modules,
+    curvature: as `log.influence`. The model runs in eval mode; its parameters and .grad are left
+    as they were. A training example's labelled complexity needs its input again (the log holds
+    only its observed label's row): pass the training inputs as a batch.
+    """
+    t = real_number(temperature)
+    if t is None or not math.isfinite(t) or t <= 0:
+        raise ConfigError(f"temperature must be a positive number, got {shown(temperature)}")
+    if len(log) == 0:
+        raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
+    forward = logits if logits is not None else (lambda m, x: m(x))
+    pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
+    weight = 1.0 / (len(log) * t)
+    ids, log_probs, gains, labels = [], [], [], []
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in saved_grads:
+            p.grad = None  # backward would add into the caller's gradients
+        for batch in batches:
+            batch_ids, inputs, batch_labels = _unpack(batch)
+            out = _log_softmax(forward, model, inputs)
+            rows = _label_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
+            pre_rows = torch.stack([(pre.columns(r).double() * pre.apply(r)).sum(dim=1) for r in rows], dim=1)
+            ids.extend(_batch_ids(batch_ids, len(out)))
+            log_probs.append(out)
+            gains.append(weight * pre_rows)
+            if batch_labels is not None:
+                labels.append(_labels(batch_labels, out.shape))
+    finally:
+        model.train(was_training)
+        for p, g in saved_grads:
+            p.grad = g
+    if not ids:
+        raise ConfigError("batches held no inputs")
+    if labels and len(labels) != len(log_probs):
+        raise ConfigError("give labels with every batch or with none")
+    log_probs, gains = torch.cat(log_probs), torch.cat(gains)
+    probs, values = pnml(log_probs, gains)
+    result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids) if ids else ids)
+    if labels:
+        result.labels = torch.cat(labels)
+        joint = (log_probs + gains).gather(1, result.labels[:, None]).squeeze(1)
+        result.code_length = values - joint  # -log p_pNML(label | x), finite where the probability underflows
+    return result
+
+
+def _unpack(batch) -> tuple:
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ConfigError(f"each batch must be (ids, inputs) or (ids, inputs, labels), got {shown(batch)}")
+    return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+
+def _log_softmax(forward, model, inputs) -> Tensor:
+    with torch.no_grad():
+        out = forward(model, inputs)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        raise ConfigError(f"the model must give (batch, classes) logits with at least 2 classes, got {shown(out)}")
+    return F.log_softmax(out.double(), dim=1)
+
+
+def _label_rows(log, model, forward, inputs, batch: int, classes: int) -> Tensor:
+    """(C, B, D): each example's row for each candidate label, one forward and backward per label."""
+    with log.query(model) as q:
+        for c in range(classes):
+            with q.capture(list(range(batch)), reduction="sum"):
+                out = forward(model, inputs)
+                F.cross_entropy(out, torch.full((batch,), c, device=out.device), reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
+        all_rows = q.rows
+    return all_rows.view(classes, -1, all_rows.shape[1])
+
+
+def _batch_ids(batch_ids, size: int) -> list:
+    ids = batch_ids.tolist() if isinstance(batch_ids, (Tensor, np.ndarray)) else list(batch_ids)
+    if len(ids) != size:
+        raise ConfigError(f"a batch has {len(ids)} ids for {size} inputs")
+    return ids
+
+
+def _labels(labels, shape) -> Tensor:
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if labels.dtype.is_floating_point or len(labels) != shape[0]:
+        raise ConfigError(f"labels must be {shape[0]} integer classes per batch, got {shown(labels)}")
+    if bool((labels < 0).any()) or bool((labels >= shape[1]).any()):
+        raise ConfigError(f"labels must lie in 0..{shape[1] - 1}, got {shown(labels)}")
+    return labels.long()
