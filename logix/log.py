@@ -336,6 +336,7 @@ class Log:
 
     # IF-COMP: pNML predictions and complexity of new inputs (see logix.complexity)
     complexity = ifcomp.complexity
+    choose_temperature = ifcomp.choose_temperature
 
     def self_influence(
         self,

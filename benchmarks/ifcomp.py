@@ -1,0 +1,250 @@
+"""IF-COMP from a log (issue 18) on scikit-learn's digits: calibration under shift, out-of-distribution
+detection, mislabel detection.
+
+    python benchmarks/ifcomp.py            # 3 seeds, 30 epochs (about 3 minutes on 2 CPU cores)
+    python benchmarks/ifcomp.py --quick    # 1 seed
+    python benchmarks/ifcomp.py --smoke    # 1 seed, 3 epochs: checks the benchmark works; its numbers mean nothing
+
+The model and recipe are examples/data_selection.py's (an MLP, SGD, logged by logix at rank 16
+with EK-FAC, one pass per epoch); IF-COMP reads the last epoch's pass (`log.complexity`).
+
+* Calibration: expected calibration error (15 bins) and negative log-likelihood on the test digits
+  and on shifted copies (rotated by 15, 30 and 45 degrees, Gaussian noise of std 0.3, 30% of the
+  pixels dropped), for the softmax, the softmax with a temperature fitted on held-out clean
+  digits, and IF-COMP's pNML with its temperature chosen on the same held-out digits
+  (`log.choose_temperature`: the least NLL over powers of 2 from 0.25 to 16384).
+* Out-of-distribution: AUROC of each score at telling test digits from near-OOD inputs (a model
+  trained on digits 0-4 alone, asked about 5-9, every score over its 5 trained outputs) and
+  far-OOD ones (digits rotated 90 degrees, inverted, uniform noise): IF-COMP's complexity against
+  the maximum softmax probability and the energy score (-logsumexp of the logits).
+* Mislabels: 10% of the training labels flipped; AUC and the share of flipped labels in the top
+  10%, for IF-COMP's code length of each training pair (the training inputs passed again), the
+  log's self-influence, and the final training loss.
+
+Each table is mean +- standard error over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from data_selection import table, train  # noqa: E402
+from digits import digits_datasets, flip_labels  # noqa: E402
+
+import logix  # noqa: E402
+
+TEMPERATURES = tuple(2.0**p for p in range(-2, 11))  # 0.25 ... 1024  # IF-COMP's grid, chosen on held-out digits
+
+
+def rotated(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """8x8 digits (flattened) rotated about their centre, bilinear."""
+    angle = math.radians(degrees)
+    matrix = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]])
+    grid = F.affine_grid(matrix.expand(len(x), 2, 3), (len(x), 1, 8, 8), align_corners=False)
+    return F.grid_sample(x.view(-1, 1, 8, 8), grid, align_corners=False).view(-1, 64)
+
+
+def shifts(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"clean": x}
+    for degrees in (15, 30, 45):
+        out[f"rotated {degrees}"] = rotated(x, degrees)
+    out["noise 0.3"] = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    out["30% pixels dropped"] = x * (torch.rand(x.shape, generator=g) > 0.3)
+    return out
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == y).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            total += float(inside.double().mean() * (confidence[inside].mean() - correct[inside].mean()).abs())
+    return total
+
+
+def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
+    return float(-probs[torch.arange(len(y)), y].clamp_min(1e-300).log().mean())
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The softmax temperature of least NLL on (logits, y)."""
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits.double() / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def complexity(log, model, x: torch.Tensor, temperature: float, labels=None, logits=None):
+    batches = [
+        (list(range(s, min(s + 256, len(x)))), x[s : s + 256]) + (() if labels is None else (labels[s : s + 256],))
+        for s in range(0, len(x), 256)
+    ]
+    return log.complexity(model, batches, temperature=temperature, preconditioner="ekfac", logits=logits)  # logix
+
+
+def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
+    """AUROC of a score meant to be higher outside the distribution."""
+    scores = torch.cat([inside, outside]).double().numpy()
+    return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], scores))
+
+
+def ood_scores(log, model, x: torch.Tensor, temperature: float, classes: int = 10) -> dict[str, torch.Tensor]:
+    """Each method's score, higher = more out of distribution, over the first `classes` outputs
+    (the classes the model was trained on)."""
+    forward = lambda m, inputs: m(inputs)[:, :classes]  # noqa: E731
+    with torch.no_grad():
+        logits = forward(model, x).double()
+    return {
+        "IF-COMP complexity": complexity(log, model, x, temperature, logits=forward).values,
+        "max softmax probability": -torch.softmax(logits, dim=1).max(dim=1).values,
+        "energy": -torch.logsumexp(logits, dim=1),
+    }
+
+
+def experiment(tmp: str, seed: int, epochs: int) -> dict[str, list[list]]:
+    train_set, test_set = digits_datasets()
+    x_all, y_all = train_set.tensors
+    x_test, y_test = test_set.tensors
+    order = np.random.default_rng(seed).permutation(len(x_all))
+    held, kept = order[: len(x_all) // 5], order[len(x_all) // 5 :]  # held-out clean digits choose temperatures
+    x, y, x_val, y_val = x_all[kept], y_all[kept], x_all[held], y_all[held]
+    out: dict[str, list[list]] = {}
+
+    # calibration under shift
+    with logix.init(f"{tmp}/clean", rank=16, statistics="ekfac") as run:  # logix
+        model = train(x, y, epochs, seed, run)
+    log = logix.open(f"{tmp}/clean")
+    with torch.no_grad():
+        val_logits = model(x_val)
+    softmax_t = fit_temperature(val_logits, y_val)
+    if_t, _ = log.choose_temperature(model, [(list(range(len(x_val))), x_val, y_val)], preconditioner="ekfac")
+    rows = []
+    for name, shifted in shifts(x_test, seed).items():
+        with torch.no_grad():
+            logits = model(shifted).double()
+        methods = {
+            "softmax": torch.softmax(logits, dim=1),
+            "temperature-scaled softmax": torch.softmax(logits / softmax_t, dim=1),
+            "IF-COMP": complexity(log, model, shifted, if_t).probs,
+        }
+        for method, probs in methods.items():
+            rows.append([f"{name}: {method}", ece(probs, y_test), nll(probs, y_test)])
+    out["calibration"] = rows
+    out["temperatures"] = [["softmax", softmax_t], ["IF-COMP", if_t]]
+    print(f"  seed {seed}: IF-COMP temperature {if_t:g}, softmax temperature {softmax_t:.3f}", flush=True)
+
+    # far-OOD against the same model
+    inside = ood_scores(log, model, x_test, if_t)
+    far = {
+        "rotated 90": rotated(x_test, 90),
+        "inverted": 1 - x_test,
+        "uniform noise": torch.rand(x_test.shape, generator=torch.Generator().manual_seed(seed)),
+    }
+    rows = []
+    for name, x_out in far.items():
+        outside = ood_scores(log, model, x_out, if_t)
+        rows += [[f"{name}: {method}", auroc(inside[method], outside[method])] for method in inside]
+    # near-OOD: a model that saw digits 0-4 only, asked about 5-9
+    few = y < 5
+    with logix.init(f"{tmp}/few", rank=16, statistics="ekfac") as run:  # logix
+        model_few = train(x[few], y[few], epochs, seed, run)
+    log_few = logix.open(f"{tmp}/few")
+    inside = ood_scores(log_few, model_few, x_test[y_test < 5], if_t, classes=5)
+    outside = ood_scores(log_few, model_few, x_test[y_test >= 5], if_t, classes=5)
+    rows += [[f"digits 5-9 unseen: {method}", auroc(inside[method], outside[method])] for method in inside]
+    out["ood"] = rows
+
+    # mislabels
+    y_flipped, flipped = flip_labels(y, 0.1, seed=seed + 1)
+    with logix.init(f"{tmp}/flipped", rank=16, statistics="ekfac") as run:  # logix
+        model_flipped = train(x, y_flipped, epochs, seed, run)
+    log_flipped = logix.open(f"{tmp}/flipped")
+    ids = log_flipped.ids
+    code = complexity(log_flipped, model_flipped, x[ids], if_t, labels=y_flipped[ids])
+    self_influence = log_flipped.self_influence("ekfac")  # logix
+    with torch.no_grad():
+        losses = F.cross_entropy(model_flipped(x), y_flipped, reduction="none")
+    by_method = {
+        "IF-COMP code length": dict(zip(ids.tolist(), code.code_length.tolist())),
+        "self-influence (ekfac)": dict(zip(self_influence.ids.tolist(), self_influence.values.tolist())),
+        "training loss": dict(enumerate(losses.tolist())),
+    }
+    rows = []
+    for method, score in by_method.items():
+        values = np.array([score[i] for i in range(len(x))])
+        top = np.argsort(-values)[: len(x) // 10]
+        rows.append([method, float(roc_auc_score(flipped, values)), float(flipped[top].mean())])
+    out["mislabels"] = rows
+    return out
+
+
+def mean_se(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} +- {statistics.stdev(values) / len(values) ** 0.5:.3f}"
+
+
+def summary(head: list[str], per_seed: list[list[list]]) -> str:
+    rows = [[first[0]] + [mean_se([s[i][c] for s in per_seed]) for c in range(1, len(first))]
+            for i, first in enumerate(per_seed[0])]  # fmt: skip
+    return table(head, rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="1 seed")
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 3 epochs: checks the benchmark works")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.epochs = 1, 3
+    elif args.quick:
+        args.seeds = 1
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; {args.seeds} seeds, {args.epochs} epochs per training")
+    if args.smoke:
+        print("--smoke: a check that the benchmark runs end to end; its numbers mean nothing")
+    results, seconds = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            start = time.perf_counter()
+            results.append(experiment(f"{tmp}/{seed}", seed, args.epochs))
+            seconds.append(time.perf_counter() - start)
+            print(f"  seed {seed}: {seconds[-1]:.0f} s", flush=True)
+    print(f"\ntemperatures chosen on held-out clean digits ({statistics.fmean(seconds):.0f} s per seed)")
+    print(summary(["method", "temperature"], [r["temperatures"] for r in results]))
+    print("\ncalibration on test digits, clean and shifted")
+    print(summary(["test set: method", "ECE", "NLL"], [r["calibration"] for r in results]))
+    print("\nout-of-distribution detection (AUROC, higher is better)")
+    print(summary(["outside inputs: score", "AUROC"], [r["ood"] for r in results]))
+    print("\nmislabel detection, 10% of training labels flipped")
+    print(summary(["score", "AUC", "flipped share of top 10%"], [r["mislabels"] for r in results]))
+
+
+if __name__ == "__main__":
+    main()
