@@ -17,6 +17,8 @@ with EK-FAC, one pass per epoch); IF-COMP reads the last epoch's pass (`log.comp
   trained on digits 0-4 alone, asked about 5-9, every score over its 5 trained outputs) and
   far-OOD ones (digits rotated 90 degrees, inverted, uniform noise): IF-COMP's complexity against
   the maximum softmax probability and the energy score (-logsumexp of the logits).
+* Cost: IF-COMP of the test digits against plain scoring of them (a query row each at its own
+  label, then EK-FAC influence top 10 over the training rows).
 * Mislabels: 10% of the training labels flipped; AUC and the share of flipped labels in the top
   10%, for IF-COMP's code length of each training pair (the training inputs passed again), the
   log's self-influence, and the final training loss.
@@ -156,6 +158,20 @@ def experiment(tmp: str, seed: int, epochs: int) -> dict[str, list[list]]:
     out["temperatures"] = [["softmax", softmax_t], ["IF-COMP", if_t]]
     print(f"  seed {seed}: IF-COMP temperature {if_t:g}, softmax temperature {softmax_t:.3f}", flush=True)
 
+    # cost: IF-COMP of the test digits against plain scoring of them (one query row each, their own labels)
+    start = time.perf_counter()
+    complexity(log, model, x_test, if_t)
+    if_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with log.query(model) as q:  # logix
+        with q.capture(list(range(len(x_test)))):
+            F.cross_entropy(model(x_test), y_test).backward()
+    log.influence(q, "ekfac", top_k=10)  # logix
+    model.zero_grad(set_to_none=True)
+    plain_seconds = time.perf_counter() - start
+    out["cost"] = [["IF-COMP (log.complexity)", if_seconds, if_seconds / plain_seconds],
+                   ["plain scoring (query + influence top 10)", plain_seconds, 1.0]]  # fmt: skip
+
     # far-OOD against the same model
     inside = ood_scores(log, model, x_test, if_t)
     far = {
@@ -242,6 +258,8 @@ def main(argv=None) -> None:
     print(summary(["test set: method", "ECE", "NLL"], [r["calibration"] for r in results]))
     print("\nout-of-distribution detection (AUROC, higher is better)")
     print(summary(["outside inputs: score", "AUROC"], [r["ood"] for r in results]))
+    print(f"\ncost on the {len(digits_datasets()[1])} test digits")
+    print(summary(["", "seconds", "ratio to plain scoring"], [r["cost"] for r in results]))
     print("\nmislabel detection, 10% of training labels flipped")
     print(summary(["score", "AUC", "flipped share of top 10%"], [r["mislabels"] for r in results]))
 

@@ -166,6 +166,7 @@ CONTEXT = {
     "Reading a log": ("", True),
     "Attribution: which training examples mattered": (DIGITS, True),
     "Attribution across training": (DIGITS, True),
+    "Uncertainty and complexity": (DIGITS, True),
     "Command line": (DIGITS, True),
 }
 
