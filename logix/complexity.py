@@ -16,14 +16,15 @@ in w:
 
 A temperature below 1 weighs the added pair as more than one example. The paper's temperature
 enters through a Boltzmann output distribution instead; either way it is chosen on held-out data:
-`log.choose_temperature(model, labelled_batches)` returns the temperature of least pNML
-negative log-likelihood (the default, 256, is what that chose on the digits benchmark). The
+`log.choose_temperature(model, labelled_batches)` returns the temperature (and, given several,
+the damping factor) of least pNML negative log-likelihood. The
 candidate labels' gradients take one forward and one backward pass per class and batch, captured
 like query rows (nothing is written).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from .errors import ConfigError
 from .results import _Saved, _values, as_ids
 from .scalars import real_number, shown
 
-DEFAULT_TEMPERATURE = 256.0  # chosen on held-out digits by benchmarks/ifcomp.py (it picked 128 to 1024)
-TEMPERATURE_GRID = tuple(2.0**p for p in range(-2, 15))  # 0.25 ... 16384: choose_temperature's default
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 256.0  # see the README: chosen from benchmarks/ifcomp.py
+TEMPERATURE_GRID = tuple(4.0**p for p in range(-1, 21))  # 0.25 ... 4^20 (about 1e12): choose_temperature's default
 
 
 @dataclass(eq=False)
@@ -96,15 +99,78 @@ def complexity(
     as they were. A training example's labelled complexity needs its input again (the log holds
     only its observed label's row): pass the training inputs as a batch.
     """
-    t = real_number(temperature)
-    if t is None or not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"temperature must be a positive number, got {shown(temperature)}")
-    if len(log) == 0:
-        raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
+    t = _positive(temperature, "temperature")
     forward = logits if logits is not None else (lambda m, x: m(x))
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
-    weight = 1.0 / (len(log) * t)
-    ids, log_probs, gains, labels = [], [], [], []
+    ids, log_probs, gains, labels = _gains(log, model, batches, forward, [pre])
+    gains = gains[0] / t
+    probs, values = pnml(log_probs, gains)
+    result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids))
+    if labels is not None:
+        result.labels = labels
+        joint = (log_probs + gains).gather(1, labels[:, None]).squeeze(1)
+        result.code_length = values - joint  # -log p_pNML(label | x), finite where the probability underflows
+    return result
+
+
+def choose_temperature(
+    log,
+    model: nn.Module,
+    batches: Iterable,
+    temperatures=TEMPERATURE_GRID,
+    damping_factors=(DEFAULT_DAMPING_FACTOR,),
+    *,
+    preconditioner: str = "auto",
+    modules=None,
+    curvature: str = "auto",
+    logits: Callable | None = None,
+) -> tuple[float, float, dict[tuple[float, float], float]]:
+    """(temperature, damping_factor, {(temperature, damping_factor): NLL}): the pair whose pNML
+    gives the least negative log-likelihood on held-out labelled `batches` ((ids, inputs, labels)
+    each), over the grids given. The candidate labels' gradients are taken once (the gains scale
+    as 1/T; each damping factor preconditions the same rows), so the held-out rows stay in memory:
+    a few hundred examples are enough. Other options: as `complexity`."""
+    grid = [_positive(t, "temperatures") for t in temperatures]
+    factors = [_positive(f, "damping_factors") for f in damping_factors]
+    if not grid or not factors:
+        raise ConfigError("temperatures and damping_factors each need at least one value")
+    forward = logits if logits is not None else (lambda m, x: m(x))
+    pres = [Preconditioner(log, preconditioner, None, f, modules, curvature) for f in factors]
+    _, log_probs, gains, labels = _gains(log, model, batches, forward, pres)
+    if labels is None:
+        raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
+    rows = torch.arange(len(labels))
+    nll = {}
+    for factor, factor_gains in zip(factors, gains):
+        for t in grid:
+            joint = log_probs + factor_gains / t
+            nll[(t, factor)] = float((torch.logsumexp(joint, dim=1) - joint[rows, labels]).mean())
+    best_t, best_f = min(nll, key=nll.get)
+    if len(grid) > 1 and best_t in (min(grid), max(grid)):
+        logger.warning(
+            "choose_temperature: the best temperature, %g, is at the edge of the grid; the curvature may be "
+            "nearly singular (try larger damping_factors) or IF-COMP may add nothing here (a very high "
+            "temperature is the softmax)",
+            best_t,
+        )
+    return best_t, best_f, nll
+
+
+def _positive(value, name: str) -> float:
+    number = real_number(value)
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name} must be positive numbers, got {shown(value)}" if name.endswith("s") else
+                          f"{name} must be a positive number, got {shown(value)}")  # fmt: skip
+    return number
+
+
+def _gains(log, model, batches, forward, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
+    """(ids, log-softmax (n, C), per preconditioner the gains at T = 1 (n, C), labels or None)."""
+    if len(log) == 0:
+        raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
+    weight = 1.0 / len(log)
+    ids, log_probs, labels = [], [], []
+    gains: list[list[Tensor]] = [[] for _ in pres]
     saved_grads = [(p, p.grad) for p in model.parameters()]
     was_training = model.training
     model.eval()
@@ -115,10 +181,11 @@ def complexity(
             batch_ids, inputs, batch_labels = _unpack(batch)
             out = _log_softmax(forward, model, inputs)
             rows = _label_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
-            pre_rows = torch.stack([(pre.columns(r).double() * pre.apply(r)).sum(dim=1) for r in rows], dim=1)
+            for pre, kept in zip(pres, gains):
+                norms = [(pre.columns(r).double() * pre.apply(r)).sum(dim=1) for r in rows]  # g^T (F + lam I)^-1 g
+                kept.append(weight * torch.stack(norms, dim=1))
             ids.extend(_batch_ids(batch_ids, len(out)))
             log_probs.append(out)
-            gains.append(weight * pre_rows)
             if batch_labels is not None:
                 labels.append(_labels(batch_labels, out.shape))
     finally:
@@ -129,37 +196,7 @@ def complexity(
         raise ConfigError("batches held no inputs")
     if labels and len(labels) != len(log_probs):
         raise ConfigError("give labels with every batch or with none")
-    log_probs, gains = torch.cat(log_probs), torch.cat(gains)
-    probs, values = pnml(log_probs, gains)
-    result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids) if ids else ids)
-    if labels:
-        result.labels = torch.cat(labels)
-        joint = (log_probs + gains).gather(1, result.labels[:, None]).squeeze(1)
-        result.code_length = values - joint  # -log p_pNML(label | x), finite where the probability underflows
-    return result
-
-
-def choose_temperature(
-    log, model: nn.Module, batches: Iterable, temperatures=TEMPERATURE_GRID, **options
-) -> tuple[float, dict[float, float]]:
-    """The temperature whose pNML gives the least negative log-likelihood on held-out labelled
-    `batches` ((ids, inputs, labels) each), and that NLL for every temperature tried. The gains
-    scale as 1/T, so the candidate labels' gradients are taken once. options: as `complexity`."""
-    if "temperature" in options:
-        raise ConfigError("choose_temperature tries `temperatures`; do not pass temperature")
-    grid = [real_number(t) for t in temperatures]
-    if not grid or any(t is None or not math.isfinite(t) or t <= 0 for t in grid):
-        raise ConfigError(f"temperatures must be positive numbers, got {shown(temperatures)}")
-    base = complexity(log, model, batches, temperature=1.0, **options)
-    if base.labels is None:
-        raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
-    log_softmax = base.softmax.clamp_min(1e-300).log()
-    rows = torch.arange(len(base.labels))
-    nll = {}
-    for t in grid:
-        joint = log_softmax + base.gains / t
-        nll[t] = float((torch.logsumexp(joint, dim=1) - joint[rows, base.labels]).mean())
-    return min(nll, key=nll.get), nll
+    return ids, torch.cat(log_probs), [torch.cat(g) for g in gains], torch.cat(labels) if labels else None
 
 
 def _unpack(batch) -> tuple:

@@ -134,16 +134,20 @@ def test_choose_temperature_is_the_least_nll_of_the_grid(setup):
     model, log, x, y, x_test = setup
     labels = torch.arange(N_TEST) % CLASSES
     batches = [(list(range(N_TEST)), x_test, labels)]
-    grid = (0.5, 2.0, 8.0, 64.0)
-    best, nll = log.choose_temperature(model, batches, grid, preconditioner="kfac")
-    for t in grid:  # each against a full IF-COMP at that temperature: the mean code length of the labels
-        direct = log.complexity(model, batches, temperature=t, preconditioner="kfac").code_length.mean()
-        assert nll[t] == pytest.approx(float(direct), rel=1e-9), t
-    assert best == min(grid, key=nll.get)
+    grid, factors = (0.5, 2.0, 8.0, 64.0), (0.01, 0.1, 3.0)
+    best_t, best_f, nll = log.choose_temperature(model, batches, grid, factors, preconditioner="kfac")
+    assert set(nll) == {(t, f) for t in grid for f in factors}
+    for t in grid:  # each against a full IF-COMP at those settings: the mean code length of the labels
+        for f in factors:
+            direct = log.complexity(model, batches, temperature=t, damping_factor=f, preconditioner="kfac")
+            assert nll[(t, f)] == pytest.approx(float(direct.code_length.mean()), rel=1e-9), (t, f)
+    assert (best_t, best_f) == min(nll, key=nll.get)
     with pytest.raises(logix.ConfigError, match="needs labelled batches"):
         log.choose_temperature(model, [(list(range(N_TEST)), x_test)])
     with pytest.raises(logix.ConfigError, match="temperatures must be positive numbers"):
         log.choose_temperature(model, batches, (1.0, -2.0))
+    with pytest.raises(logix.ConfigError, match="damping_factors must be positive numbers"):
+        log.choose_temperature(model, batches, (1.0,), (0.0,))
 
 
 # -- the linearisation against brute force ----------------------------------------------------------
