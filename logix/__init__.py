@@ -31,6 +31,7 @@ from .log import open_log as open  # noqa: A004 - the public name the docs promi
 from .query import Query
 from .results import Scores, SelfInfluence, TopK
 from .run import Run, init
+from .token_split import TokenScores
 from .version import __version__
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "Scores",
     "SelfInfluence",
     "StatisticsError",
+    "TokenScores",
     "TopK",
     "WithIds",
     "WriterError",

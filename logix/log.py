@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import across_training
+from . import across_training, token_split
 from . import complexity as ifcomp
 from .config import Config
 from .curvature import (
@@ -337,6 +337,9 @@ class Log:
     # IF-COMP: pNML predictions and complexity of new inputs (see logix.complexity)
     complexity = ifcomp.complexity
     choose_temperature = ifcomp.choose_temperature
+
+    # a sequence's score split over its positions (see logix.token_split)
+    token_influence = token_split.token_influence
 
     def self_influence(
         self,
