@@ -65,6 +65,7 @@ def select_modules(
     """
     include = _patterns(include, "include") if include is not None else None
     exclude = _patterns(exclude, "exclude") if exclude is not None else []
+    _refuse_parameter_adapters(model)
     chosen, seen = [], set()
     for name, module in named_modules(model):
         kind = kind_of(module)
@@ -89,6 +90,19 @@ def select_modules(
             f"(include_frozen={include_frozen})"
         )
     return chosen
+
+
+def _refuse_parameter_adapters(model: nn.Module) -> None:
+    """peft's LoRA on an embedding keeps its adapters as bare parameters (lora_embedding_A/B), not
+    as modules whose inputs and output gradients a hook could see: refuse rather than leave them out
+    of the rows in silence."""
+    bare = [name for name, p in model.named_parameters() if p.requires_grad and ".lora_embedding_" in f".{name}"]
+    if bare:
+        raise ConfigError(
+            f"trainable LoRA adapters on an embedding ({bare[0]}{' and others' if len(bare) > 1 else ''}) are "
+            "parameters, not modules, so logix cannot capture their per-example gradients; put LoRA on Linear or "
+            "Conv1D layers only (LoraConfig(target_modules=...)), or train the embedding itself"
+        )
 
 
 def _patterns(patterns, what: str) -> list[str]:
