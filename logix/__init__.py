@@ -29,6 +29,7 @@ from .labels import sampled_labels
 from .log import Log, ModuleInfo, PassInfo
 from .log import open_log as open  # noqa: A004 - the public name the docs promise
 from .query import Query
+from .report import report
 from .results import Scores, SelfInfluence, TopK
 from .run import Run, init
 from .token_split import TokenScores
@@ -62,5 +63,6 @@ __all__ = [
     "WriterError",
     "init",
     "open",
+    "report",
     "sampled_labels",
 ]

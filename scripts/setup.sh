@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[dev,hf,deepspeed,lightning,examples]"
+.venv/bin/python -m pip install --quiet -e ".[dev,hf,deepspeed,lightning,examples,report]"
 echo "logix installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

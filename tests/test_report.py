@@ -1,0 +1,116 @@
+"""The report page (logix.report): what it shows, that training text cannot inject markup, that it
+needs nothing from the network, and that a real browser renders it without a console error."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_token_split import VOCAB, gpt2, sequence_losses, sequences
+
+import logix
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+HOSTILE = "<script>alert('x')</script>"
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A fixed-checkpoint log of 24 sequences, 3 queries, and the page for their top 5."""
+    model = gpt2()
+    ids, mask = sequences(24, seed=1)
+    tmp = tmp_path_factory.mktemp("report")
+    with logix.init(tmp / "log", rank=4, statistics="ekfac") as run:
+        run.watch(model)
+        for start in range(0, 24, 8):
+            rows = slice(start, start + 8)
+            with run.capture(list(range(start, start + 8)), mask=mask[rows], reduction="sum"):
+                sequence_losses(model, (ids[rows], mask[rows])).sum().backward()
+            model.zero_grad(set_to_none=True)
+    log = logix.open(tmp / "log")
+    q_ids, q_mask = sequences(3, seed=2)
+    with log.query(model) as q:
+        with q.capture([0, 1, 2], mask=q_mask, reduction="sum"):
+            sequence_losses(model, (q_ids, q_mask)).sum().backward()
+    top = log.influence(q, "ekfac", top_k=5)
+    listed = sorted(set(top.ids.reshape(-1).tolist()))
+    tokens = log.token_influence(q, model, listed, (ids[listed], mask[listed]), sequence_losses, preconditioner="ekfac")
+    words = [f"w{i}" for i in range(VOCAB)]
+    texts = {i: [words[t] + " " for t in ids[i][mask[i].bool()].tolist()] for i in range(24)}
+    texts[listed[0]][0] = HOSTILE  # training text is data, never markup
+    queries = [(" ".join(words[t] for t in q_ids[i][:3].tolist()), " " + words[int(q_ids[i][3])]) for i in range(3)]
+    out = logix.report(tmp / "page" / "report.html", queries, top, texts, tokens=tokens,
+                       self_influence=log.self_influence("ekfac"), top=5)  # fmt: skip
+    return out, top, tokens, texts, queries
+
+
+def test_every_query_lists_its_top_sequences_with_tokens_and_shares(page):
+    out, top, tokens, texts, queries = page
+    html = out.read_text()
+    for q in range(3):
+        section = html.split(f'id="query-{q}"')[1].split("</section>")[0]
+        assert section.count('<tr class="entry">') == 5
+        for train_id, value in zip(top.ids[q].tolist(), top.values[q].tolist()):
+            assert f'<td class="num">{train_id}</td><td class="num">{value:+.4g}</td>' in section
+        shares = [float(s) for s in re.findall(r'<td class="num">(-?[\d.]+)%</td>', section)]
+        positive = np.clip(top.values[q].double().numpy(), 0, None)
+        np.testing.assert_allclose(shares, np.round(100 * top.values[q].double().numpy() / positive.sum(), 1))
+        # every listed token carries its split value, the values of a sequence adding to its score
+        first = top.ids[q, 0].item()
+        n = tokens.ids.tolist().index(first)
+        shown = [float(v) for v in re.findall(r'title="([+-][^"]+)"', section.split("</tr>")[1])]
+        assert len(shown) == len(texts[first])
+        assert sum(shown) == pytest.approx(float(top.values[q, 0]), rel=1e-3)
+        assert float(tokens.values[q, n].sum()) == pytest.approx(float(top.values[q, 0]), rel=1e-4)
+    assert "<svg" in html and 'id="self-influence"' in html
+
+
+def test_training_text_is_escaped_and_nothing_is_fetched(page):
+    html = page[0].read_text()
+    assert HOSTILE not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page must not fetch anything"
+    assert "<script" not in html.lower()
+
+
+def test_bad_arguments_are_refused(page, tmp_path):
+    out, top, tokens, texts, queries = page
+    with pytest.raises(logix.ConfigError, match="2 queries given for 3 query rows"):
+        logix.report(tmp_path / "r.html", queries[:2], top, texts)
+    with pytest.raises(logix.ConfigError, match="texts has no entry for train id"):
+        logix.report(tmp_path / "r.html", queries, top, {})
+    with pytest.raises(logix.ConfigError, match=r"each query must be a \(prompt, completion\) pair"):
+        logix.report(tmp_path / "r.html", ["just a prompt"] * 3, top, texts)
+
+
+@pytest.mark.skipif(
+    not Path(CHROMEDRIVER).exists() or shutil.which("chromium") is None,
+    reason="NO BROWSER: Debian's chromium and chromium-driver are not installed (.ci/run installs them as root); "
+    "the report page was not opened in a browser",
+)
+def test_a_real_browser_renders_the_page(page, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(page[0].resolve().as_uri())
+        assert len(driver.find_elements(By.CSS_SELECTOR, "section.query")) == 3
+        assert len(driver.find_elements(By.CSS_SELECTOR, "tr.entry")) == 15
+        highlighted = driver.find_elements(By.CSS_SELECTOR, "span.tok[title]")
+        assert highlighted and highlighted[0].is_displayed()
+        plot = driver.find_element(By.CSS_SELECTOR, "#self-influence svg")
+        assert plot.size["width"] > 100 and plot.size["height"] > 50
+        assert driver.execute_script("return document.querySelectorAll('script').length") == 0  # escaped, not run
+        assert driver.save_screenshot(str(tmp_path / "report.png"))
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
