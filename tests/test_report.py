@@ -114,3 +114,30 @@ def test_a_real_browser_renders_the_page(page, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_the_command_line_writes_the_same_page(page, tmp_path, capsys):
+    import json
+
+    from logix.cli import main
+
+    out, top, tokens, texts, queries = page
+    log_path = out.parent.parent / "log"
+    top.save(tmp_path / "top.h5")
+    tokens.save(tmp_path / "tokens.h5")
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"id": i, "tokens": t}) for i, t in texts.items()))
+    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in queries))
+    args = [str(log_path), "--scores", str(tmp_path / "top.h5"), "--tokens", str(tmp_path / "tokens.h5"),
+            "--texts", str(tmp_path / "texts.jsonl"), "--queries", str(tmp_path / "queries.jsonl"), "--top", "5",
+            "-p", "ekfac", "--out", str(tmp_path / "cli.html")]  # fmt: skip
+    assert main(["report", *args]) == 0
+    cli = (tmp_path / "cli.html").read_text()
+    python = out.read_text()
+    strip = lambda html: re.sub(r"Made [^.]*\.", "", html)  # noqa: E731 - the time it was made differs
+    assert strip(cli).replace("logix report", "") == strip(python).replace("logix report", "")
+    (tmp_path / "texts.jsonl").write_text('{"id": 1, "text": "only one"}\n')
+    assert main(["report", *args]) == 2
+    assert "texts has no entry for train id" in capsys.readouterr().err
+    (tmp_path / "queries.jsonl").write_text("not json\n")
+    assert main(["report", *args]) == 2
+    assert "queries.jsonl:1: not JSON" in capsys.readouterr().err

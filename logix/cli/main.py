@@ -8,7 +8,7 @@ import sys
 
 from ..errors import ConfigError, LogFormatError, LogixError, NotInLogError, StatisticsError
 from ..version import __version__
-from . import export, info, scores, verify
+from . import export, info, report, scores, verify
 from .common import QUIET_HELP, CliError, Formatter
 
 DESCRIPTION = """\
@@ -42,6 +42,7 @@ examples:
   logix top runs/digits --query runs/digits-test --top 5 -p ekfac
   logix export runs/digits --ids 3,17,42 --out rows.npy   (+ rows.ids.npy)
   logix export runs/digits --all --module 0 --out rows.csv
+  logix report runs/lm --scores top.h5 --texts train.jsonl --queries q.jsonl --out report.html
 
 exit status: 0 success; 1 a damaged or unreadable log; 2 a usage error
 (bad arguments; an unknown pass, module or id; a preconditioner the pass
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_parser(sub)
     scores.add_parsers(sub)
     export.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
