@@ -13,8 +13,9 @@ say what it says, and which words in it.
 3. Log one pass at the final checkpoint (the model in eval mode, no optimizer step): rows that
    can be split by token, since the parameters they were taken at are the model's now.
 4. Generate two completions, ask which fine-tuning lines explain them (EK-FAC influence, top 5),
-   split those lines' scores over their words (`log.token_influence`), and write the page
-   (`logix.report`) with the log's self-influence.
+   split those lines' scores over their words (`log.token_influence`) and over the completions'
+   words (`log.query_token_influence`), and write the page (`logix.report`) with the log's
+   self-influence.
 
 About 25 s on 2 CPU cores; nothing is downloaded.
 """
@@ -38,7 +39,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, 
 from transformers.utils import logging as hf_logging
 
 import logix
-from logix.integrations.huggingface import LogIXCallback, lm_query
+from logix.integrations.huggingface import LogIXCallback, continuation_batch, lm_query
 
 EPOCHS, LR, RANK = 60, 3e-3, 16  # the fine-tuning: epochs, learning rate, LoRA rank
 
@@ -71,6 +72,12 @@ def sequence_losses(model, batch):
     logits = model(input_ids=ids, attention_mask=mask).logits
     token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return (token * mask[:, 1:]).sum(dim=1)
+
+
+def continuation_losses(model, batch):
+    """Each query's loss as lm_query captures it: its completion tokens' summed loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none").sum(dim=1)
 
 
 def main(argv=None) -> None:
@@ -120,13 +127,15 @@ def main(argv=None) -> None:
     listed = sorted(set(top.ids.reshape(-1).tolist()))
     chosen = collate([{"input_ids": tok.encode(lines[i]).ids} for i in listed])
     tokens = log.token_influence(q, model, listed, chosen, sequence_losses, preconditioner="ekfac")  # logix
+    asked = continuation_batch([p for p, _ in queries], [c for _, c in queries])  # and which completion tokens
+    query_tokens = log.query_token_influence(model, asked, continuation_losses, listed, preconditioner="ekfac")  # logix
     texts = {i: [f"{t} " for t in tok.encode(line).tokens] for i, line in enumerate(lines)}
-    pairs = [(tok.decode(p) + " ", tok.decode(c)) for p, c in queries]
+    pairs = [([f"{tok.id_to_token(i)} " for i in p], [f"{tok.id_to_token(i)} " for i in c]) for p, c in queries]
     title = "Which lines of the Zen of Python explain it"
-    page = logix.report(f"{args.out}.html", pairs, top, texts, tokens=tokens,  # logix: the page
+    page = logix.report(f"{args.out}.html", pairs, top, texts, tokens=tokens, query_tokens=query_tokens,  # logix
                         self_influence=log.self_influence("ekfac"), top=5, title=title)  # fmt: skip
-    for (prompt, completion), ids, values in zip(pairs, top.ids, top.values):
-        print(f"\n{prompt}{completion!r}: most helpful fine-tuning lines")
+    for (prompt, completion), ids, values in zip(queries, top.ids, top.values):
+        print(f"\n{tok.decode(prompt)} {tok.decode(completion)!r}: most helpful fine-tuning lines")
         for i, v in zip(ids.tolist(), values.tolist()):
             print(f"  {v:+9.3f}  {lines[i]}")
     print(f"\nwrote {page} ({page.stat().st_size / 1024:.0f} KB) in {time.perf_counter() - start:.0f} s")

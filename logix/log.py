@@ -340,6 +340,7 @@ class Log:
 
     # a sequence's score split over its positions (see logix.token_split)
     token_influence = token_split.token_influence
+    query_token_influence = token_split.query_token_influence
 
     def self_influence(
         self,

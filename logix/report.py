@@ -50,6 +50,7 @@ def report(
     texts: Mapping,
     *,
     tokens: TokenScores | None = None,
+    query_tokens: TokenScores | None = None,
     self_influence: SelfInfluence | None = None,
     top: int = 20,
     title: str = "logix report",
@@ -60,7 +61,10 @@ def report(
     scores.query_ids. scores: `log.influence(q, ..., top_k=k)` (a TopK) or the full Scores; each
     query lists its `top` best. texts: {train id: text}, the text a str or a list of token strings
     (tokens are what `tokens` splits: position t of a sequence is its t-th token). tokens: a
-    TokenScores for the listed sequences (`log.token_influence`), for highlighting. self_influence:
+    TokenScores for the listed sequences (`log.token_influence`), for highlighting. query_tokens: a
+    TokenScores over the queries' positions (`log.query_token_influence` for the listed sequences),
+    to highlight which prompt and completion tokens the listed sequences explain, summed over them;
+    then give each query as token strings, (prompt tokens, completion tokens). self_influence:
     `log.self_influence(...)`, for the distribution and the most self-influential examples.
     A listed score's share is its part of the query's total positive influence over the whole log
     (given Scores), or over the listed sequences (given a TopK).
@@ -73,8 +77,16 @@ def report(
     if len(queries) != len(ids):
         raise ConfigError(f"{len(queries)} queries given for {len(ids)} query rows in the scores")
     split = _token_lookup(tokens)
+    if query_tokens is not None and not isinstance(query_tokens, TokenScores):
+        raise ConfigError(f"query_tokens must be a TokenScores, got {type(query_tokens).__name__}")
     sections = []
     for q, ((prompt, completion), row_ids, row_values) in enumerate(zip(_pairs(queries), ids, values)):
+        if query_tokens is not None:  # the query's positions, summed over the listed sequences
+            parts = query_tokens.values[q, [query_tokens.ids.tolist().index(i) for i in row_ids.tolist()]].sum(0)
+            marked = _tokens(list(prompt) + list(completion), parts.double().numpy())
+            prompt, completion = marked[: len(prompt)], marked[len(prompt) :]
+        else:
+            prompt, completion = _tokens(_joined(prompt), None), _tokens(_joined(completion), None)
         total = totals[q] if totals is not None else float(np.clip(row_values, 0, None).sum())
         entries = []
         for train_id, score in zip(row_ids.tolist(), row_values.tolist()):
@@ -99,15 +111,24 @@ def report(
     return path
 
 
-def _pairs(queries) -> list[tuple[str, str]]:
+def _pairs(queries) -> list[tuple]:
+    """(prompt, completion) per query, each a string or a list of token strings."""
     pairs = []
     for item in queries:
         if isinstance(item, Mapping):
             item = (item.get("prompt", ""), item.get("completion", ""))
-        if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(isinstance(s, str) for s in item):
-            raise ConfigError(f"each query must be a (prompt, completion) pair of strings, got {item!r}")
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(_text_like(s) for s in item):
+            raise ConfigError(f"each query must be a (prompt, completion) pair of strings or token lists, got {item!r}")
         pairs.append((item[0], item[1]))
     return pairs
+
+
+def _text_like(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) for t in value))
+
+
+def _joined(value) -> str:
+    return value if isinstance(value, str) else "".join(value)
 
 
 def _listed(scores, top: int):

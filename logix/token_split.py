@@ -29,8 +29,9 @@ from .results import _Saved, _values, as_ids
 @dataclass(eq=False)
 class TokenScores(_Saved):
     """values[q, i, t]: the part of train sequence ids[i]'s influence on query query_ids[q] that
-    position t carries (positions past a sequence's end are 0); values.sum(-1) is the sequence's
-    score. Saved and loaded like the other results."""
+    position t carries: a position of the train sequence (`log.token_influence`) or of the query
+    (`log.query_token_influence`); positions past a sequence's end are 0, and values.sum(-1) is
+    the sequence's score. Saved and loaded like the other results."""
 
     values: Tensor  # (Q, n, T) float64
     ids: np.ndarray
@@ -100,8 +101,51 @@ def token_influence(
     return TokenScores(values.contiguous(), ids, query.ids)
 
 
-def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int, width: int) -> Tensor:
-    """(n, T, D) float32: each sequence's row split by position, laid out like the log's rows."""
+def query_token_influence(
+    log,
+    model: nn.Module,
+    inputs,
+    losses: Callable,
+    train_ids,
+    *,
+    query_ids=None,
+    preconditioner: str = "auto",
+    damping=None,
+    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    modules=None,
+    curvature: str = "auto",
+) -> TokenScores:
+    """The query side's split: which of the query's positions (the completion tokens) each train
+    sequence's score on the query comes from.
+
+    inputs: the query examples' batch; losses(model, inputs) -> (Q,) each query's loss as its row
+    is captured (e.g. the sum of its scored tokens' losses, as `lm_query` does). train_ids: the
+    train sequences whose scores to split (their logged rows are used as they are, so any pass
+    will do). Returns TokenScores whose values[q, i, t] is query q's position t's part of train
+    sequence train_ids[i]'s score; they add up over t to `log.influence`'s score.
+    """
+    train_ids = as_ids(train_ids)
+    if len(train_ids) == 0:
+        raise ConfigError("train_ids is empty: name the train sequences whose scores to split")
+    query = Query(log, model)
+    parts = _position_rows(query.watched, model, inputs, losses, None, log.width)
+    n, positions, width = parts.shape
+    query._rows = [parts.reshape(n * positions, width)]  # one query row per (query, position)
+    query._ids = list(range(n * positions))
+    scores = log.influence(query, preconditioner, damping=damping, damping_factor=damping_factor, modules=modules,
+                           train_ids=train_ids, curvature=curvature)  # fmt: skip
+    column = {i: c for c, i in enumerate(scores.train_ids.tolist())}
+    order = [column[i] for i in train_ids.tolist()]
+    values = scores.values.double()[:, order].reshape(n, positions, len(order)).permute(0, 2, 1)
+    names = np.arange(n) if query_ids is None else as_ids(query_ids)
+    if len(names) != n:
+        raise ConfigError(f"{len(names)} query_ids for {n} queries")
+    return TokenScores(values.contiguous(), train_ids, names)
+
+
+def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int | None, width: int) -> Tensor:
+    """(n, T, D) float32: each sequence's row split by position, laid out like the log's rows
+    (n: how many losses `losses` must give; None: as many as it gives)."""
     held: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
     handles = []
@@ -123,8 +167,10 @@ def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int, 
         for w in watched:
             handles.append(w.module.register_forward_hook(forward_hook(w)))
         per_example = losses(model, inputs)
-        if not isinstance(per_example, Tensor) or per_example.shape != (n,):
-            raise ConfigError(f"losses(model, inputs) must give one loss per id, shape ({n},)")
+        if not isinstance(per_example, Tensor) or per_example.dim() != 1 or (n is not None and len(per_example) != n):
+            wanted = "n" if n is None else n
+            raise ConfigError(f"losses(model, inputs) must give one loss per id, shape ({wanted},)")
+        n = len(per_example)
         per_example.sum().backward()
     finally:
         for h in handles:

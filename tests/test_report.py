@@ -41,8 +41,10 @@ def page(tmp_path_factory):
     words = [f"w{i}" for i in range(VOCAB)]
     texts = {i: [words[t] + " " for t in ids[i][mask[i].bool()].tolist()] for i in range(24)}
     texts[listed[0]][0] = HOSTILE  # training text is data, never markup
-    queries = [(" ".join(words[t] for t in q_ids[i][:3].tolist()), " " + words[int(q_ids[i][3])]) for i in range(3)]
-    out = logix.report(tmp / "page" / "report.html", queries, top, texts, tokens=tokens,
+    shown = [[words[t] + " " for t in q_ids[i][q_mask[i].bool()].tolist()] for i in range(3)]
+    queries = [(s[:3], s[3:]) for s in shown]  # token strings: the query's positions are highlighted too
+    query_tokens = log.query_token_influence(model, (q_ids, q_mask), sequence_losses, listed, preconditioner="ekfac")
+    out = logix.report(tmp / "page" / "report.html", queries, top, texts, tokens=tokens, query_tokens=query_tokens,
                        self_influence=log.self_influence("ekfac"), top=5)  # fmt: skip
     return out, top, tokens, texts, queries
 
@@ -53,6 +55,11 @@ def test_every_query_lists_its_top_sequences_with_tokens_and_shares(page):
     for q in range(3):
         section = html.split(f'id="query-{q}"')[1].split("</section>")[0]
         assert section.count('<tr class="entry">') == 5
+        # the query's own tokens: what the listed sequences explain, position by position
+        query_line = section.split("</p>")[0]
+        marks = [float(v) for v in re.findall(r'title="([+-][^"]+)"', query_line)]
+        assert len(marks) == len(queries[q][0]) + len(queries[q][1])
+        assert sum(marks) == pytest.approx(float(top.values[q].sum()), rel=1e-2)  # each shown to 3 figures
         for train_id, value in zip(top.ids[q].tolist(), top.values[q].tolist()):
             assert f'<td class="num">{train_id}</td><td class="num">{value:+.4g}</td>' in section
         shares = [float(s) for s in re.findall(r'<td class="num">(-?[\d.]+)%</td>', section)]
@@ -83,6 +90,8 @@ def test_bad_arguments_are_refused(page, tmp_path):
         logix.report(tmp_path / "r.html", queries, top, {})
     with pytest.raises(logix.ConfigError, match=r"each query must be a \(prompt, completion\) pair"):
         logix.report(tmp_path / "r.html", ["just a prompt"] * 3, top, texts)
+    with pytest.raises(logix.ConfigError, match="query_tokens must be a TokenScores"):
+        logix.report(tmp_path / "r.html", queries, top, texts, query_tokens=top)
 
 
 @pytest.mark.skipif(
@@ -126,15 +135,17 @@ def test_the_command_line_writes_the_same_page(page, tmp_path, capsys):
     top.save(tmp_path / "top.h5")
     tokens.save(tmp_path / "tokens.h5")
     (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"id": i, "tokens": t}) for i, t in texts.items()))
-    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in queries))
+    strings = [("".join(p), "".join(c)) for p, c in queries]
+    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in strings))
     args = [str(log_path), "--scores", str(tmp_path / "top.h5"), "--tokens", str(tmp_path / "tokens.h5"),
             "--texts", str(tmp_path / "texts.jsonl"), "--queries", str(tmp_path / "queries.jsonl"), "--top", "5",
             "-p", "ekfac", "--out", str(tmp_path / "cli.html")]  # fmt: skip
     assert main(["report", *args]) == 0
     cli = (tmp_path / "cli.html").read_text()
-    python = out.read_text()
+    python = logix.report(tmp_path / "py.html", strings, top, texts, tokens=tokens,
+                          self_influence=logix.open(log_path).self_influence("ekfac"), top=5).read_text()  # fmt: skip
     strip = lambda html: re.sub(r"Made [^.]*\.", "", html)  # noqa: E731 - the time it was made differs
-    assert strip(cli).replace("logix report", "") == strip(python).replace("logix report", "")
+    assert strip(cli) == strip(python)
     (tmp_path / "texts.jsonl").write_text('{"id": 1, "text": "only one"}\n')
     assert main(["report", *args]) == 2
     assert "texts has no entry for train id" in capsys.readouterr().err

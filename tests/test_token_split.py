@@ -117,3 +117,19 @@ def test_a_loss_of_the_wrong_shape_is_refused(logged):
     model, log, q, ids, mask = logged
     with pytest.raises(logix.ConfigError, match=r"one loss per id, shape \(2,\)"):
         token_influence(log, q, model, [1, 2], (ids[[1, 2]], mask[[1, 2]]), lambda m, b: sequence_losses(m, b).sum())
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "ekfac"])
+def test_the_query_side_parts_add_up_too(logged, preconditioner):
+    """Which query positions a train sequence's score comes from: summed over them, the score."""
+    model, log, q, ids, mask = logged
+    q_ids, q_mask = sequences(3, seed=2)  # the fixture's queries, captured with their summed loss
+    chosen = [3, 11, 20]
+    split = log.query_token_influence(model, (q_ids, q_mask), sequence_losses, chosen, query_ids=[100, 101, 102],
+                                      preconditioner=preconditioner)  # fmt: skip
+    whole = log.influence(q, preconditioner)
+    column = {int(i): c for c, i in enumerate(whole.train_ids)}
+    expected = whole.values[:, [column[i] for i in chosen]].double()
+    assert split.values.shape == (3, 3, q_ids.shape[1]) and split.query_ids.tolist() == [100, 101, 102]
+    torch.testing.assert_close(split.values.sum(dim=-1), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert bool((split.values[q_mask[:, None, :].expand_as(split.values) == 0] == 0).all())  # padding carries nothing
