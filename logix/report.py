@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import ConfigError
 from .results import Scores, SelfInfluence, TopK
@@ -41,6 +42,7 @@ class Entry:
     score: float
     share: float
     tokens: list[Token]
+    image: str | None = None  # a data: URI, for image data
 
 
 def report(
@@ -60,7 +62,8 @@ def report(
     queries: one (prompt, completion) pair of strings per query row, in the order of
     scores.query_ids. scores: `log.influence(q, ..., top_k=k)` (a TopK) or the full Scores; each
     query lists its `top` best. texts: {train id: text}, the text a str or a list of token strings
-    (tokens are what `tokens` splits: position t of a sequence is its t-th token). tokens: a
+    (tokens are what `tokens` splits: position t of a sequence is its t-th token), or for image
+    data an image, a (H, W) or (H, W, 3) array or tensor, shown inline. tokens: a
     TokenScores for the listed sequences (`log.token_influence`), for highlighting. query_tokens: a
     TokenScores over the queries' positions (`log.query_token_influence` for the listed sequences),
     to highlight which prompt and completion tokens the listed sequences explain, summed over them;
@@ -93,8 +96,11 @@ def report(
             if train_id not in texts:
                 raise ConfigError(f"texts has no entry for train id {train_id!r}, listed for query {q}")
             parts = split.get((q, train_id)) if split is not None else None
-            entries.append(Entry(train_id, score, score / total if total > 0 else math.nan,
-                                 _tokens(texts[train_id], parts)))  # fmt: skip
+            share = score / total if total > 0 else math.nan
+            if _is_image(texts[train_id]):
+                entries.append(Entry(train_id, score, share, [], _image_uri(texts[train_id])))
+            else:
+                entries.append(Entry(train_id, score, share, _tokens(texts[train_id], parts)))
         sections.append({"index": q, "prompt": prompt, "completion": completion, "entries": entries})
     env = Environment(loader=PackageLoader("logix", "templates"), autoescape=select_autoescape(default=True))
     page = env.get_template(TEMPLATE).render(
@@ -193,7 +199,36 @@ def _self_top(self_influence: SelfInfluence, texts: Mapping, count: int = 10) ->
     best = self_influence.top_k(min(count, len(self_influence.ids)))
     rows = []
     for train_id, value in zip(best.ids.tolist(), best.values.tolist()):
-        text = texts.get(train_id)
-        shown = text if isinstance(text, str) or text is None else "".join(map(str, text))
-        rows.append({"id": train_id, "value": value, "text": shown if shown is not None else "(no text given)"})
+        item = texts.get(train_id)
+        row = {"id": train_id, "value": value, "text": "(no text given)", "image": None}
+        if _is_image(item):
+            row["image"] = _image_uri(item)
+        elif item is not None:
+            row["text"] = _joined(item)
+        rows.append(row)
     return rows
+
+
+def _is_image(value) -> bool:
+    """An image: a (H, W) or (H, W, 3 or 4) array or tensor of numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return isinstance(value, np.ndarray) and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (3, 4)))
+
+
+def _image_uri(value) -> str:
+    """The image as an inline PNG (a data: URI: part of the page, nothing fetched)."""
+    import base64
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import image
+
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    buffer = io.BytesIO()
+    if array.ndim == 2:
+        image.imsave(buffer, array.astype(float), cmap="gray_r", format="png")
+    else:
+        image.imsave(buffer, np.clip(array.astype(float), 0, 1), format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_token_split import VOCAB, gpt2, sequence_losses, sequences
 
 import logix
@@ -152,3 +153,18 @@ def test_the_command_line_writes_the_same_page(page, tmp_path, capsys):
     (tmp_path / "queries.jsonl").write_text("not json\n")
     assert main(["report", *args]) == 2
     assert "queries.jsonl:1: not JSON" in capsys.readouterr().err
+
+
+def test_image_data_is_shown_inline(tmp_path):
+    """Training examples that are images (digits here) appear as inline PNGs: nothing fetched."""
+    import base64
+
+    g = torch.Generator().manual_seed(0)
+    top = logix.TopK(np.array([[4, 1, 7]]), torch.tensor([[3.0, 2.0, 1.0]]), np.array([0]))
+    images = {i: torch.rand(8, 8, generator=g) for i in range(10)}
+    self_influence = logix.SelfInfluence(torch.arange(10.0), np.arange(10))
+    page = logix.report(tmp_path / "images.html", [("a digit", " read as 3")], top, images,
+                        self_influence=self_influence, top=3).read_text()  # fmt: skip
+    uris = re.findall(r'<img class="image" src="data:image/png;base64,([^"]+)" alt="train example (\d+)"', page)
+    assert [int(i) for _, i in uris[:3]] == [4, 1, 7] and len(uris) == 3 + 10
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data, _ in uris)
