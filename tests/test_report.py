@@ -168,3 +168,31 @@ def test_image_data_is_shown_inline(tmp_path):
     uris = re.findall(r'<img class="image" src="data:image/png;base64,([^"]+)" alt="train example (\d+)"', page)
     assert [int(i) for _, i in uris[:3]] == [4, 1, 7] and len(uris) == 3 + 10
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data, _ in uris)
+
+
+def test_the_command_line_scores_a_query_log(page, tmp_path):
+    """--query QUERY_LOG instead of stored scores: the page lists the same top sequences."""
+    import json
+
+    from logix.cli import main
+
+    out, top, tokens, texts, queries = page
+    log_path = out.parent.parent / "log"
+    model = gpt2()
+    q_ids, q_mask = sequences(3, seed=2)
+    with logix.init(tmp_path / "queries", rank=4) as run:  # the same config as the train log: same projections
+        run.watch(model)
+        with run.capture([0, 1, 2], mask=q_mask, reduction="sum"):
+            sequence_losses(model, (q_ids, q_mask)).sum().backward()
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"id": i, "tokens": t}) for i, t in texts.items()))
+    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps({"prompt": "".join(p), "completion": "".join(c)})
+                                                      for p, c in queries))  # fmt: skip
+    args = ["--query", str(tmp_path / "queries"), "--texts", str(tmp_path / "texts.jsonl"),
+            "--queries", str(tmp_path / "queries.jsonl"), "--top", "5", "-p", "ekfac",
+            "--out", str(tmp_path / "q.html")]  # fmt: skip
+    assert main(["report", str(log_path), *args]) == 0
+    html = (tmp_path / "q.html").read_text()
+    for q in range(3):
+        section = html.split(f'id="query-{q}"')[1].split("</section>")[0]
+        listed = [int(i) for i in re.findall(r'<tr class="entry">\n<td class="num">(\d+)</td>', section)]
+        assert listed == top.ids[q].tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..curvature import resolve_preconditioner
 from ..errors import ConfigError, LogFormatError
@@ -22,6 +23,7 @@ from .common import (
     pass_option,
     positive_int,
 )
+from .scores import check_query_log
 
 
 def _jsonl(path: str, what: str) -> list[dict]:
@@ -64,8 +66,24 @@ def _scores(path: str):
     raise CliError(f"{path} holds no saved TopK or Scores (save them with top.save(path) / scores.save(path))")
 
 
+def _scored_from_query_log(args, log: Log) -> TopK:
+    """The top --top train ids per query of QUERY_LOG (a log of the query examples' rows)."""
+    qlog = Log(_log_dir(args.query))
+    check_query_log(log, qlog)
+    if qlog.current is None or not len(qlog):
+        raise CliError(f"the query log {qlog.path} holds no valid rows", 1)
+    query = SimpleNamespace(rows=qlog.rows(), ids=qlog.ids.tolist())
+    return log.influence(query, args.scoring, top_k=args.top, progress=_bars(args))
+
+
 def cmd_report(args) -> int:
-    scores = _scores(args.scores)
+    log = Log(_log_dir(args.path), pass_name=args.pass_name)
+    if args.query:
+        args.scoring = resolve_preconditioner(log, args.preconditioner if args.preconditioner != "none" else "auto")
+        _check_preconditioner(log, args.scoring, None)
+        scores = _scored_from_query_log(args, log)
+    else:
+        scores = _scores(args.scores)
     queries = [(r.get("prompt", ""), r.get("completion", "")) for r in _jsonl(args.queries, "--queries")]
     tokens = None
     if args.tokens:
@@ -75,7 +93,6 @@ def cmd_report(args) -> int:
             raise CliError(f"--tokens: {e}") from None
     self_influence = None
     if args.preconditioner != "none":
-        log = Log(_log_dir(args.path), pass_name=args.pass_name)
         args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
         _check_preconditioner(log, args.preconditioner, None)
         self_influence = log.self_influence(args.preconditioner, progress=_bars(args))
@@ -101,12 +118,16 @@ def add_parser(subparsers) -> None:
         "sequences with score, share and token highlighting, and the log's self-influence.",
         epilog="examples:\n  logix report runs/lm --scores top.h5 --tokens tokens.h5 --texts train.jsonl "
         "--queries queries.jsonl --out report.html\n\n"
+        "  logix report runs/lm --query runs/lm-queries --texts train.jsonl --queries queries.jsonl --out r.html\n\n"
         "files: --scores a TopK or Scores saved with .save(path); --tokens a TokenScores from "
         "log.token_influence(...).save(path); --texts JSON lines {\"id\": 3, \"text\": \"...\"} (or "
         "\"tokens\": [...], the strings the token split counts); --queries JSON lines {\"prompt\": \"...\", "
         "\"completion\": \"...\"}, one per query row, in the scores' order",
     )
-    p.add_argument("--scores", required=True, metavar="FILE", help="a saved TopK or Scores of the queries")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--scores", metavar="FILE", help="a saved TopK or Scores of the queries")
+    given.add_argument("--query", metavar="QUERY_LOG", help="a log of the query examples' rows, scored here "
+                       "(as `logix top --query`) with --preconditioner")  # fmt: skip
     p.add_argument("--texts", required=True, metavar="FILE", help="the training texts, JSON lines keyed by id")
     p.add_argument("--queries", required=True, metavar="FILE", help="prompt and completion per query, JSON lines")
     p.add_argument("--tokens", metavar="FILE", help="a saved TokenScores, for token highlighting")
@@ -114,7 +135,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--title", default="logix report", help="the page's title")
     p.add_argument(
         "-p", "--preconditioner", default="auto", metavar="NAME",
-        help="self-influence's preconditioner (identity, raw, kfac, ekfac, auto), or none to leave it out",
+        help="the preconditioner of self-influence and of --query's scores (identity, raw, kfac, ekfac, auto); "
+        "none leaves self-influence out",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE", help="the page to write")
     p.set_defaults(func=cmd_report)
