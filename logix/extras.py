@@ -28,7 +28,7 @@ DISTRIBUTION = "logix-tda"
 
 # pyproject.toml's optional dependencies, for when the distribution's metadata is absent
 FALLBACK = {
-    "hf": {"transformers": "transformers>=4.40", "accelerate": "accelerate>=0.30"},
+    "hf": {"transformers": "transformers>=4.40", "accelerate": "accelerate>=0.30", "peft": "peft>=0.10"},
     "deepspeed": {"deepspeed": "deepspeed>=0.14"},
     "lightning": {"lightning": "lightning>=2.0"},
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 
 from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
 from .errors import ConfigError
-from .query import Query
 from .results import _Saved, _values, as_ids
+
+if TYPE_CHECKING:
+    from .query import Query
 
 
 @dataclass(eq=False)
@@ -88,7 +91,7 @@ def token_influence(
     ids = as_ids(ids)
     if len(ids) == 0:
         raise ConfigError("ids is empty: name the train sequences to split")
-    watched = Query(log, model).watched  # the log's modules, checked against the model, with projections
+    watched = log.query(model).watched  # the log's modules, checked against the model, with projections
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
     query_rows = query.rows
     if len(query_rows) == 0:
@@ -127,7 +130,7 @@ def query_token_influence(
     train_ids = as_ids(train_ids)
     if len(train_ids) == 0:
         raise ConfigError("train_ids is empty: name the train sequences whose scores to split")
-    query = Query(log, model)
+    query = log.query(model)
     parts = _position_rows(query.watched, model, inputs, losses, None, log.width)
     n, positions, width = parts.shape
     query._rows = [parts.reshape(n * positions, width)]  # one query row per (query, position)

@@ -23,7 +23,6 @@ from .common import (
     pass_option,
     positive_int,
 )
-from .scores import check_query_log
 
 
 def _jsonl(path: str, what: str) -> list[dict]:
@@ -68,6 +67,8 @@ def _scores(path: str):
 
 def _scored_from_query_log(args, log: Log) -> TopK:
     """The top --top train ids per query of QUERY_LOG (a log of the query examples' rows)."""
+    from .scores import check_query_log  # here, not at the top: `logix report` with stored scores needs none of it
+
     qlog = Log(_log_dir(args.query))
     check_query_log(log, qlog)
     if qlog.current is None or not len(qlog):
