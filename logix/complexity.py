@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
 from .errors import ConfigError
+from .frozen import Frozen
 from .results import _Saved, _values, as_ids
 from .scalars import real_number, shown
 
@@ -100,9 +101,8 @@ def complexity(
     only its observed label's row): pass the training inputs as a batch.
     """
     t = _positive(temperature, "temperature")
-    forward = logits if logits is not None else (lambda m, x: m(x))
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
-    ids, log_probs, gains, labels = _gains(log, model, batches, forward, [pre])
+    ids, log_probs, gains, labels = _gains(log, model, batches, logits, [pre])
     gains = gains[0] / t
     probs, values = pnml(log_probs, gains)
     result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids))
@@ -134,9 +134,8 @@ def choose_temperature(
     factors = [_positive(f, "damping_factors") for f in damping_factors]
     if not grid or not factors:
         raise ConfigError("temperatures and damping_factors each need at least one value")
-    forward = logits if logits is not None else (lambda m, x: m(x))
     pres = [Preconditioner(log, preconditioner, None, f, modules, curvature) for f in factors]
-    _, log_probs, gains, labels = _gains(log, model, batches, forward, pres)
+    _, log_probs, gains, labels = _gains(log, model, batches, logits, pres)
     if labels is None:
         raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
     rows = torch.arange(len(labels))
@@ -164,34 +163,26 @@ def _positive(value, name: str) -> float:
     return number
 
 
-def _gains(log, model, batches, forward, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
-    """(ids, log-softmax (n, C), per preconditioner the gains at T = 1 (n, C), labels or None)."""
+def _gains(log, model, batches, logits, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
+    """(ids, log-softmax (n, C), per preconditioner the gains at T = 1 (n, C), labels or None);
+    logits(model, inputs), or model(inputs) when None."""
+    forward = logits if logits is not None else (lambda m, x: m(x))
     if len(log) == 0:
         raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
     weight = 1.0 / len(log)
     ids, log_probs, labels = [], [], []
     gains: list[list[Tensor]] = [[] for _ in pres]
-    saved_grads = [(p, p.grad) for p in model.parameters()]
-    was_training = model.training
-    model.train(False)  # eval mode (spelled so: the package has no eval( call at all)
-    try:
-        for p, _ in saved_grads:
-            p.grad = None  # backward would add into the caller's gradients
+    with Frozen(model):
         for batch in batches:
             batch_ids, inputs, batch_labels = _unpack(batch)
             out = _log_softmax(forward, model, inputs)
             rows = _label_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
             for pre, kept in zip(pres, gains):
-                norms = [(pre.columns(r).double() * pre.apply(r)).sum(dim=1) for r in rows]  # g^T (F + lam I)^-1 g
-                kept.append(weight * torch.stack(norms, dim=1))
+                kept.append(weight * torch.stack([pre.self_products(r) for r in rows], dim=1))
             ids.extend(_batch_ids(batch_ids, len(out)))
             log_probs.append(out)
             if batch_labels is not None:
                 labels.append(_labels(batch_labels, out.shape))
-    finally:
-        model.train(was_training)
-        for p, g in saved_grads:
-            p.grad = g
     if not ids:
         raise ConfigError("batches held no inputs")
     if labels and len(labels) != len(log_probs):

@@ -294,6 +294,10 @@ class Preconditioner:
         """Full rows (n, D) -> preconditioned selected columns (n, D_sel), float64."""
         return torch.cat([c.apply(rows[:, cols]) for cols, c in self.parts], dim=1)
 
+    def self_products(self, rows: Tensor) -> Tensor:
+        """(n,) float64: g^T (F + lambda I)^{-1} g for each full row g (over the selected modules)."""
+        return (self.columns(rows).double() * self.apply(rows)).sum(dim=1)
+
 
 def _module_names(modules) -> list[str]:
     """A list of distinct module names (a lone string is one name, not its characters)."""
@@ -326,7 +330,7 @@ def self_influences(
     with progress_bar(total, progress, "self-influence") as bar:
         for block_ids, rows in blocks:
             for name, pre in pres.items():
-                values[name].append((pre.columns(rows).double() * pre.apply(rows)).sum(dim=1))
+                values[name].append(pre.self_products(rows))
             ids.append(block_ids)
             bar.update(len(block_ids))
     if not ids:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
 from .errors import ConfigError
+from .frozen import Frozen
 from .results import _Saved, _values, as_ids
 
 if TYPE_CHECKING:
@@ -130,11 +132,9 @@ def query_token_influence(
     train_ids = as_ids(train_ids)
     if len(train_ids) == 0:
         raise ConfigError("train_ids is empty: name the train sequences whose scores to split")
-    query = log.query(model)
-    parts = _position_rows(query.watched, model, inputs, losses, None, log.width)
+    parts = _position_rows(log.query(model).watched, model, inputs, losses, None, log.width)
     n, positions, width = parts.shape
-    query._rows = [parts.reshape(n * positions, width)]  # one query row per (query, position)
-    query._ids = list(range(n * positions))
+    query = SimpleNamespace(rows=parts.reshape(n * positions, width), ids=list(range(n * positions)))  # per position
     scores = log.influence(query, preconditioner, damping=damping, damping_factor=damping_factor, modules=modules,
                            train_ids=train_ids, curvature=curvature)  # fmt: skip
     column = {i: c for c, i in enumerate(scores.train_ids.tolist())}
@@ -151,7 +151,6 @@ def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int |
     (n: how many losses `losses` must give; None: as many as it gives)."""
     held: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
-    handles = []
 
     def forward_hook(w):
         def hook(module, args, output):
@@ -161,26 +160,19 @@ def _position_rows(watched, model: nn.Module, inputs, losses: Callable, n: int |
 
         return hook
 
-    saved_grads = [(p, p.grad) for p in model.parameters()]
-    was_training = model.training
-    model.train(False)  # eval mode (spelled so: the package has no eval( call at all)
-    try:
-        for p, _ in saved_grads:
-            p.grad = None
-        for w in watched:
-            handles.append(w.module.register_forward_hook(forward_hook(w)))
-        per_example = losses(model, inputs)
-        if not isinstance(per_example, Tensor) or per_example.dim() != 1 or (n is not None and len(per_example) != n):
-            wanted = "n" if n is None else n
-            raise ConfigError(f"losses(model, inputs) must give one loss per id, shape ({wanted},)")
-        n = len(per_example)
-        per_example.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        for p, g in saved_grads:
-            p.grad = g
+    with Frozen(model):
+        handles = [w.module.register_forward_hook(forward_hook(w)) for w in watched]
+        try:
+            per_example = losses(model, inputs)
+            given = len(per_example) if isinstance(per_example, Tensor) and per_example.dim() == 1 else None
+            if given is None or (n is not None and given != n):
+                wanted = "n" if n is None else n
+                raise ConfigError(f"losses(model, inputs) must give one loss per id, shape ({wanted},)")
+            n = len(per_example)
+            per_example.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
     blocks = []
     for w in watched:
         if w.name not in held or w.name not in grads:

@@ -1,7 +1,7 @@
 """The loss convention: how a HuggingFace model's `outputs.loss` relates to each example's own loss
 (the sum of its label-token losses after the causal shift, or a classifier's example loss), checked
 against the logits on the first batch; and what the callback, log_dataset and lm_query share: the
-default statistics and excluded modules, a model frozen for a logging pass, one batch's capture."""
+default statistics and excluded modules, one batch's capture."""
 
 from __future__ import annotations
 
@@ -166,26 +166,6 @@ DEFAULT_EXCLUDE = ("*wpe", "*position_embeddings", "*embed_positions")
 
 def _exclude(exclude: Iterable[str] | None) -> tuple:
     return DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
-
-
-class _Frozen:
-    """Model in eval (or train) mode, gradients set aside, restored on exit; parameters never change."""
-
-    def __init__(self, model: nn.Module, train_mode: bool):
-        self.model, self.train_mode = model, train_mode
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.grads = [(p, p.grad) for p in self.model.parameters()]
-        for p, _ in self.grads:
-            p.grad = None
-        self.model.train(self.train_mode)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
-        for p, g in self.grads:
-            p.grad = g
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:

@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from logix.errors import CaptureError, ConfigError
+from logix.frozen import Frozen
 from logix.log import Log
 from logix.run import init
 
-from .convention import DEFAULT_STATISTICS, _capture_batch, _exclude, _Frozen, _LossConvention, _to_device
+from .convention import DEFAULT_STATISTICS, _capture_batch, _exclude, _LossConvention, _to_device
 
 
 def _default_collator():
@@ -78,7 +79,7 @@ def log_dataset(
         run.watch(model, include, _exclude(exclude), include_frozen)
         run.start_pass(pass_name, step=step, checkpoint=checkpoint)
         offset = 0
-        with _Frozen(model, train_mode), torch.enable_grad():
+        with Frozen(model, train_mode), torch.enable_grad():
             for batch in loader:
                 batch = dict(batch)
                 if id_column is not None:

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from logix.errors import ConfigError
+from logix.frozen import Frozen
 from logix.log import Log
 from logix.query import Query
 
-from .convention import IGNORE_INDEX, _capture_batch, _Frozen, _LossConvention, _to_device
+from .convention import IGNORE_INDEX, _capture_batch, _LossConvention, _to_device
 
 
 def continuation_batch(
@@ -81,7 +82,7 @@ def lm_query(
     device = next(model.parameters()).device
     convention = _LossConvention(model, check_loss)
     query = log.query(model)
-    with _Frozen(model, False), torch.enable_grad():
+    with Frozen(model, False), torch.enable_grad():
         for start in range(0, total, batch_size):
             part = {k: v[start : start + batch_size] if isinstance(v, Tensor) else v for k, v in batch.items()}
             _capture_batch(query.capture, model, _to_device(part, device), ids[start : start + batch_size], convention)
