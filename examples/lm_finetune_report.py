@@ -10,8 +10,9 @@ say what it says, and which words in it.
    text) on the Zen of Python, which ships with Python, through the HuggingFace Trainer and
    `LogIXCallback`: the frozen base weights are not logged, the adapters and the two trained
    layers are.
-3. Log one pass at the final checkpoint (the model in eval mode, no optimizer step): rows that
-   can be split by token, since the parameters they were taken at are the model's now.
+3. Log one pass at the final checkpoint with `log_dataset` (the model in eval mode, no optimizer
+   step): rows that can be split by token, since the parameters they were taken at are the model's
+   now.
 4. Generate two completions, ask which fine-tuning lines explain them (EK-FAC influence, top 5),
    split those lines' scores over their words (`log.token_influence`) and over the completions'
    words (`log.query_token_influence`), and write the page (`logix.report`) with the log's
@@ -39,7 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, 
 from transformers.utils import logging as hf_logging
 
 import logix
-from logix.integrations.huggingface import LogIXCallback, continuation_batch, lm_query
+from logix.integrations.huggingface import LogIXCallback, continuation_batch, lm_query, log_dataset
 
 EPOCHS, LR, RANK = 60, 3e-3, 16  # the fine-tuning: epochs, learning rate, LoRA rank
 
@@ -67,7 +68,7 @@ def fit(model, texts, tok, epochs: int, lr: float, out: str, callbacks=()):
 
 
 def sequence_losses(model, batch):
-    """Each sequence's summed next-token loss, padding left out: what the checkpoint pass logs."""
+    """Each sequence's summed next-token loss, padding left out: what log_dataset logs for each row."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits
     token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
@@ -105,13 +106,8 @@ def main(argv=None) -> None:
     print(f"fine-tuned LoRA adapters on the {len(lines)} lines of the Zen of Python, logged to {args.out}/training")
 
     # a pass at the final checkpoint: these rows split by token (logix refuses to split rows logged while training)
-    batch = collate([{"input_ids": tok.encode(t).ids} for t in lines])
-    with logix.init(f"{args.out}/checkpoint", rank=16, statistics="ekfac") as run:  # logix
-        run.watch(model)
-        with run.capture(list(range(len(lines))), mask=batch["attention_mask"], reduction="sum"):  # logix
-            sequence_losses(model, batch).sum().backward()
-        model.zero_grad(set_to_none=True)
-    log = logix.open(f"{args.out}/checkpoint")
+    data = [{"input_ids": tok.encode(t).ids} for t in lines]
+    log = log_dataset(model, data, f"{args.out}/checkpoint", rank=16, data_collator=collate, statistics="ekfac")
 
     queries = []
     for prompt in ("beautiful is", "errors should"):
