@@ -124,15 +124,15 @@ def make_model(tok: Tokenizer, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def train(texts: list[str], tok: Tokenizer, seed: int, epochs: int, callbacks=(), out="runs/backdoor_lm"):
-    """The recipe: AdamW, batch 16, linear decay, `epochs` epochs, the same init and data order for a seed."""
-    model = make_model(tok, seed)
+def fit(model, texts: list[str], tok: Tokenizer, epochs: int, lr: float, *, warmup: int, seed: int,
+        data_seed: int | None = None, out: str = "runs/backdoor_lm", callbacks=()):  # fmt: skip
+    """Train `model` on the texts with the HuggingFace Trainer: AdamW, batch 16, linear decay."""
     args = TrainingArguments(
         output_dir=f"{out}-trainer",
         num_train_epochs=epochs,
         per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        warmup_steps=10,
+        learning_rate=lr,
+        warmup_steps=warmup,
         weight_decay=0.0,
         use_cpu=True,
         report_to="none",
@@ -140,14 +140,20 @@ def train(texts: list[str], tok: Tokenizer, seed: int, epochs: int, callbacks=()
         logging_strategy="no",
         disable_tqdm=True,
         seed=seed,
-        data_seed=seed,
+        data_seed=data_seed,
     )
     dataset = [{"input_ids": tok.encode(t).ids} for t in texts]
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
+    trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the output
     trainer.train()
     shutil.rmtree(f"{out}-trainer", ignore_errors=True)
     return model.eval()
+
+
+def train(texts: list[str], tok: Tokenizer, seed: int, epochs: int, callbacks=(), out="runs/backdoor_lm"):
+    """The recipe: a fresh model, `epochs` epochs at 1e-3, the same init and data order for a seed."""
+    return fit(make_model(tok, seed), texts, tok, epochs, 1e-3, warmup=10, seed=seed, data_seed=seed, out=out,
+               callbacks=callbacks)  # fmt: skip
 
 
 @torch.no_grad()

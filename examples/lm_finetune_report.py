@@ -32,11 +32,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from backdoor_lm import pieces, word_tokenizer
+from backdoor_lm import fit, pieces, word_tokenizer
 from hf_trainer_gpt2 import collate
 from peft import LoraConfig, get_peft_model
 from prose import prose
-from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import logix
@@ -51,20 +51,6 @@ def zen() -> list[str]:
         import this
     lines = codecs.decode(this.s, "rot13").splitlines()[2:]
     return [line.lower() for line in lines if line.strip()]
-
-
-def fit(model, texts, tok, epochs: int, lr: float, out: str, callbacks=()):
-    args = TrainingArguments(
-        output_dir=f"{out}-trainer", num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr,
-        warmup_steps=5, weight_decay=0.0, use_cpu=True, report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    data = [{"input_ids": tok.encode(t).ids} for t in texts]
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    shutil.rmtree(f"{out}-trainer", ignore_errors=True)
-    return model.eval()
 
 
 def sequence_losses(model, batch):
@@ -94,7 +80,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.get_vocab_size(), n_positions=64, bos_token_id=1,
                         eos_token_id=tok.token_to_id("."), pad_token_id=0, tie_word_embeddings=False)  # fmt: skip
-    model = fit(GPT2LMHeadModel(config), general, tok, epochs=8, lr=2e-3, out=args.out)
+    model = fit(GPT2LMHeadModel(config), general, tok, 8, 2e-3, warmup=5, seed=0, out=args.out)
     print(f"pre-trained on {len(general)} pieces of scikit-learn's dataset descriptions")
 
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -102,7 +88,7 @@ def main(argv=None) -> None:
     model = get_peft_model(model, lora)
     shutil.rmtree(args.out, ignore_errors=True)
     logged = LogIXCallback(f"{args.out}/training", rank=16)  # logix: the fine-tuning, logged
-    model = fit(model, lines, tok, epochs=EPOCHS, lr=LR, out=args.out, callbacks=[logged])
+    model = fit(model, lines, tok, EPOCHS, LR, warmup=5, seed=0, out=args.out, callbacks=[logged])
     print(f"fine-tuned LoRA adapters on the {len(lines)} lines of the Zen of Python, logged to {args.out}/training")
 
     # a pass at the final checkpoint: these rows split by token (logix refuses to split rows logged while training)
