@@ -79,14 +79,13 @@ def report(
     ids, values, totals = _listed(scores, top)
     if len(queries) != len(ids):
         raise ConfigError(f"{len(queries)} queries given for {len(ids)} query rows in the scores")
-    split = _token_lookup(tokens)
-    if query_tokens is not None and not isinstance(query_tokens, TokenScores):
-        raise ConfigError(f"query_tokens must be a TokenScores, got {type(query_tokens).__name__}")
+    split, query_split = _split_columns(tokens, "tokens"), _split_columns(query_tokens, "query_tokens")
     sections = []
     for q, ((prompt, completion), row_ids, row_values) in enumerate(zip(_pairs(queries), ids, values)):
-        if query_tokens is not None:  # the query's positions, summed over the listed sequences
-            parts = query_tokens.values[q, [query_tokens.ids.tolist().index(i) for i in row_ids.tolist()]].sum(0)
-            marked = _tokens(list(prompt) + list(completion), parts.double().numpy())
+        if query_split is not None:  # the query's positions, summed over the listed sequences
+            split_values, column = query_split
+            parts = split_values[q, [column[i] for i in row_ids.tolist()]].sum(axis=0)
+            marked = _tokens(list(prompt) + list(completion), parts)
             prompt, completion = marked[: len(prompt)], marked[len(prompt) :]
         else:
             prompt, completion = _tokens(_joined(prompt), None), _tokens(_joined(completion), None)
@@ -95,7 +94,7 @@ def report(
         for train_id, score in zip(row_ids.tolist(), row_values.tolist()):
             if train_id not in texts:
                 raise ConfigError(f"texts has no entry for train id {train_id!r}, listed for query {q}")
-            parts = split.get((q, train_id)) if split is not None else None
+            parts = split[0][q, split[1][train_id]] if split is not None and train_id in split[1] else None
             share = score / total if total > 0 else math.nan
             if _is_image(texts[train_id]):
                 entries.append(Entry(train_id, score, share, [], _image_uri(texts[train_id])))
@@ -150,13 +149,13 @@ def _listed(scores, top: int):
     raise ConfigError(f"scores must be a TopK or Scores from log.influence, got {type(scores).__name__}")
 
 
-def _token_lookup(tokens: TokenScores | None) -> dict | None:
+def _split_columns(tokens: TokenScores | None, name: str) -> tuple[np.ndarray, dict] | None:
+    """(values (Q, n, T) as numpy, {id: its column n}) of a TokenScores, or None."""
     if tokens is None:
         return None
     if not isinstance(tokens, TokenScores):
-        raise ConfigError(f"tokens must be a TokenScores from log.token_influence, got {type(tokens).__name__}")
-    values = tokens.values.double().numpy()
-    return {(q, i): values[q, n] for q in range(values.shape[0]) for n, i in enumerate(tokens.ids.tolist())}
+        raise ConfigError(f"{name} must be a TokenScores, got {type(tokens).__name__}")
+    return tokens.values.double().numpy(), {i: n for n, i in enumerate(tokens.ids.tolist())}
 
 
 def _tokens(text, parts) -> list[Token]:
