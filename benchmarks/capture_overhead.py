@@ -346,7 +346,7 @@ def write_rate(tmp: Path, width: int, dtype: str, batch: int, total: int = 128 <
     writer = SegmentWriter(path, width, dtype, "int", {})
     start = time.perf_counter()
     for i in range(count):
-        writer.append(np.arange(i * batch, (i + 1) * batch), rows, np.zeros(batch, "i8"), np.zeros(batch, "u1"))
+        writer.append(np.arange(i * batch, (i + 1) * batch), rows, 0, np.zeros(batch, "u1"))
     writer.commit()
     writer.close()
     rate = count * rows.nbytes / (time.perf_counter() - start)

@@ -29,7 +29,8 @@ from logix import (
     ModuleInfo,
     WriterError,
 )
-from logix.disk.writer import nonfinite_rows
+from logix.disk.files import FLAG_NONFINITE
+from logix.disk.writer import nonfinite_flags_np, nonfinite_rows
 
 NAMES = ["0", "2"]
 FULL_MODULES = {
@@ -272,6 +273,11 @@ def test_nonfinite_rows_finds_exactly_the_rows_with_a_nan_or_an_infinity(dtype):
     assert torch.equal(nonfinite_rows(rows), want)
     assert torch.equal(nonfinite_rows(rows[[0, 2, 5]]), torch.zeros(3, dtype=torch.bool))
     assert torch.equal(nonfinite_rows(rows), ~torch.isfinite(rows).all(dim=1))
+    # the writer thread's numpy version (CPU rows are flagged there, a joined block at a time)
+    flags = nonfinite_flags_np(rows.numpy())
+    assert flags.dtype == np.uint8
+    np.testing.assert_array_equal(flags, want.numpy().astype(np.uint8) * FLAG_NONFINITE)
+    np.testing.assert_array_equal(nonfinite_flags_np(rows[[0, 2, 5]].numpy()), np.zeros(3, np.uint8))
 
 
 # -- passes --------------------------------------------------------------------------------------

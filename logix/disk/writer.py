@@ -78,7 +78,7 @@ class SegmentWriter:
         self.file.swmr_mode = True
         self.file.flush()
 
-    def append(self, ids, grads: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
+    def append(self, ids, grads: np.ndarray, step: int, flags: np.ndarray | None) -> None:
         """Take a batch of rows. They are staged and written with those staged before them at
         `write_staged`, at the latest when STAGE_BYTES are staged or at the next commit: rows are
         readable only once committed, so holding them until then loses nothing a crash would not,
@@ -87,14 +87,15 @@ class SegmentWriter:
         n = grads.shape[0]
         if n == 0:
             return
-        self._staged.append((ids, grads, steps, flags))
+        self._staged.append((ids, grads, step, flags))
         self._staged_bytes += grads.nbytes
         self.rows += n
         if self._staged_bytes >= STAGE_BYTES:
             self.write_staged()
 
     def write_staged(self) -> None:
-        """Write the staged rows, one append per column."""
+        """Write the staged rows, one append per column; rows staged without flags (CPU rows) are
+        flagged here, in one pass over the joined block."""
         if not self._staged:
             return
         staged, self._staged, self._staged_bytes = self._staged, [], 0
@@ -102,8 +103,9 @@ class SegmentWriter:
             ids: list | np.ndarray = [i for batch in staged for i in batch[0]]
         else:
             ids = np.concatenate([np.asarray(batch[0], dtype="i8") for batch in staged])
-        grads, steps = (np.concatenate([batch[k] for batch in staged]) for k in (1, 2))
-        flags = np.concatenate([batch[3] for batch in staged])
+        grads = staged[0][1] if len(staged) == 1 else np.concatenate([batch[1] for batch in staged])
+        steps = np.repeat([batch[2] for batch in staged], [len(batch[1]) for batch in staged]).astype("i8")
+        flags = self._flags(staged, grads)
         bad = int(np.count_nonzero(flags))
         if bad:
             self.nonfinite += bad
@@ -114,6 +116,18 @@ class SegmentWriter:
             ds.resize(end, axis=0)
             ds[start:end] = values
         self.written = end
+
+    @staticmethod
+    def _flags(staged: list[tuple], grads: np.ndarray) -> np.ndarray:
+        """(rows,) uint8 flags of the joined block: those a batch came with, else computed here."""
+        if all(batch[3] is None for batch in staged):
+            return nonfinite_flags_np(grads)
+        parts, at = [], 0
+        for batch in staged:
+            n = len(batch[1])
+            parts.append(batch[3] if batch[3] is not None else nonfinite_flags_np(grads[at : at + n]))
+            at += n
+        return np.concatenate(parts)
 
     def _reserve(self, ids, end: int) -> None:
         """Make room in the file for the chunks rows up to `end` need, before HDF5 writes them.
@@ -205,6 +219,16 @@ def nonfinite_rows(rows: Tensor) -> Tensor:
 def nonfinite_flags(rows: Tensor) -> Tensor:
     """(B,) uint8: FLAG_NONFINITE for the rows that hold a NaN or an infinity, else 0."""
     return nonfinite_rows(rows).to(torch.uint8) * FLAG_NONFINITE
+
+
+def nonfinite_flags_np(rows: np.ndarray) -> np.ndarray:
+    """(B,) uint8 flags of host rows, as nonfinite_flags: a float32 sum per row, each suspect row
+    rechecked value by value. In numpy, once per write of several batches, on the writer thread."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = ~np.isfinite(rows.sum(axis=1, dtype=np.float32))
+    if suspect.any():
+        suspect[suspect] = ~np.isfinite(rows[suspect]).all(axis=1)
+    return suspect.astype(np.uint8) * np.uint8(FLAG_NONFINITE)
 
 
 @dataclass
@@ -330,9 +354,8 @@ class BackgroundWriter:
             if batch is not _COMMIT:
                 if batch.ready is not None:
                     batch.ready.synchronize()
-                flags = batch.flags if batch.flags is not None else nonfinite_flags(batch.grads)  # CPU rows
-                grads = batch.grads.numpy()
-                self.segment.append(batch.ids, grads, np.full(grads.shape[0], batch.step, dtype="i8"), flags.numpy())
+                flags = None if batch.flags is None else batch.flags.numpy()  # None: CPU rows, flagged when written
+                self.segment.append(batch.ids, batch.grads.numpy(), batch.step, flags)
             if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
                 self.segment.commit()
                 return time.monotonic()
