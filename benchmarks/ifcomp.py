@@ -16,9 +16,10 @@ across wines and uniform noise; near-OOD a model trained on two cultivars asked 
 * Calibration: expected calibration error (15 bins) and negative log-likelihood on the test digits
   and on shifted copies (rotated by 15, 30 and 45 degrees, Gaussian noise of std 0.3, 30% of the
   pixels dropped), for the softmax, the softmax with a temperature fitted on held-out clean
-  digits, and IF-COMP's pNML with its temperature chosen on the same held-out digits
-  (`log.choose_temperature`: the least NLL over powers of 4 from 0.25 to 4^20 and damping factors
-  0.01, 0.1, 1 and 10).
+  digits, a linearised Laplace predictive from the same log (`Laplace`: EK-FAC posterior, probit
+  approximation; variance scale and damping chosen by NLL on the same held-out digits), and
+  IF-COMP's pNML with its temperature chosen there too (`log.choose_temperature`: the least NLL
+  over powers of 4 from 0.25 to 4^20 and damping factors 0.01, 0.1, 1 and 10).
 * Out-of-distribution: AUROC of each score at telling test digits from near-OOD inputs (a model
   trained on digits 0-4 alone, asked about 5-9, every score over its 5 trained outputs) and
   far-OOD ones (digits rotated 90 degrees, inverted, uniform noise): IF-COMP's complexity against
@@ -56,6 +57,7 @@ from data_selection import table  # noqa: E402
 from digits import digits_datasets  # noqa: E402
 
 import logix  # noqa: E402
+from logix.curvature import Preconditioner  # noqa: E402
 
 TEMPERATURES = tuple(2.0**p for p in range(-2, 11))  # 0.25 ... 1024  # IF-COMP's grid, chosen on held-out digits
 
@@ -200,6 +202,55 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 FACTORS = (0.01, 0.1, 1.0, 10.0)  # damping factors choose_temperature tries with its temperatures
+PRIOR_SCALES = tuple(4.0**p for p in range(-10, 11))  # the linearised Laplace baseline's variance scales
+
+
+class Laplace:
+    """The baseline of a linearised Laplace predictive, from the same log and curvature as IF-COMP.
+
+    The posterior around the trained weights is Gaussian with covariance s (N (F + lambda I))^-1 (F
+    the log's EK-FAC, N its rows); linearising the logits f_c in the weights gives each class's
+    logit variance v_c(x) = s J_c^T (F + lambda I)^-1 J_c / N, with J_c the (projected) gradient of
+    f_c(x), and the mean-field probit approximation gives p(c | x) = softmax_c(f_c / sqrt(1 + pi v_c
+    / 8)). The scale s and the damping factor are chosen on held-out data by NLL, as the prior
+    precision of a Laplace approximation usually is. One forward and backward per class and batch,
+    as IF-COMP's."""
+
+    def __init__(self, log, model):
+        self.log, self.model = log, model
+        self.scale, self.factor = 1.0, FACTORS[0]
+
+    def variances(self, x: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (n, C), J_c^T (F + lambda I)^-1 J_c / N (n, C)) in float64."""
+        pre = Preconditioner(self.log, "ekfac", damping_factor=factor)
+        with torch.no_grad():
+            logits = self.model(x).double()
+        with self.log.query(self.model) as q:  # logix: each class's logit gradient, one row per input
+            for c in range(logits.shape[1]):
+                with q.capture(list(range(len(x))), reduction="sum"):
+                    self.model(x)[:, c].sum().backward()
+                self.model.zero_grad(set_to_none=True)
+        rows = q.rows.view(logits.shape[1], len(x), -1)
+        return logits, torch.stack([pre.self_products(r) for r in rows], dim=1).double() / len(self.log)
+
+    @staticmethod
+    def predictive(logits: torch.Tensor, variances: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.softmax(logits / torch.sqrt(1 + math.pi / 8 * scale * variances), dim=1)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> Laplace:
+        """Choose the scale and damping factor of least NLL on held-out (x, y)."""
+        best = math.inf
+        for factor in FACTORS:
+            logits, variances = self.variances(x, factor)
+            for scale in PRIOR_SCALES:
+                value = nll(self.predictive(logits, variances, scale), y)
+                if value < best:
+                    best, self.scale, self.factor = value, scale, factor
+        return self
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        logits, variances = self.variances(x, self.factor)
+        return self.predictive(logits, variances, self.scale)
 
 
 def complexity(log, model, x: torch.Tensor, settings: dict, labels=None, logits=None):
@@ -246,6 +297,7 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
     if_t, if_f, _ = log.choose_temperature(model, [(list(range(len(x_val))), x_val, y_val)], damping_factors=FACTORS,
                                            preconditioner="ekfac")  # fmt: skip
     settings = {"temperature": if_t, "damping_factor": if_f}
+    laplace = Laplace(log, model).fit(x_val, y_val)
     print(f"  {task.name}, seed {seed}: IF-COMP temperature {if_t:g}, damping factor {if_f:g}; "
           f"softmax temperature {softmax_t:.3f}", flush=True)  # fmt: skip
     rows = []
@@ -255,12 +307,15 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
         methods = {
             "softmax": torch.softmax(logits, dim=1),
             "temperature-scaled softmax": torch.softmax(logits / softmax_t, dim=1),
+            "linearised Laplace": laplace.probs(shifted),
             "IF-COMP": complexity(log, model, shifted, settings).probs,
         }
         for method, probs in methods.items():
             rows.append([f"{name}: {method}", ece(probs, y_test), nll(probs, y_test)])
     out["calibration"] = rows
-    out["temperatures"] = [["softmax", softmax_t, "-"], ["IF-COMP", if_t, if_f]]
+    out["temperatures"] = [
+        ["softmax", softmax_t, "-"], ["IF-COMP", if_t, if_f], ["Laplace", laplace.scale, laplace.factor]
+    ]  # fmt: skip
 
     # cost: IF-COMP of the test inputs against plain scoring of them (one query row each, their own labels)
     start = time.perf_counter()
@@ -357,9 +412,10 @@ def main(argv=None) -> None:
         print(f"\n== {task.name}: {len(task.x)} training and {len(task.x_test)} test examples, {task.classes} classes "
               f"({statistics.fmean(seconds):.0f} s per seed)")  # fmt: skip
         print("settings chosen on held-out clean training data, per seed")
-        for i, method in enumerate(("softmax", "IF-COMP")):
+        for i, method in enumerate(("softmax", "IF-COMP", "linearised Laplace")):
             chosen = [r["temperatures"][i][1:] for r in results]
-            shown = [f"T {t:g}" + ("" if f == "-" else f" with damping factor {f:g}") for t, f in chosen]
+            what = "variance scale" if i == 2 else "T"
+            shown = [f"{what} {t:g}" + ("" if f == "-" else f" with damping factor {f:g}") for t, f in chosen]
             print(f"  {method}: " + "; ".join(shown))
         print("\ncalibration on the test set, clean and shifted")
         print(summary(["test set: method", "ECE", "NLL"], [r["calibration"] for r in results]))
