@@ -21,7 +21,8 @@ across wines and uniform noise; near-OOD a model trained on two cultivars asked 
   IF-COMP's pNML with its temperature chosen there too (`log.choose_temperature`: the least NLL
   over powers of 4 from 0.25 to 4^20 and damping factors 0.01, 0.1, 1 and 10).
 * Out-of-distribution: AUROC of each score at telling test digits from near-OOD inputs (a model
-  trained on digits 0-4 alone, asked about 5-9, every score over its 5 trained outputs) and
+  trained on digits 0-4 alone, asked about 5-9, every score over its 5 trained outputs, IF-COMP's
+  temperature and damping chosen again on that model's own held-out digits 0-4) and
   far-OOD ones (digits rotated 90 degrees, inverted, uniform noise): IF-COMP's complexity against
   the maximum softmax probability and the energy score (-logsumexp of the logits).
 * Cost: IF-COMP of the test digits against plain scoring of them (a query row each at its own
@@ -342,8 +343,15 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
     with logix.init(f"{tmp}/few", rank=16, statistics="ekfac") as run:  # logix
         model_few = train(x[few], y[few], classes, epochs, seed, run)
     log_few = logix.open(f"{tmp}/few")
-    inside = ood_scores(log_few, model_few, x_test[seen], settings, task.near_classes)
-    outside = ood_scores(log_few, model_few, x_test[~seen], settings, task.near_classes)
+    val_few = y_val < task.near_classes  # its own held-out data: the classes it was trained on
+    few_logits = lambda m, inputs: m(inputs)[:, : task.near_classes]  # noqa: E731
+    held_few = [(list(range(int(val_few.sum()))), x_val[val_few], y_val[val_few])]
+    few_t, few_f, _ = log_few.choose_temperature(model_few, held_few, damping_factors=FACTORS, preconditioner="ekfac",
+                                                 logits=few_logits)  # fmt: skip
+    few_settings = {"temperature": few_t, "damping_factor": few_f}
+    print(f"  near-OOD model: IF-COMP temperature {few_t:g}, damping factor {few_f:g}", flush=True)
+    inside = ood_scores(log_few, model_few, x_test[seen], few_settings, task.near_classes)
+    outside = ood_scores(log_few, model_few, x_test[~seen], few_settings, task.near_classes)
     unseen = f"classes {task.near_classes}..{classes - 1} unseen"
     rows += [[f"{unseen}: {method}", auroc(inside[method], outside[method])] for method in inside]
     out["ood"] = rows
