@@ -45,15 +45,18 @@ class PassIds:
 
     def check(self, ids: list, everyone: list[list]) -> list[bool] | None:
         """Before the forward: refuse a repeat, or pick the examples to skip (None: keep all).
-        everyone: each process's ids of this step, in process order (just `[ids]` alone)."""
-        lower = set(self.elsewhere)
-        for index, theirs in enumerate(everyone):
-            if index < self.process_index:
-                lower.update(theirs)
-            if index != self.process_index:
-                self.elsewhere.update(theirs)
+        everyone: each process's ids of this step, in process order (just `[ids]` alone).
+
+        An id is skipped if this process logged it, it came earlier in the batch, another process
+        captured it in an earlier step, a lower process has it in this step, or the pass had
+        committed it before a resume. The usual batch, none of these, is settled with set
+        operations at C speed; the sets that grow with the pass are never copied."""
+        lower = set()  # this step's ids of the lower processes (they keep a shared id)
+        for theirs in everyone[: self.process_index]:
+            lower.update(theirs)
+        batch = set(ids)
         if self.refuse_repeats:
-            if len(set(ids)) != len(ids):
+            if len(batch) != len(ids):
                 dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
                 raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
             seen = [i for i in ids if i in self.logged]
@@ -62,12 +65,19 @@ class PassIds:
                     f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
                     "or pass on_duplicate='skip' to logix.init for samplers that repeat examples"
                 )
-        keep, here = [], set()
-        for i in ids:
-            keep.append(not (i in self.logged or i in here or i in lower or i in self.committed))
-            here.add(i)
-        self.skipped += keep.count(False)
-        return None if all(keep) else keep
+        keep = None
+        known = (self.logged, self.elsewhere, lower, self.committed)
+        if len(batch) != len(ids) or not all(batch.isdisjoint(k) for k in known):
+            keep, here = [], set()
+            for i in ids:
+                keep.append(i not in here and not any(i in k for k in known))
+                here.add(i)
+            self.skipped += keep.count(False)
+            keep = None if all(keep) else keep
+        for index, theirs in enumerate(everyone):  # after the checks: this step's ids are not "earlier"
+            if index != self.process_index:
+                self.elsewhere.update(theirs)
+        return keep
 
     def rows_to_write(self, ids: list, keep: list[bool] | None) -> tuple[list[bool] | None, list]:
         """After the backward: also leave out rows a crash had committed. Returns (which rows to
