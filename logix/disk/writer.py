@@ -79,7 +79,8 @@ class SegmentWriter:
         self.file.flush()
 
     def append(self, ids, grads: np.ndarray, step: int, flags: np.ndarray | None) -> None:
-        """Take a batch of rows. They are staged and written with those staged before them at
+        """Take a batch of rows, all at training step `step`; `flags` uint8 per row, or None for
+        rows to be flagged when written (CPU rows). They are staged and written with those staged before them at
         `write_staged`, at the latest when STAGE_BYTES are staged or at the next commit: rows are
         readable only once committed, so holding them until then loses nothing a crash would not,
         and one HDF5 write per column for several batches keeps h5py's per-call work (done under
