@@ -80,11 +80,11 @@ class SegmentWriter:
 
     def append(self, ids, grads: np.ndarray, step: int, flags: np.ndarray | None) -> None:
         """Take a batch of rows, all at training step `step`; `flags` uint8 per row, or None for
-        rows to be flagged when written (CPU rows). They are staged and written with those staged before them at
-        `write_staged`, at the latest when STAGE_BYTES are staged or at the next commit: rows are
-        readable only once committed, so holding them until then loses nothing a crash would not,
-        and one HDF5 write per column for several batches keeps h5py's per-call work (done under
-        the GIL, so taken from the training thread) off most steps."""
+        rows to be flagged when written (CPU rows). They are staged and written with those staged
+        before them at `write_staged`, at the latest when STAGE_BYTES are staged or at the next
+        commit: rows are readable only once committed, so holding them until then loses nothing a
+        crash would not, and one HDF5 write per column for several batches keeps h5py's per-call
+        work (done under the GIL, so taken from the training thread) off most steps."""
         n = grads.shape[0]
         if n == 0:
             return
