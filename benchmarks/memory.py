@@ -17,8 +17,10 @@ not projected); with batch B, T positions per example and rows stored as s-byte 
                gradients held until their group is finished, at most 4M numbers (16 MB); per-example
                blocks, 4 B k_out k_in per layer; the (B, D) float32 row buffer they are gathered
                into, 4 B D with D = sum of k_out k_in; on a GPU also the pinned host copy, s B D.
-               Up to queue_size batches of host rows (default 16) may wait for the writer: 16 s B D
-               at most, and the writer stages up to 4 MB of them, plus their joined copy, per write.
+               Up to queue_size batches of host rows (default 16) may wait for the writer, and at
+               most queue_bytes of them (256 MiB; one larger batch goes alone): min(16 s B D,
+               max(256 MiB, s B D)), and the writer stages up to 4 MB of them, plus their joined
+               copy, per write.
   bf16 autocast on a GPU: the projections are also kept in bf16 on the device, 2 (k_in (d_in + b)
                + k_out d_out) bytes per layer more.
 
@@ -39,7 +41,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import logix
-from logix.disk.writer import STAGE_BYTES
+from logix.disk.writer import QUEUE_BYTES, STAGE_BYTES
 
 MB = 1 << 20
 
@@ -52,7 +54,8 @@ def llama_1b_linears() -> list[tuple[int, int, int]]:
 
 
 def formula(
-    layers, k: int, batch: int, positions: int, row_bytes: int = 4, queue: int = 16, gpu: bool = True
+    layers, k: int, batch: int, positions: int, row_bytes: int = 4, queue: int = 16, gpu: bool = True,
+    queue_bytes: int = QUEUE_BYTES,
 ) -> dict[str, float]:
     sides = [(min(k, d_in + b), min(k, d_out), d_in + b, d_out) for d_in, d_out, b in layers]
     proj = sum(4 * (k_in * d_in + k_out * d_out) for k_in, k_out, d_in, d_out in sides)
@@ -70,7 +73,7 @@ def formula(
         "per-example blocks": blocks,
         "row buffer (+ pinned host copy on GPU)": rows,
         "per batch in all, at most": acts + blocks + rows,
-        "writer queue at most": queue * row_bytes * batch * width,
+        "writer queue at most": min(queue * row_bytes * batch * width, max(queue_bytes, row_bytes * batch * width)),
         "writer staging at most (staged + joined)": 2 * max(STAGE_BYTES, row_bytes * batch * width),
         "bf16 projections (GPU autocast only)": proj / 2,
     }

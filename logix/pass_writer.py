@@ -3,31 +3,43 @@ per batch (logix.host_copy), committed by a background thread, closed when the p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
 
 from .disk.files import SCHEMA_VERSION
 from .disk.segments import segment_name
-from .disk.writer import BackgroundWriter, SegmentWriter
+from .disk.writer import QUEUE_BYTES, BackgroundWriter, SegmentWriter
 from .errors import ConfigError
 from .host_copy import HostCopies
 
 
-def check_writer_options(queue_size: int, commit_interval: float) -> None:
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ConfigError(f"queue_size must be an int of at least 1, got {queue_size!r}")
-    if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or commit_interval < 0:
-        raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {commit_interval!r}")
+@dataclass(frozen=True)
+class WriterOptions:
+    """How far the background writer may lag behind training, and how often it commits."""
+
+    queue_size: int = 16  # batches
+    commit_interval: float = 1.0  # seconds
+    queue_bytes: int = QUEUE_BYTES  # bytes of rows (pinned host memory on a GPU)
+
+    def __post_init__(self):
+        for name in ("queue_size", "queue_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int of at least 1, got {value!r}")
+        value = self.commit_interval
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"commit_interval must be a non-negative number of seconds, got {value!r}")
 
 
 class PassWriter:
     """Rows of the open pass on their way to this process's segment file."""
 
-    def __init__(self, root: Path, dtype: str, process_index: int, session: int, queue_size: int, commit_interval):
+    def __init__(self, root: Path, dtype: str, process_index: int, session: int, options: WriterOptions):
         self.root, self.dtype = root, dtype
         self.process_index, self.session = process_index, session
-        self.queue_size, self.commit_interval = queue_size, commit_interval
+        self.options = options
         self.host = HostCopies(dtype)
         self.writer: BackgroundWriter | None = None
 
@@ -44,7 +56,8 @@ class PassWriter:
             "schema_version": SCHEMA_VERSION,
         }
         segment = SegmentWriter(self.root / file, width, self.dtype, id_kind, attrs)
-        self.writer = BackgroundWriter(segment, self.queue_size, self.commit_interval)
+        o = self.options
+        self.writer = BackgroundWriter(segment, o.queue_size, o.commit_interval, o.queue_bytes)
         return {"file": file, "rank": self.process_index, "session": self.session}
 
     def put(self, ids: list, rows: Tensor, step: int) -> None:

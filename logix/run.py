@@ -41,7 +41,7 @@ from .layout import ProjectionFit, RowLayout, check_same_modules
 from .log_directory import LogDirectory, now
 from .pass_ids import PassIds, check_on_duplicate
 from .pass_sums import PassSums
-from .pass_writer import PassWriter, check_writer_options
+from .pass_writer import QUEUE_BYTES, PassWriter, WriterOptions
 from .training_record import TrainingRecord
 
 logger = logging.getLogger("logix")
@@ -63,6 +63,7 @@ def init(
     on_duplicate: str = "error",
     queue_size: int = 16,
     commit_interval: float = 1.0,
+    queue_bytes: int = QUEUE_BYTES,
 ) -> Run:
     """Create a log at `path` (a directory), or add a session to the log already there.
 
@@ -80,7 +81,8 @@ def init(
     on_duplicate: "error" (default) refuses an id seen before in the same pass; "skip" drops its
         row silently (for samplers that pad the last batch with repeats). Under torch.distributed,
         repeats are always skipped: DDP's and Accelerate's samplers pad the last batches with them.
-    queue_size: batches the writer may lag behind before training waits for it.
+    queue_size / queue_bytes: batches, and bytes of rows (default 256 MiB; pinned host memory on a
+        GPU), the writer may lag behind before training waits for it; a larger batch goes alone.
     commit_interval: seconds between commits; rows are committed at the latest this long after written.
     """
     config = Config(
@@ -92,8 +94,7 @@ def init(
         resume=resume,
         distributed=distributed,
         on_duplicate=on_duplicate,
-        queue_size=queue_size,
-        commit_interval=commit_interval,
+        writer=WriterOptions(queue_size, commit_interval, queue_bytes),
     )
 
 
@@ -113,17 +114,14 @@ class Run:
         resume: bool = False,
         distributed: bool | None = None,
         on_duplicate: str = "error",
-        queue_size: int = 16,
-        commit_interval: float = 1.0,
+        writer: WriterOptions | None = None,
     ):
         check_on_duplicate(on_duplicate)  # before the log is opened: a refused run leaves no session behind
-        check_writer_options(queue_size, commit_interval)
+        writer = writer or WriterOptions()
         self.path = Path(path)
         self.config = config
         self.resume = bool(resume)
         self.on_duplicate = on_duplicate
-        self.queue_size = queue_size
-        self.commit_interval = commit_interval
         if distributed not in (None, True, False):
             raise ConfigError(f"distributed must be None, True or False, got {distributed!r}")
         self.world = World.alone() if distributed is False else World()
@@ -144,7 +142,7 @@ class Run:
         self._manifest = self._directory.manifest
         self.session = self._manifest["sessions"] - 1
         self._pass_sums = PassSums(self.path, config.factors, self.process_index, self.session)
-        self._rows = PassWriter(self.path, config.dtype, self.process_index, self.session, queue_size, commit_interval)
+        self._rows = PassWriter(self.path, config.dtype, self.process_index, self.session, writer)
         self._intake = PassIntake(self._directory, self.world, self._ids, self._pass_sums, self._rows)
         _open_runs.add(self)
 

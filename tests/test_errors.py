@@ -478,6 +478,9 @@ BAD_CONFIG = {
     "on_duplicate": {"on_duplicate": "ignore"},
     "queue_size_zero": {"queue_size": 0},
     "queue_size_negative": {"queue_size": -2},
+    "queue_bytes_zero": {"queue_bytes": 0},
+    "queue_bytes_float": {"queue_bytes": 1.5},
+    "commit_interval_negative": {"commit_interval": -1.0},
 }
 
 

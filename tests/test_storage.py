@@ -737,6 +737,31 @@ def test_backpressure_with_a_slow_writer_keeps_every_row_in_order(tmp_path, monk
         assert_close(log.gradients(name), want[name])
 
 
+@pytest.mark.parametrize("queue_bytes", [1, 100])
+def test_queue_bytes_bound_the_rows_waiting_for_a_slow_writer(tmp_path, monkeypatch, queue_bytes):
+    """queue_bytes smaller than one batch (1) or than two (100; a batch here is 3 rows of 18 floats,
+    216 bytes): each batch waits alone, a batch larger than the bound still goes, and no row is lost."""
+    done = slow_writer(monkeypatch, 0.05)
+    model = tiny_model()
+    x, y = batch(30, 28)
+    run = logix.init(tmp_path / "log", rank="full", queue_size=16, queue_bytes=queue_bytes)
+    run.watch(model)
+    for b in range(10):
+        rows = slice(3 * b, 3 * b + 3)
+        step(run, model, list(range(3 * b, 3 * b + 3)), x[rows], y[rows])
+    # 16 batches would fit by count; by bytes one waits while the writer takes the one before it.
+    assert done[0] >= 8
+    run.finalize()
+    assert done[0] == 10
+
+    log = logix.open(tmp_path / "log")
+    assert log.width * 4 * 3 > queue_bytes / 2 and log.width * 4 * 3 * 2 > queue_bytes  # the premise
+    assert list(log.ids) == list(range(30))
+    want = exact(model, x, y)
+    for name in NAMES:
+        assert_close(log.gradients(name), want[name])
+
+
 # -- damaged logs --------------------------------------------------------------------------------
 
 

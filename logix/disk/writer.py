@@ -27,6 +27,7 @@ logger = logging.getLogger("logix")
 RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
 RESERVE_STEP = 16 << 20  # the file grows ahead by at least this much (sparse; given back at close)
 WAKE_BYTES = 4 << 20  # rows queued before the writer is woken early
+QUEUE_BYTES = 256 << 20  # rows that may wait for the writer, by default (pinned host memory on a GPU)
 STAGE_BYTES = 4 << 20  # rows staged in memory before they are written, if no commit comes first
 
 
@@ -247,22 +248,28 @@ _COMMIT = object()  # a queue item asking the writer to commit now
 class BackgroundWriter:
     """A thread that owns a SegmentWriter and drains a bounded queue of batches into it.
 
-    `put` blocks while the queue is full, so a slow disk slows training instead of growing memory
-    or dropping rows. A failure in the thread is kept and re-raised in the training thread at the
-    next `put` or at `close`; rows committed before it stay readable.
+    `put` blocks while the queue holds `queue_size` batches or `queue_bytes` bytes of rows (a
+    batch larger than that alone still passes), so a slow disk slows training instead of growing
+    memory or dropping rows. A failure in the thread is kept and re-raised in the training thread
+    at the next `put` or at `close`; rows committed before it stay readable.
 
     The thread is not woken for every batch: it drains whatever is queued every POLL seconds, or at
-    once when the queue is half full, WAKE_BYTES of rows wait, or a flush or the end asks for it.
-    A writer woken per batch takes the GIL from the training thread at every step, and on few cores
-    the hand-offs cost more than the writing.
+    once when the queue is half full (in batches or bytes), WAKE_BYTES of rows wait, or a flush or
+    the end asks for it. A writer woken per batch takes the GIL from the training thread at every
+    step, and on few cores the hand-offs cost more than the writing.
     """
 
     POLL = 0.02
 
-    def __init__(self, segment: SegmentWriter, queue_size: int = 16, commit_interval: float = 1.0):
+    def __init__(
+        self, segment: SegmentWriter, queue_size: int = 16, commit_interval: float = 1.0, queue_bytes: int = QUEUE_BYTES
+    ):
         self.segment = segment
         self.commit_interval = commit_interval
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_bytes = queue_bytes
+        self.held = 0  # bytes of rows put and not yet taken by the writer thread
+        self._room = threading.Condition()
         self.wake = threading.Event()
         self.queued_bytes = 0  # rows queued since the writer last woke (approximate: both threads add/reset)
         self.error: BaseException | None = None
@@ -270,12 +277,17 @@ class BackgroundWriter:
         self.thread.start()
 
     def put(self, batch: Batch) -> None:
+        size = 0 if batch is _COMMIT else batch.grads.nbytes
+        while True:
+            self._raise_if_failed()
+            if self._hold(size):
+                break
         while True:
             self._raise_if_failed()
             if self._enqueue(batch):
                 break
         if batch is not _COMMIT:
-            self.queued_bytes += batch.grads.nbytes
+            self.queued_bytes += size
         if batch is _COMMIT or self._should_wake():
             self.wake.set()
 
@@ -292,9 +304,30 @@ class BackgroundWriter:
         except queue.Full:
             return False
 
+    def _hold(self, size: int) -> bool:
+        """Count `size` bytes as queued, waiting at most 0.1 s for the writer to take enough to
+        stay within queue_bytes (nothing held: any batch fits)."""
+        with self._room:
+            if self.held and self.held + size > self.queue_bytes:
+                self.wake.set()
+                self._room.wait(0.1)
+                if self.held and self.held + size > self.queue_bytes:
+                    return False
+            self.held += size
+            return True
+
+    def _release(self, size: int) -> None:
+        with self._room:
+            self.held -= size
+            self._room.notify_all()
+
     def _should_wake(self) -> bool:
-        """Half the queue's batches, or WAKE_BYTES of rows, are waiting (memory stays small)."""
-        return 2 * self.queue.qsize() >= self.queue.maxsize or self.queued_bytes >= WAKE_BYTES
+        """Half the queue's batches or bytes, or WAKE_BYTES of rows, are waiting (memory stays small)."""
+        return (
+            2 * self.queue.qsize() >= self.queue.maxsize
+            or self.queued_bytes >= WAKE_BYTES
+            or 2 * self.held >= self.queue_bytes
+        )
 
     def flush(self) -> None:
         """Block until every queued batch is written and committed."""
@@ -343,6 +376,8 @@ class BackgroundWriter:
                     if self.error is None:  # else keep draining so put() never blocks on a dead writer
                         last_commit = self._take(batch, last_commit)
                 finally:
+                    if isinstance(batch, Batch):
+                        self._release(batch.grads.nbytes)  # staged or written: its queue bytes are free
                     self.queue.task_done()
             self._write_staged()  # what this wake took, in one append per column
             uncommitted = self.segment.rows > self.segment.committed_rows and self.error is None
