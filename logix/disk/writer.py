@@ -115,8 +115,7 @@ class SegmentWriter:
         start, end = self.written, self.written + len(ids)
         self._reserve(ids, end)
         for ds, values in ((self.grads, grads), (self.ids, ids), (self.flags, flags), (self.step, steps)):
-            ds.resize(end, axis=0)
-            ds[start:end] = values
+            append_rows(ds, start, values)
         self.written = end
 
     @staticmethod
@@ -199,6 +198,23 @@ class SegmentWriter:
         """Close the file without writing to it again, after the disk refused a write."""
         self._staged, self._staged_bytes = [], 0
         abandon(self.file)
+
+
+def append_rows(ds: h5py.Dataset, start: int, values) -> None:
+    """Grow `ds` to hold `values` from row `start` on and write them. Numeric columns go through
+    HDF5's own calls (extent, hyperslab, write): h5py's Dataset.resize and __setitem__ spend about a
+    quarter of a write's time in Python (0.5 of 1.9 ms for 640 rows of 672 floats and their three
+    one-number columns), and the writer thread takes that time from training through the GIL."""
+    n = len(values)
+    if not isinstance(values, np.ndarray) or values.dtype != ds.dtype:  # strings: h5py converts them
+        ds.resize(start + n, axis=0)
+        ds[start : start + n] = values
+        return
+    values = np.ascontiguousarray(values)
+    ds.id.set_extent((start + n, *values.shape[1:]))
+    space = ds.id.get_space()
+    space.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
+    ds.id.write(h5py.h5s.create_simple(values.shape), space, values)
 
 
 def nonfinite_rows(rows: Tensor) -> Tensor:
