@@ -287,7 +287,6 @@ class BackgroundWriter:
         self.held = 0  # bytes of rows put and not yet taken by the writer thread
         self._room = threading.Condition()
         self.wake = threading.Event()
-        self.queued_bytes = 0  # rows queued since the writer last woke (approximate: both threads add/reset)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=f"logix-writer-{segment.path.name}", daemon=True)
         self.thread.start()
@@ -302,8 +301,6 @@ class BackgroundWriter:
             self._raise_if_failed()
             if self._enqueue(batch):
                 break
-        if batch is not _COMMIT:
-            self.queued_bytes += size
         if batch is _COMMIT or self._should_wake():
             self.wake.set()
 
@@ -341,8 +338,7 @@ class BackgroundWriter:
         """Half the queue's batches or bytes, or WAKE_BYTES of rows, are waiting (memory stays small)."""
         return (
             2 * self.queue.qsize() >= self.queue.maxsize
-            or self.queued_bytes >= WAKE_BYTES
-            or 2 * self.held >= self.queue_bytes
+            or self.held >= min(WAKE_BYTES, self.queue_bytes // 2)
         )
 
     def flush(self) -> None:
@@ -379,7 +375,6 @@ class BackgroundWriter:
         while True:
             self.wake.wait(self.POLL)
             self.wake.clear()
-            self.queued_bytes = 0
             while True:
                 try:
                     batch = self.queue.get_nowait()
