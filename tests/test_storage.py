@@ -715,48 +715,35 @@ def test_a_pass_whose_writer_failed_is_not_finalized(tmp_path, monkeypatch):
     assert logix.open(path).current.finalized is False
 
 
-def test_backpressure_with_a_slow_writer_keeps_every_row_in_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "bound",
+    [{"queue_size": 1}, {"queue_size": 16, "queue_bytes": 1}, {"queue_size": 16, "queue_bytes": 100}],
+    ids=["one_batch", "bytes_below_one_batch", "bytes_below_two_batches"],
+)
+def test_backpressure_with_a_slow_writer_keeps_every_row_in_order(tmp_path, monkeypatch, bound):
+    """Bounded by count (queue_size=1) or by bytes (queue_bytes below one batch, or below two: a
+    batch here is 3 rows of 18 floats, 216 bytes): training waits for the writer, a batch larger
+    than the byte bound still goes, and no row is lost."""
     done = slow_writer(monkeypatch, 0.05)
     model = tiny_model()
     x, y = batch(30, 28)
-    run = logix.init(tmp_path / "log", rank="full", queue_size=1)
+    run = logix.init(tmp_path / "log", rank="full", **bound)
     run.watch(model)
     for b in range(10):
         rows = slice(3 * b, 3 * b + 3)
         step(run, model, list(range(3 * b, 3 * b + 3)), x[rows], y[rows])
-    # With one batch in the queue and one being written, training can be at most two batches ahead.
+    # With one batch in the queue and one being written, training can be at most two batches ahead
+    # (by bytes, 16 batches would fit by count: one waits while the writer takes the one before it).
     assert done[0] >= 8
     run.finalize()
     assert done[0] == 10
 
     log = logix.open(tmp_path / "log")
+    if "queue_bytes" in bound:  # the premise: the byte bound, not the count, holds batches back
+        queue_bytes = bound["queue_bytes"]
+        assert log.width * 4 * 3 > queue_bytes / 2 and log.width * 4 * 3 * 2 > queue_bytes
     assert list(log.ids) == list(range(30))
     assert list(log.steps) == [b for b in range(10) for _ in range(3)]
-    want = exact(model, x, y)
-    for name in NAMES:
-        assert_close(log.gradients(name), want[name])
-
-
-@pytest.mark.parametrize("queue_bytes", [1, 100])
-def test_queue_bytes_bound_the_rows_waiting_for_a_slow_writer(tmp_path, monkeypatch, queue_bytes):
-    """queue_bytes smaller than one batch (1) or than two (100; a batch here is 3 rows of 18 floats,
-    216 bytes): each batch waits alone, a batch larger than the bound still goes, and no row is lost."""
-    done = slow_writer(monkeypatch, 0.05)
-    model = tiny_model()
-    x, y = batch(30, 28)
-    run = logix.init(tmp_path / "log", rank="full", queue_size=16, queue_bytes=queue_bytes)
-    run.watch(model)
-    for b in range(10):
-        rows = slice(3 * b, 3 * b + 3)
-        step(run, model, list(range(3 * b, 3 * b + 3)), x[rows], y[rows])
-    # 16 batches would fit by count; by bytes one waits while the writer takes the one before it.
-    assert done[0] >= 8
-    run.finalize()
-    assert done[0] == 10
-
-    log = logix.open(tmp_path / "log")
-    assert log.width * 4 * 3 > queue_bytes / 2 and log.width * 4 * 3 * 2 > queue_bytes  # the premise
-    assert list(log.ids) == list(range(30))
     want = exact(model, x, y)
     for name in NAMES:
         assert_close(log.gradients(name), want[name])
