@@ -221,9 +221,8 @@ class Laplace:
         self.log, self.model = log, model
         self.scale, self.factor = 1.0, FACTORS[0]
 
-    def variances(self, x: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (n, C), J_c^T (F + lambda I)^-1 J_c / N (n, C)) in float64."""
-        pre = Preconditioner(self.log, "ekfac", damping_factor=factor)
+    def logit_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (n, C) float64, each class's logit gradient as a projected row (C, n, D))."""
         with torch.no_grad():
             logits = self.model(x).double()
         with self.log.query(self.model) as q:  # logix: each class's logit gradient, one row per input
@@ -231,8 +230,12 @@ class Laplace:
                 with q.capture(list(range(len(x))), reduction="sum"):
                     self.model(x)[:, c].sum().backward()
                 self.model.zero_grad(set_to_none=True)
-        rows = q.rows.view(logits.shape[1], len(x), -1)
-        return logits, torch.stack([pre.self_products(r) for r in rows], dim=1).double() / len(self.log)
+        return logits, q.rows.view(logits.shape[1], len(x), -1)
+
+    def variances(self, rows: torch.Tensor, factor: float) -> torch.Tensor:
+        """(n, C) float64: J_c^T (F + lambda I)^-1 J_c / N for the rows of `logit_rows`."""
+        pre = Preconditioner(self.log, "ekfac", damping_factor=factor)
+        return torch.stack([pre.self_products(r) for r in rows], dim=1).double() / len(self.log)
 
     @staticmethod
     def predictive(logits: torch.Tensor, variances: torch.Tensor, scale: float) -> torch.Tensor:
@@ -241,8 +244,9 @@ class Laplace:
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> Laplace:
         """Choose the scale and damping factor of least NLL on held-out (x, y)."""
         best = math.inf
+        logits, rows = self.logit_rows(x)  # taken once: only the preconditioner changes with the factor
         for factor in FACTORS:
-            logits, variances = self.variances(x, factor)
+            variances = self.variances(rows, factor)
             for scale in PRIOR_SCALES:
                 value = nll(self.predictive(logits, variances, scale), y)
                 if value < best:
@@ -250,8 +254,8 @@ class Laplace:
         return self
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        logits, variances = self.variances(x, self.factor)
-        return self.predictive(logits, variances, self.scale)
+        logits, rows = self.logit_rows(x)
+        return self.predictive(logits, self.variances(rows, self.factor), self.scale)
 
 
 def complexity(log, model, x: torch.Tensor, settings: dict, labels=None, logits=None):
