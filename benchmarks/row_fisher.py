@@ -40,9 +40,8 @@ import logix  # noqa: E402
 FACTORS = (0.1, 0.3, 1.0)
 
 
-def row_scores(train_rows: torch.Tensor, query_rows: torch.Tensor, sampled: torch.Tensor, factor: float):
-    """(Q, N): q^T (F + lambda I)^-1 r with F the second moment of `sampled` rows, lambda = f trace(F) / D."""
-    fisher = sampled.T @ sampled / len(sampled)
+def row_scores(train_rows: torch.Tensor, query_rows: torch.Tensor, fisher: torch.Tensor, factor: float):
+    """(Q, N): q^T (F + lambda I)^-1 r with lambda = f trace(F) / D."""
     damping = factor * torch.trace(fisher) / fisher.shape[0]
     solved = torch.linalg.solve(fisher + damping * torch.eye(fisher.shape[0], dtype=fisher.dtype), query_rows.T)
     return solved.T @ train_rows.T
@@ -130,8 +129,9 @@ def run_task(setup, ranks, draws: list[int], tmp: Path, max_width: int) -> None:
             train, ids, query = log.rows().double(), np.asarray(log.ids), q.rows.double()
             cells = []
             for k in draws:
+                fisher = sampled[: k * n].T @ sampled[: k * n] / (k * n)  # the second moment of the drawn rows
                 for f in FACTORS:
-                    scores = row_scores(train, query, sampled[: k * n], f)
+                    scores = row_scores(train, query, fisher, f)
                     cells.append(f"K={k} f={f}: {aq.lds(aq.in_order(ids, scores, n), masks, outcome)[0]:.3f}")
             blocks = []
             for pre in ("kfac", "ekfac"):
