@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner, check_damping, load_curvature, self_influence_values
+from .curvature import Preconditioner, check_damping, load_curvature, self_influence_values
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .results import Scores, SelfInfluence, as_ids, check_top_k
 
@@ -188,7 +188,7 @@ def influence_across_training(
     passes: Sequence[str] | None = None,
     preconditioner: str | None = None,
     damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    damping_factor: float | None = None,
     top_k: int | None = None,
     largest: bool = True,
     block_rows: int | None = None,
@@ -350,7 +350,7 @@ def self_influence_across_training(
     *,
     passes: Sequence[str] | None = None,
     damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    damping_factor: float | None = None,
     block_rows: int | None = None,
     progress: bool | None = None,
     curvature: str = "auto",

@@ -86,7 +86,7 @@ def complexity(
     temperature: float = DEFAULT_TEMPERATURE,
     preconditioner: str = "auto",
     damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    damping_factor: float | None = None,
     modules=None,
     curvature: str = "auto",
     logits: Callable | None = None,

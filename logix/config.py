@@ -16,7 +16,8 @@ from .errors import ConfigError
 Rank = int | str | tuple
 
 DTYPES = ("float32", "float16")
-STATISTICS = ("kfac", "ekfac", "raw")
+STATISTICS = ("kfac", "ekfac", "raw", "row")
+ROW_MAX_WIDTH = 8192  # widest row statistics="row" takes: its D x D Fisher in float64 is 512 MiB there
 PROJECTION_METHODS = ("gaussian", "pca")
 
 
@@ -46,7 +47,8 @@ class Config:
     statistics: curvature gathered for attribution: any of "kfac" (the factors A and S, gathered
         during capture), "ekfac" (also the corrected eigenvalues, from one read of the rows at
         finalize), "raw" (the dense projected Fisher per module, from the rows; only where
-        k_in * k_out is small). A string means one of them; () gathers nothing.
+        k_in * k_out is small), "row" (one dense Fisher over the whole row, from the rows; rows of
+        at most ROW_MAX_WIDTH numbers). A string means one of them; () gathers nothing.
     """
 
     rank: Rank = 64
@@ -81,6 +83,7 @@ class Config:
             b = self.row_bytes
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ConfigError(f"rank='auto' needs row_bytes, a positive int (bytes per stored row), got {b!r}")
+            self._refuse_wide(self.row_numbers, f"row_bytes={b} allows")
         elif self.row_bytes is not None:
             raise ConfigError(f"row_bytes is a budget for rank='auto'; with rank={self.rank!r} the row's size is fixed")
         if self.dtype not in DTYPES:
@@ -89,6 +92,20 @@ class Config:
             raise ConfigError(f"projection must be one of {PROJECTION_METHODS}, got {self.projection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def check_width(self, width: int) -> None:
+        """Refuse, before anything is logged, a row too wide for the statistics asked for (rank="auto"
+        keeps within row_bytes, checked when the config is made)."""
+        if self.rank != "auto":
+            self._refuse_wide(width, "the watched modules give")
+
+    def _refuse_wide(self, width: int, what: str) -> None:
+        if "row" in self.statistics and width > ROW_MAX_WIDTH:
+            raise ConfigError(
+                f"statistics='row' builds a dense Fisher over the whole row, for rows of at most {ROW_MAX_WIDTH} "
+                f"numbers; {what} {width}. Lower the rank (or row_bytes with rank='auto'), "
+                "watch fewer modules, or use the per-module statistics ('ekfac')"
+            )
 
     @property
     def factors(self) -> bool:

@@ -7,13 +7,16 @@ quadratic form on every row (self-influence).
     raw       F = mean_i vec(G~_i) vec(G~_i)^T, the projected empirical Fisher
     kfac      F = S (x) A (row-major (k_out, k_in) rows, so S comes first)
     ekfac     F = (Q_S (x) Q_A) diag(Lambda*) (Q_S (x) Q_A)^T
+    row       not block-diagonal: F = mean_i r_i r_i^T over whole rows r_i (D x D), one block
 
-preconditioner="auto" (the default) takes the first of ekfac, kfac, raw the pass has statistics for,
-else identity (resolve_preconditioner). Damping lambda is per module: 0.1 x the trace of that
+preconditioner="auto" (the default, resolve_preconditioner) takes row where the curvature comes from
+a curvature pass (labels drawn from the model) that has it, else the first of ekfac, kfac, raw, row
+the pass has statistics for, else identity. Damping lambda is per module: 0.1 x the trace of that
 module's block over its unprojected dimension d_in d_out by default (the mean eigenvalue at rank
 full; `damping_factor` changes the 0.1), or an absolute value (`damping=`, a float or
-{module: float}). `curvature=` says whose statistics: the pass's own rows, or the curvature pass
-logged for it (statistics_file). The curvature is built from a statistics file, or from the arrays
+{module: float}); for row, 0.3 x trace(F) / D (its mean eigenvalue), or one absolute value.
+`curvature=` says whose statistics: the pass's own rows, or the curvature pass logged for it
+(statistics_file). The curvature is built from a statistics file, or from the arrays
 finalize holds in memory before it writes one (build_curvature, Preconditioner.from_curvature).
 """
 
@@ -26,17 +29,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .disk.statistics import RAW_MAX_WIDTH, open_statistics, preconditioners
+from .disk.statistics import RAW_MAX_WIDTH, ROW_GROUP, open_statistics, preconditioners
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .progress import progress_bar
 from .scalars import real_number, shown
 
-PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
+PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac", "row")
 AUTO = ("ekfac", "kfac", "raw")  # what preconditioner="auto" takes, the first the pass has statistics for
-DEFAULT_DAMPING_FACTOR = 0.1
-# the default damping rule, recorded with the self-influences finalize stores: values stored under
+DEFAULT_DAMPING_FACTOR = 0.1  # per module block
+ROW_DAMPING_FACTOR = 0.3  # the whole row's: best of 0.1 / 0.3 / 1 on both tasks of benchmarks/row_fisher.py
+# the default damping rules, recorded with the self-influences finalize stores: values stored under
 # another rule (an older logix) are recomputed, never reused
 DAMPING_RULE = "damping_factor x trace / (d_in d_out)"
+ROW_DAMPING_RULE = "damping_factor x trace / D"
+
+
+def default_damping(preconditioner: str) -> tuple[str, float]:
+    """(rule, factor) of the default damping of a preconditioner."""
+    if preconditioner == "row":
+        return ROW_DAMPING_RULE, ROW_DAMPING_FACTOR
+    return DAMPING_RULE, DEFAULT_DAMPING_FACTOR
 
 
 @dataclass
@@ -46,12 +58,18 @@ class ModuleCurvature:
     name: str
     k_in: int
     k_out: int
-    preconditioner: str  # identity, raw, kfac or ekfac
+    preconditioner: str  # identity, raw, kfac, ekfac; or row (one block over the whole row: k_in = D, k_out = 1)
     vec_a: Tensor | None = None  # (k_in, k_in)   kfac/ekfac eigenbasis, input side
     vec_s: Tensor | None = None  # (k_out, k_out) output side
-    values: Tensor | None = None  # (k_out, k_in) for kfac/ekfac; (k_in*k_out,) for raw
-    vec_f: Tensor | None = None  # raw: eigenvectors of the dense Fisher
+    values: Tensor | None = None  # (k_out, k_in) for kfac/ekfac; (k_in*k_out,) for raw and row
+    vec_f: Tensor | None = None  # raw and row: eigenvectors of the dense Fisher
     damping: float = 0.0
+    modules: list | None = None  # row: the modules whose columns the block spans, in row order
+
+    @property
+    def dense(self) -> bool:
+        """Whether the block is a dense Fisher in its own eigenbasis (raw, row), not Kronecker factors."""
+        return self.preconditioner in ("raw", "row")
 
     def apply(self, rows: Tensor) -> Tensor:
         """(n, k_out*k_in) -> (F + lambda I)^{-1} rows, in float64."""
@@ -63,13 +81,13 @@ class ModuleCurvature:
         """(n, k_out*k_in) rows -> their coordinates in the block's eigenbasis, float64, shaped like
         `values` flattened."""
         g = rows.double()
-        if self.preconditioner == "raw":
+        if self.dense:
             return g @ self.vec_f
         return (self.vec_s.T @ g.reshape(-1, self.k_out, self.k_in) @ self.vec_a).reshape(rows.shape[0], -1)
 
     def unrotate(self, coordinates: Tensor) -> Tensor:
         """The inverse of `rotate`: eigenbasis coordinates -> (n, k_out*k_in) rows."""
-        if self.preconditioner == "raw":
+        if self.dense:
             return coordinates @ self.vec_f.T
         c = coordinates.reshape(-1, self.k_out, self.k_in)
         return (self.vec_s @ c @ self.vec_a.T).reshape(coordinates.shape[0], -1)
@@ -78,7 +96,7 @@ class ModuleCurvature:
         """(n, k_out*k_in) -> f(F) rows in float64, f given by its value at each eigenvalue of F
         (`multipliers`, shaped like `values`): the block's eigenbasis, scaled, and back."""
         g = rows.double()
-        if self.preconditioner == "raw":
+        if self.dense:
             return ((g @ self.vec_f) * multipliers) @ self.vec_f.T
         g = g.reshape(-1, self.k_out, self.k_in)
         rotated = (self.vec_s.T @ g @ self.vec_a) * multipliers
@@ -132,13 +150,18 @@ def available_preconditioners(log) -> list[str]:
     return preconditioners(log.config.statistics)
 
 
-def resolve_preconditioner(log, preconditioner: str) -> str:
-    """ "auto" -> the first of ekfac, kfac, raw the current pass has statistics for (raw only when
-    every module has it), else identity; any other name is returned as it is.
+def resolve_preconditioner(log, preconditioner: str, curvature: str = "auto") -> str:
+    """ "auto" -> row where the curvature comes from a curvature pass (labels drawn from the model,
+    `curvature` as in statistics_file) that has it; else the first of ekfac, kfac, raw, row the
+    current pass has statistics for (raw only when every module has it); else identity. Any other
+    name is returned as it is.
 
-    EK-FAC first: on both tasks of benchmarks/attribution_quality.py it is the best on the language
-    model and within 0.03 LDS of the best on digits at every rank (K-FAC is 0.01 to 0.03 ahead
-    there, 0.02 behind on the language model)."""
+    Row first, from sampled labels: at rank 16's bytes it scores above full-rank EK-FAC on both
+    tasks of benchmarks/row_fisher.py (0.71 against 0.62 LDS on digits, 0.61 against 0.55 on the
+    language model); from the pass's own rows (the empirical Fisher) it is behind EK-FAC on the
+    language model, so there it comes after the per-module blocks. Then EK-FAC: on both tasks of
+    benchmarks/attribution_quality.py it is the best per-module block on the language model and
+    within 0.03 LDS of the best on digits (K-FAC is 0.01 to 0.03 ahead there)."""
     if not isinstance(preconditioner, str) or preconditioner not in ("auto", *PRECONDITIONERS):
         raise ConfigError(f"preconditioner must be one of {('auto', *PRECONDITIONERS)}, got {preconditioner!r}")
     if preconditioner != "auto":
@@ -146,15 +169,18 @@ def resolve_preconditioner(log, preconditioner: str) -> str:
     if log.current is None or log.current.name not in log.statistics_files:  # e.g. a finalized pass with no rows
         return "identity"
     have = available_preconditioners(log)
+    if "row" in have and curvature != "own":
+        sampled = log.curvature_pass()
+        if sampled is not None and sampled.name in log.statistics_files:
+            return "row"
     narrow = all(m.width <= RAW_MAX_WIDTH for m in log.modules.values())
-    return next((p for p in AUTO if p in have and (p != "raw" or narrow)), "identity")
+    return next((p for p in (*AUTO, "row") if p in have and (p != "raw" or narrow)), "identity")
 
 
-def load_curvature(
-    log, preconditioner: str, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR, names=None, curvature="auto"
-):
-    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module;
-    `curvature` says whose statistics (see statistics_file)."""
+def load_curvature(log, preconditioner: str, damping=None, damping_factor=None, names=None, curvature="auto"):
+    """{module: ModuleCurvature} for the current pass (some modules only), damping resolved per module
+    ({ROW_GROUP: one block over the modules' columns} for row); `curvature` says whose statistics
+    (see statistics_file)."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     check_curvature(curvature)
@@ -167,10 +193,12 @@ def load_curvature(
 
 
 def build_curvature(
-    modules, names, preconditioner: str, statistics, damping=None, damping_factor=DEFAULT_DAMPING_FACTOR
+    modules, names, preconditioner: str, statistics, damping=None, damping_factor=None
 ) -> dict[str, ModuleCurvature]:
     """{module: ModuleCurvature} from each module's statistics: statistics(name) has has(key) and
     array(key, shape, eigenvalues) (a statistics file's group, or arrays finalize holds in memory)."""
+    if preconditioner == "row":
+        return {ROW_GROUP: _row_curvature(modules, names, statistics, damping, damping_factor)}
     out = {}
     for name in names:
         m = modules[name]
@@ -201,14 +229,40 @@ def build_curvature(
     for name, c in out.items():
         if c.values is not None:
             m = modules[name]
-            c.damping = _damping(name, c.values, damping, damping_factor, m.d_in * m.d_out)
+            c.damping = _damping(name, c.values, damping, damping_factor or DEFAULT_DAMPING_FACTOR, m.d_in * m.d_out)
     return out
 
 
-def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, float] | None, float]:
+def _row_curvature(modules, names, statistics, damping, damping_factor) -> ModuleCurvature:
+    """The whole row's Fisher as one block over the columns of `names` (all modules: as stored; some:
+    the stored Fisher's sub-block on their columns, decomposed again), damped by damping_factor x
+    its trace over its width (its mean eigenvalue), or by `damping`, one number."""
+    if isinstance(damping, dict):
+        raise ConfigError("preconditioner='row' is one block over the whole row: give damping as one number")
+    width = sum(m.width for m in modules.values())
+    try:
+        group = statistics(ROW_GROUP)
+    except LogFormatError:
+        group = None
+    if group is None or not group.has("fisher_eig"):
+        raise LogFormatError("no Fisher over the whole row in this log (logix.init(..., statistics=[..., 'row']))")
+    values = group.array("fisher_eig", (width,), eigenvalues=True)
+    vectors = group.array("fisher_vec", (width, width))
+    if names != list(modules):
+        columns = torch.cat([torch.arange(modules[n].columns.start, modules[n].columns.stop) for n in names])
+        part = vectors[columns]
+        values, vectors = torch.linalg.eigh((part * values) @ part.T)
+        values = values.clamp_min(0.0)
+    c = ModuleCurvature(ROW_GROUP, len(values), 1, "row", values=values, vec_f=vectors, modules=list(names))
+    c.damping = _damping(ROW_GROUP, values, damping, damping_factor or ROW_DAMPING_FACTOR, len(values))
+    return c
+
+
+def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, float] | None, float | None]:
     """(damping, damping_factor) checked and as floats, whatever the preconditioner (identity uses
     neither, but a bad value is still a mistake to name): damping None, a non-negative number or
-    {module: number} naming modules of the log (`modules`), damping_factor a positive number."""
+    {module: number} naming modules of the log (`modules`), damping_factor a positive number or
+    None (the preconditioner's default: DEFAULT_DAMPING_FACTOR per module, ROW_DAMPING_FACTOR for row)."""
     if isinstance(damping, dict):
         for name in damping:
             if not isinstance(name, str):
@@ -218,6 +272,8 @@ def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, f
         damping = {name: _damping_value(value) for name, value in damping.items()}
     elif damping is not None:
         damping = _damping_value(damping)
+    if damping_factor is None:
+        return damping, None
     factor = real_number(damping_factor)
     if factor is None or not math.isfinite(factor) or factor <= 0:
         raise ConfigError(f"damping_factor must be a positive number, got {shown(damping_factor)}")
@@ -258,11 +314,11 @@ class Preconditioner:
         log,
         preconditioner: str,
         damping=None,
-        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        damping_factor: float | None = None,
         modules=None,
         curvature: str = "auto",
     ):
-        preconditioner = resolve_preconditioner(log, preconditioner)
+        preconditioner = resolve_preconditioner(log, preconditioner, curvature)
         self.preconditioner = preconditioner
         names = list(log.modules) if modules is None else _module_names(modules)
         for n in names:
@@ -280,9 +336,14 @@ class Preconditioner:
         return self
 
     def _use(self, modules: dict, blocks: dict) -> None:
-        names = list(blocks)
-        self.parts = [(modules[n].columns, blocks[n]) for n in names]
+        row = blocks.get(ROW_GROUP)
+        names = list(blocks) if row is None else row.modules
         self._whole_row = names == list(modules)  # modules sit in log order: rows need no gather
+        if row is None:
+            self.parts = [(modules[n].columns, blocks[n]) for n in names]
+        else:  # one block over the selected modules' columns, side by side
+            ranges = [torch.arange(modules[n].columns.start, modules[n].columns.stop) for n in names]
+            self.parts = [(slice(None) if self._whole_row else torch.cat(ranges), row)]
 
     def columns(self, rows: Tensor) -> Tensor:
         """The selected modules' columns of full rows, side by side."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .config import Config
-from .curvature import DAMPING_RULE, DEFAULT_DAMPING_FACTOR, Preconditioner, build_curvature, self_influences
+from .curvature import Preconditioner, build_curvature, default_damping, self_influences
 from .disk.manifest import ModuleInfo, SegmentInfo
 from .disk.rows import PassRows
 from .disk.statistics import load_sums, preconditioners, statistics_name, write_statistics
@@ -57,7 +57,10 @@ def finalize_pass(root: Path, manifest: dict, entry: dict, wanted: tuple, block_
     blocks = rows.blocks(block_rows=block_rows, recycle=True)
     _, values = self_influences(blocks, pres, int(rows.valid.sum()), progress=False, id_dtype=rows.ids.dtype)
     file = statistics_name(entry["index"])
-    attrs = dict(damping_rule=DAMPING_RULE, damping_factor=DEFAULT_DAMPING_FACTOR, curvature="own")
+    attrs = {}
+    for pre in pres:
+        rule, factor = default_damping(pre)
+        attrs[pre] = dict(damping_rule=rule, damping_factor=factor, curvature="own")
     write_statistics(root / file, derived, values, attrs)
     return file
 
@@ -66,7 +69,8 @@ def pass_rows(root: Path, manifest: dict, entry: dict) -> PassRows:
     """The pass's committed rows, from the segments the run lists and the manifest's layout."""
     segments = [SegmentInfo(**s) for s in entry["segments"]]
     dtype = Config.from_json(manifest["config"]).dtype
-    return PassRows(root, entry["name"], segments, int(manifest["width"]), dtype, manifest.get("id_kind"))
+    draws = "curvature_for" in entry.get("meta", {})
+    return PassRows(root, entry["name"], segments, int(manifest["width"]), dtype, manifest.get("id_kind"), draws)
 
 
 def check_rows_readable(root: Path, manifest: dict, entry: dict) -> None:

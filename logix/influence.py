@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
+from .curvature import Preconditioner
 from .errors import ConfigError, LogFormatError
 from .progress import progress_bar
 from .results import Scores, TopK, as_ids
@@ -98,7 +98,7 @@ class ScoreOptions:
 
     preconditioner: str = "auto"
     damping: Any = None
-    damping_factor: float = DEFAULT_DAMPING_FACTOR
+    damping_factor: float | None = None
     mode: str = "dot"
     top_k: int | None = None
     largest: bool = True

@@ -24,11 +24,10 @@ from . import across_training, token_split
 from . import complexity as ifcomp
 from .config import Config
 from .curvature import (
-    DAMPING_RULE,
-    DEFAULT_DAMPING_FACTOR,
     Preconditioner,
     check_curvature,
     check_damping,
+    default_damping,
     resolve_preconditioner,
     self_influence_values,
     statistics_file,
@@ -70,13 +69,13 @@ class PassInfo:
         return self.meta.get("curvature_for")
 
 
-def _stored_under_default(attrs) -> bool:
+def _stored_under_default(attrs, preconditioner: str) -> bool:
     """Whether stored self-influences say they were computed with today's default damping."""
     rule, factor = attrs.get("damping_rule"), attrs.get("damping_factor")
     if isinstance(rule, bytes):
         rule = rule.decode("utf-8", "replace")
     try:
-        return rule == DAMPING_RULE and float(factor) == DEFAULT_DAMPING_FACTOR
+        return (rule, float(factor)) == default_damping(preconditioner)
     except (TypeError, ValueError):
         return False
 
@@ -111,7 +110,8 @@ class Log:
         passes = []
         for p in manifest["passes"]:
             segments = tuple(SegmentInfo(**s) for s in p["segments"])
-            rows = PassRows(self.path, p["name"], segments, self.width, self.config.dtype, self.id_kind)
+            draws = "curvature_for" in p.get("meta", {})  # a curvature pass: an id's rows are its draws
+            rows = PassRows(self.path, p["name"], segments, self.width, self.config.dtype, self.id_kind, draws)
             self._rows[p["name"]] = rows
             passes.append(
                 PassInfo(
@@ -261,7 +261,7 @@ class Log:
         preconditioner: str = "auto",
         *,
         damping=None,
-        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        damping_factor: float | None = None,
         mode: str = "dot",
         top_k: int | None = None,
         largest: bool = True,
@@ -278,11 +278,12 @@ class Log:
         """Influence of every train row of the pass on every query row (+ = the train example helps).
 
         Returns Scores (values (Q, N), query_ids, train_ids); with top_k, a TopK computed while
-        streaming, never holding Q x N. preconditioner: auto (the default: ekfac, else kfac, else
-        raw, whichever the pass has statistics for first, else identity) | identity | raw | kfac |
-        ekfac. damping: an
-        absolute lambda (float, or {module: float}); default damping_factor x each module block's
-        trace over its unprojected dimension d_in d_out (its mean eigenvalue at rank full).
+        streaming, never holding Q x N. preconditioner: auto (the default: row where the pass's
+        curvature pass has it, else ekfac, else kfac, else raw, whichever the pass has statistics
+        for first, else identity) | identity | raw | kfac | ekfac | row. damping: an absolute
+        lambda (float, or {module: float}); default damping_factor (None: 0.1) x each module
+        block's trace over its unprojected dimension d_in d_out (its mean eigenvalue at rank
+        full); for row, damping_factor (None: 0.3) x its trace / D.
         mode: dot | cosine | relative. modules / train_ids: restrict the score to some modules or
         some train ids. shard=(i, n): score only the i-th of n equal slices of the train rows
         (merge the parts with Scores.merge / TopK.merge). across_ranks: under torch.distributed,
@@ -346,7 +347,7 @@ class Log:
         self,
         preconditioner: str = "auto",
         damping=None,
-        damping_factor: float = DEFAULT_DAMPING_FACTOR,
+        damping_factor: float | None = None,
         modules=None,
         *,
         block_rows: int | None = None,
@@ -361,7 +362,7 @@ class Log:
         """
         check_curvature(curvature)
         check_progress(progress)  # before the cache: a value found there draws no bar
-        preconditioner = resolve_preconditioner(self, preconditioner)
+        preconditioner = resolve_preconditioner(self, preconditioner, curvature)
         damping, damping_factor = check_damping(damping, damping_factor, self.modules)  # floats: the key hashes
         key = (self._require_pass().name, preconditioner, repr(damping), damping_factor, repr(modules), curvature)
         if key not in self._self_influence_cache:
@@ -369,7 +370,8 @@ class Log:
             own = preconditioner == "identity" or statistics_file(self, curvature) == self._stats_files.get(
                 self.current.name
             )
-            if damping is None and damping_factor == DEFAULT_DAMPING_FACTOR and modules is None and own:
+            default = damping_factor in (None, default_damping(preconditioner)[1])
+            if damping is None and default and modules is None and own:
                 stored = self._stored_self_influence(preconditioner)
             if stored is None:
                 pre = Preconditioner(self, preconditioner, damping, damping_factor, modules, curvature)
@@ -387,7 +389,7 @@ class Log:
         if stored is None:
             return None
         values, attrs = stored
-        if preconditioner != "identity" and not _stored_under_default(attrs):
+        if preconditioner != "identity" and not _stored_under_default(attrs, preconditioner):
             return None  # another damping rule (an older logix): recomputed, never reused
         if len(values) != len(self):
             return None  # rows were added since finalize: recompute

@@ -5,11 +5,16 @@ on_duplicate="skip" and always under torch.distributed, where the samplers of DD
 pad the last batches with repeats (when two processes get the same id in one step, the lower
 process keeps it). A resumed pass skips the ids it had committed; those whose statistics a crash
 lost are still counted in the statistics when they come again, but their rows are not rewritten.
+
+A curvature pass (`start_pass(..., curvature_for=...)`) is the exception: each capture of an id
+there is one more draw of labels from the model, so every one is logged, and a resumed curvature
+pass skips each id as many times as it had committed rows of it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from .errors import ConfigError, DuplicateIdError
 
@@ -34,13 +39,15 @@ class PassIds:
         self.process_index = process_index
         self.begin(set())
 
-    def begin(self, committed: set, rows_only: set = frozenset()) -> None:
+    def begin(self, committed, rows_only=(), draws: bool = False) -> None:
         """A new (or resumed) pass. committed: ids to skip; rows_only: ids whose rows are committed
-        but whose statistics were lost: their rows are skipped, their statistics counted."""
+        but whose statistics were lost: their rows are skipped, their statistics counted (each an
+        iterable of ids, or a Counter of them). draws: a curvature pass, where ids repeat."""
         self.logged: set = set()  # ids this process logged in the pass
         self.elsewhere: set = set()  # ids other processes captured in the pass
-        self.committed = committed
-        self.rows_only = set(rows_only)
+        self.draws = draws
+        self.committed = Counter(committed) if draws else set(committed)
+        self.rows_only = Counter(rows_only)  # small: only a crash leaves any
         self.skipped = 0
 
     def check(self, ids: list, everyone: list[list]) -> list[bool] | None:
@@ -51,6 +58,8 @@ class PassIds:
         captured it in an earlier step, a lower process has it in this step, or the pass had
         committed it before a resume. The usual batch, none of these, is settled with set
         operations at C speed; the sets that grow with the pass are never copied."""
+        if self.draws:
+            return self._check_draws(ids)
         lower = set()  # this step's ids of the lower processes (they keep a shared id)
         for theirs in everyone[: self.process_index]:
             lower.update(theirs)
@@ -79,20 +88,40 @@ class PassIds:
                 self.elsewhere.update(theirs)
         return keep
 
+    def _check_draws(self, ids: list) -> list[bool] | None:
+        """A curvature pass: every capture of an id is logged (one more draw), except as many as a
+        resumed pass had committed."""
+        if not self.committed:
+            return None
+        keep = []
+        for i in ids:
+            keep.append(self.committed[i] <= 0)
+            if not keep[-1]:
+                self.committed[i] -= 1
+        self.committed = +self.committed  # drops the ids used up
+        self.skipped += keep.count(False)
+        return None if all(keep) else keep
+
     def rows_to_write(self, ids: list, keep: list[bool] | None) -> tuple[list[bool] | None, list]:
         """After the backward: also leave out rows a crash had committed. Returns (which rows to
         write, the ids among them whose statistics were counted here for a row already committed)."""
         if not self.rows_only:
             return keep, []
         counted = keep or [True] * len(ids)
-        recounted = [i for i, k in zip(ids, counted) if k and i in self.rows_only]
-        keep = [k and i not in self.rows_only for i, k in zip(ids, counted)]
-        self.rows_only.difference_update(ids)
-        self.skipped += keep.count(False)
+        keep, recounted = [], []
+        for i, k in zip(ids, counted):
+            again = k and self.rows_only[i] > 0
+            keep.append(k and not again)
+            if again:
+                recounted.append(i)
+                self.rows_only[i] -= 1
+        self.rows_only = +self.rows_only
+        self.skipped += len(recounted)
         return keep, recounted
 
     def wrote(self, ids: list) -> None:
-        self.logged.update(ids)
+        if not self.draws:  # a curvature pass never refuses a repeat: nothing to remember
+            self.logged.update(ids)
 
     def report_skipped(self, pass_name: str, distributed: bool) -> None:
         """Say at the pass's end how many ids were skipped; warn when a process skipped more than it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,13 @@ def adopt_crashed(root: Path, p: dict, session: int, gathers_sums: bool) -> dict
     return covered
 
 
-def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], int]) -> tuple[set, set]:
-    """(ids whose rows and statistics are in, ids whose rows are in but statistics were lost).
+def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], int]) -> tuple[Counter, Counter]:
+    """(ids whose rows and statistics are in, ids whose rows are in but statistics were lost), each
+    id counted once per committed row (a curvature pass holds several draws of an id).
 
     A row's statistics are in when the sums of its own session cover it (covered_rows), or when a
     later session counted them again and its sums say so (read_recounted)."""
-    covered, uncovered = set(), set()
+    covered, uncovered = Counter(), Counter()
     for entry in p["segments"]:
         if (root / entry["file"]).is_file():
             ids = committed_ids(root / entry["file"])
@@ -114,9 +116,9 @@ def committed_ids_of(root: Path, p: dict, covered_rows: dict[tuple[int, int], in
             covered.update(ids[:n])
             uncovered.update(ids[n:])
     for part in p.get("statistics_parts", []):
-        recounted = read_recounted(root / part) & uncovered
-        covered |= recounted
-    return covered, uncovered - covered
+        for i in read_recounted(root / part) & uncovered.keys():
+            covered[i] += uncovered.pop(i)
+    return covered, uncovered
 
 
 def gather_segments(p: dict, reports: list[dict]) -> bool:

@@ -183,6 +183,7 @@ class Run:
         layout = RowLayout(self.config)
         logged = {m["name"]: m for m in self._manifest["modules"]}
         layout.choose(model, include, exclude, include_frozen, logged, stored)
+        self.config.check_width(layout.width)
         check_same_modules(self.world.gather(layout.entries()), self._manifest["modules"], self.path)
         self._layout = layout
         if not self._manifest["modules"] and not layout.pending:  # else written once fit_projections has run
@@ -288,17 +289,16 @@ class Run:
         covered, rows_only = passes.committed_ids_of(self.path, p, covered_rows)
         self._pass = p
         self.step = max(self.step, int(p["meta"].get("step") or 0))
-        logger.info(
-            "logix: resuming pass %r: %d ids already committed will be skipped", p["name"], len(covered | rows_only)
-        )
+        skipped = (covered + rows_only).total()
+        logger.info("logix: resuming pass %r: %d rows already committed will be skipped", p["name"], skipped)
         self._begin_pass(covered, rows_only)
 
-    def _begin_pass(self, committed: set, rows_only: set = frozenset()) -> None:
+    def _begin_pass(self, committed, rows_only=()) -> None:
         """committed: ids to skip; rows_only: ids whose rows are committed but whose statistics were
         lost in a crash: their rows are skipped, their statistics counted when they come again."""
         self._pass_sums.begin()
         self._session_passes.add(self._pass["name"])
-        self._ids.begin(committed, rows_only)
+        self._ids.begin(committed, rows_only, draws="curvature_for" in self._pass["meta"])
         self._intake.pass_entry = self._pass
         if self._training is not None:
             self._training.begin(self._pass["meta"])

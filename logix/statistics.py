@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .disk.statistics import RAW_MAX_WIDTH, SUM_KEYS
+from .disk.statistics import RAW_MAX_WIDTH, ROW_GROUP, SUM_KEYS
 from .errors import StatisticsError
 
 
@@ -192,11 +192,11 @@ def eigh(matrix: Tensor, name: str, label: str) -> tuple[Tensor, Tensor]:
 def derive(modules: dict, blocks, sums: dict, wanted: tuple, pass_name: str) -> tuple[dict, list]:
     """Per module: A, S, their eigenbases and counts (from the sums), and from one pass over the row
     blocks EK-FAC's Lambda* = mean_i (Q_S^T G_i Q_A)^2 and the raw Fisher mean_i g_i g_i^T where
-    asked (modules up to RAW_MAX_WIDTH). Returns ({module: {array name: tensor}}, modules with a raw
-    Fisher).
+    asked (modules up to RAW_MAX_WIDTH); with "row", the Fisher over the whole row, mean_i r_i r_i^T,
+    under ROW_GROUP. Returns ({module or ROW_GROUP: {array name: tensor}}, modules with a raw Fisher).
 
     modules: {name: ModuleInfo} (k_in, k_out, width, columns in a row). blocks: (ids, float32 rows)
-    over the pass's valid rows, iterated only when Lambda* or a raw Fisher is asked for."""
+    over the pass's valid rows, iterated only when Lambda* or a dense Fisher is asked for."""
     derived: dict[str, dict[str, Tensor]] = {name: {} for name in modules}
     if "kfac" in wanted or "ekfac" in wanted:
         for name in modules:
@@ -211,13 +211,16 @@ def derive(modules: dict, blocks, sums: dict, wanted: tuple, pass_name: str) -> 
     if "raw" in wanted and len(raw_modules) < len(modules):
         skipped = sorted(set(modules) - set(raw_modules))
         logging.getLogger("logix").warning("logix: raw Fisher skipped for %s (k_in*k_out > %d)", skipped, RAW_MAX_WIDTH)
-    if "ekfac" in wanted or raw_modules:
+    if "ekfac" in wanted or raw_modules or "row" in wanted:
         acc = {n: 0 for n in modules}
         fisher = {n: 0 for n in raw_modules}
+        whole = 0
         count = 0
         for _, rows in blocks:
             rows = rows.double()
             count += rows.shape[0]
+            if "row" in wanted:
+                whole = whole + rows.T @ rows
             for name, m in modules.items():
                 g = rows[:, m.columns]
                 if "ekfac" in wanted:
@@ -234,4 +237,7 @@ def derive(modules: dict, blocks, sums: dict, wanted: tuple, pass_name: str) -> 
                 f_matrix = fisher[name] / count
                 values, vectors = eigh(f_matrix, name, "the raw Fisher")
                 derived[name].update(fisher=f_matrix, fisher_eig=values, fisher_vec=vectors)
+        if "row" in wanted:
+            values, vectors = eigh(whole / count, ROW_GROUP, "the Fisher over the whole row")
+            derived[ROW_GROUP] = dict(fisher_eig=values, fisher_vec=vectors)
     return derived, raw_modules

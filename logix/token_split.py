@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .curvature import DEFAULT_DAMPING_FACTOR, Preconditioner
+from .curvature import Preconditioner
 from .errors import ConfigError
 from .frozen import Frozen
 from .results import _Saved, _values, as_ids
@@ -76,7 +76,7 @@ def token_influence(
     *,
     preconditioner: str = "auto",
     damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    damping_factor: float | None = None,
     modules=None,
     curvature: str = "auto",
 ) -> TokenScores:
@@ -116,7 +116,7 @@ def query_token_influence(
     query_ids=None,
     preconditioner: str = "auto",
     damping=None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
+    damping_factor: float | None = None,
     modules=None,
     curvature: str = "auto",
 ) -> TokenScores:

@@ -826,10 +826,18 @@ def test_results_round_trip_through_hdf5(full, tmp_path):
 
 @pytest.mark.parametrize(
     "statistics, chosen",
-    [(("kfac", "ekfac", "raw"), "ekfac"), ("kfac", "kfac"), ("raw", "raw"), ((), "identity")],
+    [
+        (("kfac", "ekfac", "raw"), "ekfac"),
+        ("kfac", "kfac"),
+        ("raw", "raw"),
+        (("ekfac", "row"), "ekfac"),  # row from the pass's own rows comes after the per-module blocks
+        ("row", "row"),
+        ((), "identity"),
+    ],
 )
 def test_auto_preconditioner_takes_the_best_statistics_the_pass_has(tmp_path, statistics, chosen):
-    """preconditioner="auto" (the default): ekfac, else kfac, else raw, else identity, as the README says."""
+    """preconditioner="auto" (the default), without a curvature pass: ekfac, else kfac, else raw, else row,
+    else identity, as the README says (with one, row first: tests/test_row_preconditioner.py)."""
     torch.manual_seed(0)
     model = mlp(4, 3, 2)
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))

@@ -819,7 +819,7 @@ DAMPINGS = (
         st.sampled_from([{"0": 1.0, "2": 2.0, "nope": 3.0}, {"0": 1.0, "2": -1.0}, {"0": "1", "2": 1.0}]),
     ),
 )
-DAMPING_FACTORS = (POSITIVE, st.one_of(st.none(), ODD_NUMBERS))
+DAMPING_FACTORS = (st.one_of(st.none(), POSITIVE), ODD_NUMBERS)  # None: the preconditioner's default
 COUNTS = (
     st.one_of(st.none(), st.integers(1, 30)),
     st.one_of(

@@ -534,7 +534,6 @@ BAD_SCORING = {
     "damping_bool": (dict(preconditioner="kfac", damping=True), ConfigError),
     "damping_dict_missing": (dict(preconditioner="kfac", damping={"0": 1.0}), ConfigError),
     "damping_factor_zero": (dict(preconditioner="kfac", damping_factor=0.0), ConfigError),
-    "damping_factor_none": (dict(preconditioner="kfac", damping_factor=None), ConfigError),
     "damping_factor_nan": (dict(preconditioner="ekfac", damping_factor=float("nan")), ConfigError),
     "modules_unknown": (dict(modules=["nope"]), NotInLogError),
     "shard_out_of_range": (dict(shard=(3, 3)), ConfigError),

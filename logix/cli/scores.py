@@ -39,7 +39,7 @@ def _scored_log(args):
     checked when it was opened: a truncated one is refused there)."""
     log = Log(_log_dir(args.path), pass_name=args.pass_name)
     modules = _modules_arg(log, args.modules)
-    args.preconditioner = resolve_preconditioner(log, args.preconditioner)  # "auto" named as what it chose
+    args.preconditioner = resolve_preconditioner(log, args.preconditioner, args.curvature)  # "auto" named as chosen
     _check_preconditioner(log, args.preconditioner, modules)
     return log, modules
 
@@ -211,21 +211,24 @@ def scoring_options() -> argparse.ArgumentParser:
         choices=("auto", *PRECONDITIONERS),
         default="auto",
         help="curvature F in g_q^T (F + lambda I)^-1 g_i: identity (gradient dot product, always "
-        "available), raw, kfac, ekfac (need statistics from a finalized pass); auto, the default: "
-        "the first of ekfac, kfac, raw the pass has, else identity",
+        "available), raw, kfac, ekfac, row (need statistics from a finalized pass); auto, the default: "
+        "row from a curvature pass where the log has one, else the first of ekfac, kfac, raw, row the "
+        "pass has, else identity",
     )
     parent.add_argument(
         "--damping",
         type=nonnegative_float,
         metavar="LAMBDA",
-        help="absolute damping lambda for every module (default: F x each block's trace per unprojected dimension)",
+        help="absolute damping lambda for every module (default: F x each block's trace per unprojected dimension; "
+        "row: F x its trace / D)",
     )
     parent.add_argument(
         "--damping-factor",
         type=float,
-        default=0.1,
+        default=None,
         metavar="F",
-        help="lambda = F x each module block's trace / (d_in d_out), its mean eigenvalue at rank full (default 0.1)",
+        help="lambda = F x each module block's trace / (d_in d_out), its mean eigenvalue at rank full "
+        "(default 0.1); for row, F x its trace / D, its mean eigenvalue (default 0.3)",
     )
     parent.add_argument(
         "--curvature",

@@ -168,7 +168,8 @@ class Verifier:
                 readable = False
         if index:
             ids, flags = (np.concatenate([part[i] for part in index]) for i in (0, 1))
-            for problem in index_problems(self.root, p["name"], ids, flags):
+            draws = isinstance(p.get("meta"), dict) and "curvature_for" in p["meta"]
+            for problem in index_problems(self.root, p["name"], ids, flags, draws):
                 self.problem(problem)
         valid = sum(int(((flags & FLAG_NONFINITE) == 0).sum()) for _, flags in index)
         if not p.get("finalized", False):

@@ -103,14 +103,15 @@ def prefetched(blocks, depth: int = 1):
             thread.join(timeout=0.05)
 
 
-def index_problems(root: Path, name: str, ids: np.ndarray, flags: np.ndarray) -> list[str]:
+def index_problems(root: Path, name: str, ids: np.ndarray, flags: np.ndarray, draws: bool = False) -> list[str]:
     """What is wrong with a pass's index (its committed rows' ids and flags, all segments together):
-    flags holding unknown bits, ids appearing twice (the writer does neither). `logix.open` refuses
-    a pass with any; `logix verify` lists them."""
+    flags holding unknown bits, ids appearing twice (the writer does neither, except in a curvature
+    pass, `draws`, where each row of an id is one more draw of labels). `logix.open` refuses a pass
+    with any; `logix verify` lists them."""
     problems = []
     if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
         problems.append(f"pass {name!r} of {root}: row flags hold unknown values; a segment is damaged")
-    if len(np.unique(ids)) != len(ids):
+    if not draws and len(np.unique(ids)) != len(ids):
         values, counts = np.unique(ids, return_counts=True)
         problems.append(
             f"pass {name!r} of {root}: ids {values[counts > 1][:5].tolist()} appear more than once; "
@@ -124,15 +125,23 @@ class PassRows:
 
     ids, flags, steps: one per committed row, flagged rows included; counts: committed rows per
     segment. Made from the manifest's description of the pass (its segments, the row width, the
-    storage dtype, the id kind), each segment checked against it (logix.disk.segments.check_segment).
+    storage dtype, the id kind, whether ids repeat: `draws`, a curvature pass), each segment checked
+    against it (logix.disk.segments.check_segment).
     """
 
     def __init__(
-        self, root: Path, name: str, segments: Sequence[SegmentInfo], width: int, dtype: str, id_kind: str | None
+        self,
+        root: Path,
+        name: str,
+        segments: Sequence[SegmentInfo],
+        width: int,
+        dtype: str,
+        id_kind: str | None,
+        draws: bool = False,
     ):
         self.root, self.name, self.segments, self.width = root, name, tuple(segments), width
         self.ids, self.flags, self.steps, self.counts = self._read_index(dtype, id_kind)
-        problems = index_problems(self.root, self.name, self.ids, self.flags)
+        problems = index_problems(self.root, self.name, self.ids, self.flags, draws)
         if problems:
             raise LogFormatError(problems[0])
 

@@ -6,6 +6,8 @@ pass (curvature per module and the self-influences it stored), written in one at
     statistics/pNNN-rR-sSSS.partial.h5  the same, checkpointed while the pass runs
     statistics/pNNN.h5                  per module group: a, s, their eigenbases, counts, and where
                                         asked lambda_star (k_out, k_in), fisher (k_in*k_out square);
+                                        "whole row" (statistics="row"): fisher_eig (D,), fisher_vec
+                                        (D, D), the Fisher over the whole row in its eigenbasis;
                                         plus self_influence/<preconditioner> (N,) at default damping
 """
 
@@ -40,8 +42,10 @@ def _open(path: Path) -> h5py.File:
 def preconditioners(statistics, raw: bool = True) -> list[str]:
     """What a pass finalized with these statistics can be scored with: identity always, raw where
     gathered and built for every module (raw=False says it was not), kfac from K-FAC or EK-FAC
-    factors, ekfac from EK-FAC's eigenvalues."""
+    factors, ekfac from EK-FAC's eigenvalues, row from the whole row's Fisher."""
     out = ["identity"]
+    if "row" in statistics:
+        out.append("row")
     if "raw" in statistics and raw:
         out.append("raw")
     if "kfac" in statistics or "ekfac" in statistics:
@@ -52,6 +56,7 @@ def preconditioners(statistics, raw: bool = True) -> list[str]:
 
 
 RAW_MAX_WIDTH = 4096  # k_in * k_out above which the dense projected Fisher is not built
+ROW_GROUP = "whole row"  # the group of the whole row's Fisher (a space: no torch module is named so)
 
 
 def statistics_name(pass_index: int) -> str:
@@ -172,10 +177,10 @@ def _read_sums(path, name: str, group) -> dict[str, Tensor]:
 
 
 def write_statistics(
-    path: Path, derived: dict[str, dict[str, Tensor]], self_influence: dict[str, Tensor], attrs: dict
+    path: Path, derived: dict[str, dict[str, Tensor]], self_influence: dict[str, Tensor], attrs: dict[str, dict]
 ) -> None:
     """A pass's statistics file, whole, in one atomic replace: each module's arrays and each
-    preconditioner's self-influence (with `attrs`, the damping it was computed under)."""
+    preconditioner's self-influence (with attrs[preconditioner], the damping it was computed under)."""
     path.parent.mkdir(exist_ok=True)  # statistics/ of a log that exists: a deleted log is not remade
     tmp = path.with_name(path.name + ".tmp")
     with refused_writes(tmp), new_hdf5(tmp) as f:
@@ -185,7 +190,7 @@ def write_statistics(
                 group.create_dataset(key, data=value.numpy() if isinstance(value, Tensor) else value)
         for name, values in self_influence.items():
             dataset = f.create_dataset(f"self_influence/{name}", data=values.numpy())
-            dataset.attrs.update(attrs)
+            dataset.attrs.update(attrs[name])
     replace_atomic(tmp, path)
 
 
@@ -266,5 +271,7 @@ def statistics_summary(path: Path, module_names: list[str]) -> tuple[list[str], 
         have = [
             pre for pre, key in (("raw", "fisher_eig"), ("kfac", "eig_a"), ("ekfac", "lambda_star")) if everywhere(key)
         ]
+        if ROW_GROUP in f:
+            have.append("row")
         stored = sorted(f["self_influence"]) if "self_influence" in f else []
     return have, stored
