@@ -209,3 +209,22 @@ def test_a_resumed_curvature_pass_skips_each_id_as_often_as_it_had_rows():
         assert ids.check([1, 1, 2, 3], [[1, 1, 2, 3]]) is None
         ids.wrote([1, 1, 2, 3])
     assert ids.skipped == 4
+
+
+@pytest.mark.parametrize("damage", ["missing", "non-finite"])
+def test_verify_names_a_damaged_whole_row_fisher(tmp_path, capsys, damage):
+    """logix verify reads the whole row's Fisher as scoring would, and names what is wrong with it."""
+    import h5py
+
+    write_log(tmp_path / "log", statistics="row", curvature_pass=False)
+    log = logix.open(tmp_path / "log")
+    with h5py.File(tmp_path / "log" / log.statistics_files["train"], "r+") as f:
+        if damage == "missing":
+            del f["whole row/fisher_vec"]
+        else:
+            f["whole row/fisher_eig"][0] = np.nan
+    assert main(["verify", "-q", str(tmp_path / "log")]) == 1
+    out = capsys.readouterr().out
+    assert "whole row/fisher_" in out and ("missing" in out if damage == "missing" else "non-finite" in out)
+    with pytest.raises(LogFormatError, match="whole row/fisher_"):
+        logix.open(tmp_path / "log").influence(query(logix.open(tmp_path / "log"), make_model()), "row")

@@ -25,6 +25,7 @@ from ..disk.rows import index_problems
 from ..disk.segments import read_index, segment_problems
 from ..disk.statistics import (
     RAW_MAX_WIDTH,
+    ROW_GROUP,
     ModuleStatistics,
     load_sums,
     open_statistics,
@@ -272,6 +273,8 @@ class Verifier:
                         continue
                     for key, shape in expected.items():
                         self._check_array(group, key, shape, key in ("eig_a", "eig_s", "fisher_eig", "lambda_star"))
+                if "row" in wanted:  # the Fisher over the whole row, in its eigenbasis
+                    self._check_whole_row(stats, sum(m["k_in"] * m["k_out"] for m in modules))
         except LogFormatError as e:
             self.problem(str(e))
             return
@@ -318,6 +321,15 @@ class Verifier:
                     self.problem(
                         f"{what}: {m['name']}/{key} has shape {tuple(sums[m['name']][key].shape)}, expected {shape}"
                     )
+
+    def _check_whole_row(self, stats, width: int) -> None:
+        try:
+            group = stats.module(ROW_GROUP)
+        except LogFormatError as e:
+            self.problem(str(e))
+            return
+        self._check_array(group, "fisher_eig", (width,), True)
+        self._check_array(group, "fisher_vec", (width, width), False)
 
     def _check_array(self, group: ModuleStatistics, key: str, shape, nonnegative: bool) -> None:
         """One stored array, read and checked by the library (present, shape, in the file, finite,
