@@ -280,3 +280,46 @@ def test_resume_never_finalizes_a_pass_whose_committed_rows_cannot_be_read(tmp_p
     with pytest.raises(logix.LogFormatError, match="p000-r0-s000.h5"):
         resumed.finalize()
     assert not any(p.finalized for p in logix.open(path).passes if p.name == "p0")
+
+
+def test_a_resumed_curvature_pass_keeps_each_draw_once(tmp_path):
+    """A curvature pass takes an id once per draw; a job that stops in its third draw and restarts
+    its draws from the first skips the rows it had committed, and ends with exactly 4 per id."""
+    net = model()
+
+    def draw(run, ids, seed):  # the same labels for a draw whichever session captures it
+        labels = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(seed))
+        with run.capture(list(ids)):
+            F.cross_entropy(net(X[list(ids)]), labels[list(ids)]).backward()
+        net.zero_grad()
+
+    run = logix.init(tmp_path / "log", rank="full", statistics="kfac")
+    run.watch(net)
+    run.start_pass("train")
+    capture(run, net, range(40))
+    run.start_pass("train/fisher", curvature_for="train")
+    for seed in (0, 1):
+        draw(run, range(40), seed)
+    draw(run, range(20), 2)
+    run.close()  # stopped in the third draw, without finalizing
+
+    resumed = logix.init(tmp_path / "log", rank="full", statistics="kfac", resume=True)
+    resumed.watch(net)
+    for seed in range(4):  # the draws again from the start
+        draw(resumed, range(40), seed)
+    resumed.finalize()
+
+    reference = logix.init(tmp_path / "ref", rank="full", statistics="kfac")
+    reference.watch(net)
+    reference.start_pass("train")
+    capture(reference, net, range(40))
+    reference.start_pass("train/fisher", curvature_for="train")
+    for seed in range(4):
+        draw(reference, range(40), seed)
+    reference.finalize()
+
+    got, want = (logix.open(p, pass_name="train/fisher") for p in (tmp_path / "log", tmp_path / "ref"))
+    assert got.current.finalized and len(got) == len(want) == 160
+    assert sorted(got.ids.tolist()) == sorted(want.ids.tolist())
+    key = lambda log: sorted(zip(log.ids.tolist(), log.gradients("2").reshape(len(log), -1).tolist()))  # noqa: E731
+    assert key(got) == key(want)  # the same rows: each (id, draw) once
