@@ -47,6 +47,11 @@ Damping: lambda = f x the mean eigenvalue (trace / dim) of the curvature, f = --
 trace / (d_in d_out), the unprojected dimension (logix's default, `damping_factor`); identity is
 never damped. LDS moves with lambda.
 
+"logix row K=16": the README's recipe for narrow rows, where the row has at most
+logix.config.ROW_MAX_WIDTH numbers: a log with statistics kfac + ekfac + row whose pass is followed
+by a curvature pass capturing every example again at --draws (16) labels drawn from the model,
+scored with nothing chosen (`log.influence(q)`, `self_influence()`: auto takes row from it).
+
 Diagnostics printed after the table (not used for it): logix kfac/ekfac with curvature taken from
 a second log of gradients at labels drawn from the model (--fisher-samples per example: a
 Monte-Carlo true Fisher instead of the empirical Fisher; Gaussian projections only, same seeds);
@@ -66,7 +71,8 @@ everything down (small matrix products run faster on one thread then, hence --th
 descriptions; SGD with momentum; each sequence's loss summed over its tokens, padded batches), one
 deterministic retraining per half (cached in --cache, about 5 minutes on 2 cores the first time, shared
 with across_training.py), logged at its final parameters with identity, kfac and ekfac at each rank and
-projection (Gaussian, PCA and pca-auto); the reference is the exact damped GGN influence of its output layer alone.
+projection (Gaussian, PCA and pca-auto), and the recipe row where the row is narrow enough; the reference
+is the exact damped GGN influence of its output layer alone.
 Row bytes and timings as above; no mislabel detection.
 
 --smoke shrinks the task itself (200 train / 20 query examples, hidden width 8 so 610 parameters,
@@ -331,6 +337,70 @@ def log_model(path: Path, model, x, y, rank, projection: str, batch: int, budget
     return time.perf_counter() - start
 
 
+def digits_capture(model, x, y, batch: int):
+    """capture(run, generator=None): every training example once, at its label, or (generator) at a
+    label drawn from the model."""
+    batches = [
+        (list(range(i, min(i + batch, len(x)))), x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)
+    ]
+
+    def capture(run, generator=None):
+        for ids, xb, yb in batches:
+            with run.capture(ids):
+                logits = model(xb)
+                labels = yb if generator is None else logix.sampled_labels(logits, generator)
+                F.cross_entropy(logits, labels).backward()
+            model.zero_grad()
+
+    return capture
+
+
+def lm_capture(model, data, batch: int):
+    """As digits_capture, for the language model: each next token drawn from the model's prediction."""
+
+    def capture(run, generator=None):
+        for start in range(0, len(data.train), batch):
+            ids, mask = lm_task.pad(data.train[start : start + batch])
+            with run.capture(list(range(start, start + len(ids))), mask=mask):
+                out = lm_task.logits(model, ids, mask)
+                if generator is not None:
+                    ids = torch.cat([ids[:, :1], logix.sampled_labels(out[:, :-1], generator)], dim=1)
+                lm_task.sequence_losses(out, ids, mask).mean().backward()
+            model.zero_grad()
+
+    return capture
+
+
+def log_recipe(path: Path, model, capture, rank, projection: str, budget: dict, draws: int) -> tuple[float, float]:
+    """The README's recipe for narrow rows: statistics kfac + ekfac + row, a pass at the trained model,
+    then its curvature pass capturing every example again at `draws` labels drawn from the model
+    (seed 1); `log.influence(q)` then takes row from it. Returns (seconds for the pass, seconds
+    for the draws and finalize). A row wider than logix.config.ROW_MAX_WIDTH raises ConfigError."""
+    run = init_for(path, rank, projection, budget, ["kfac", "ekfac", "row"])
+    try:
+        run.watch(model)
+    except logix.ConfigError:
+        run.close()
+        raise
+    start = time.perf_counter()
+    if projection != "gaussian":
+        with run.fit_projections():
+            capture(run)
+    run.start_pass("train")
+    capture(run)
+    pass_s = time.perf_counter() - start
+    run.start_pass("train/curvature", curvature_for="train")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(draws):
+        capture(run, generator)
+    run.finalize()
+    return pass_s, time.perf_counter() - start - pass_s
+
+
+def recipe_method(draws: int) -> str:
+    return f"logix row K={draws}"
+
+
 def log_sampled_fisher(path: Path, model, x, rank, batch: int, samples: int, seed: int = 0) -> None:
     """A log whose rows are gradients at labels drawn from the model's own predictions, `samples` per
     example (ids s * n + i): its statistics are a Monte-Carlo estimate of the true Fisher (= the GGN for
@@ -550,6 +620,13 @@ def parse_args(argv=None):
         default=None,
         help="labels drawn per example for the sampled-label (true Fisher) diagnostic (default 4, smoke 1); 0 skips it",
     )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=None,
+        help="labels drawn per example for the README's recipe rows (statistics row + a curvature pass; "
+        "default 16, smoke 2); 0 skips them",
+    )
     parser.add_argument("--no-pca", action="store_true", help="skip PCA projections even where available")
     parser.add_argument(
         "--damping-sweep",
@@ -567,6 +644,8 @@ def parse_args(argv=None):
     args.ranks = args.ranks or (["16", "full"] if args.quick or args.smoke else every)
     if args.fisher_samples is None:
         args.fisher_samples = 1 if args.smoke else 4
+    if args.draws is None:
+        args.draws = 2 if args.smoke else 16
     args.ranks = [r if r == "full" else int(r) for r in args.ranks]
     if args.damping_sweep is not None and not args.damping_sweep:
         args.damping_sweep = [0.001, 0.01, 0.1, 1.0, 10.0]
@@ -646,6 +725,24 @@ def main_lm(args) -> None:
                     )
                     print(f"  lm {pre} {projection} {rank}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
                 shutil.rmtree(path)
+                if args.draws and log.width <= logix.config.ROW_MAX_WIDTH:
+                    recipe = Path(tmp) / f"{projection}-{rank}-recipe"
+                    capture = lm_capture(model, data, args.batch)
+                    pass_s, draws_s = log_recipe(recipe, model, capture, rank, projection, budget, args.draws)
+                    log = logix.open(recipe)
+                    with log.query(model) as q:
+                        queries(q, model)
+                    model.zero_grad()
+                    begin = time.perf_counter()
+                    scores = log.influence(q)  # auto: row, from the curvature pass
+                    values = in_order(scores.train_ids, scores.values, n)
+                    score_s = time.perf_counter() - begin
+                    row = lds(values, masks, outcome)
+                    rows.append(
+                        (recipe_method(args.draws), projection, rank, *row, log.width * 4, pass_s + draws_s, score_s)
+                    )
+                    print(f"  lm row {projection} {rank}: LDS {row[0]:.3f}", file=sys.stderr, flush=True)
+                    shutil.rmtree(recipe)
     begin = time.perf_counter()
     exact = lm_task.exact_head_influence(model, data, args.damping_factor)
     rows.append(("exact GGN (head)", "-", "head", *lds(exact, masks, outcome), None, None, time.perf_counter() - begin))
@@ -832,6 +929,20 @@ def main(argv=None) -> None:
                         lds(logix_scores(clean, None, query, pre, f, n)[0], masks, outcome)[0]
                         for f in args.damping_sweep
                     ]
+            if args.draws and clean.width <= logix.config.ROW_MAX_WIDTH:
+                rows.append(
+                    recipe_row(
+                        Path(tmp),
+                        (model, noisy_model),
+                        (xtr, ytr, noisy_y),
+                        (xq, yq),
+                        projection,
+                        rank,
+                        budget,
+                        args,
+                        (masks, outcome, flipped),
+                    )
+                )
             if projection == "gaussian" and args.fisher_samples:
                 mc_clean, mc_noisy = Path(tmp) / f"mc-{rank}-clean", Path(tmp) / f"mc-{rank}-noisy"
                 log_sampled_fisher(mc_clean, model, xtr, rank, args.batch, args.fisher_samples, seed=1)
@@ -922,6 +1033,28 @@ def main(argv=None) -> None:
         for (method, projection, rank), values in sweep.items():
             print(f"{method:<17}{projection:<11}{rank:>5}" + "".join(f"{v:>9.3f}" for v in values))
     print(f"total {time.perf_counter() - wall:.1f} s (retraining {retrain_s:.1f} s); load average {load()}")
+
+
+def recipe_row(tmp: Path, models, data, queries, projection, rank, budget, args, truth) -> tuple:
+    """The table's row for the README's recipe on digits: LDS of `log.influence(q)` on the clean
+    model's log, mislabel AUC of `self_influence()` on the mislabeled model's (both `auto`: row)."""
+    (model, noisy_model), (xtr, ytr, noisy_y), (xq, yq) = models, data, queries
+    masks, outcome, flipped = truth
+    paths = [tmp / f"{projection}-{rank}-recipe-{kind}" for kind in ("clean", "noisy")]
+    log_s = 0.0
+    for path, m, y in zip(paths, (model, noisy_model), (ytr, noisy_y)):
+        log_s += sum(log_recipe(path, m, digits_capture(m, xtr, y, args.batch), rank, projection, budget, args.draws))
+    clean, noisy = (logix.open(p) for p in paths)
+    start = time.perf_counter()
+    scores = clean.influence(capture_query(clean, model, xq, yq), progress=False)
+    si = noisy.self_influence(progress=False)
+    n = len(xtr)
+    values, self_inf = in_order(scores.train_ids, scores.values, n), in_order(si.ids, si.values, n)
+    secs = time.perf_counter() - start
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    row = (*lds(values, masks, outcome), *mislabel(self_inf, flipped))
+    return (recipe_method(args.draws), projection, str(rank), *row, log_s, secs)
 
 
 def load() -> str:

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attribution_quality as aq  # noqa: E402
@@ -60,21 +59,11 @@ def digits_task(smoke: bool):
     cache = None if smoke else Path("benchmarks/.cache")
     outcomes, _, _ = aq.retrain_outcomes(setup, data, masks, 1 if smoke else 3, cache, 50)
     outcome = -outcomes["loss"].mean(axis=1)
-    batches = [(list(range(i, min(i + 250, len(x)))), x[i : i + 250], y[i : i + 250]) for i in range(0, len(x), 250)]
-
-    def capture(run, generator=None):
-        """Every training example once: at its label, or (generator) at a label drawn from the model."""
-        for ids, xb, yb in batches:
-            with run.capture(ids):
-                logits = model(xb)
-                labels = yb if generator is None else logix.sampled_labels(logits, generator)
-                F.cross_entropy(logits, labels).backward()
-            model.zero_grad()
 
     def query(log):
         return aq.capture_query(log, model, xq, yq)
 
-    return "digits MLP", len(x), masks, outcome, model, capture, query
+    return "digits MLP", len(x), masks, outcome, model, aq.digits_capture(model, x, y, 250), query
 
 
 def lm_task_setup(smoke: bool):
@@ -84,17 +73,6 @@ def lm_task_setup(smoke: bool):
     outcome = -lm_task.retrain_outcomes(data, recipe, masks, None if smoke else Path("benchmarks/.cache"))
     model = lm_task.train(data, recipe)
     queries = lm_task.queries_for(data)
-    n, batch = recipe.n_train, recipe.batch
-
-    def capture(run, generator=None):
-        for start in range(0, n, batch):
-            ids, mask = lm_task.pad(data.train[start : start + batch])
-            with run.capture(list(range(start, start + len(ids))), mask=mask):
-                out = lm_task.logits(model, ids, mask)
-                if generator is not None:  # each next token drawn from the model's prediction
-                    ids = torch.cat([ids[:, :1], logix.sampled_labels(out[:, :-1], generator)], dim=1)
-                lm_task.sequence_losses(out, ids, mask).mean().backward()
-            model.zero_grad()
 
     def query(log):
         with log.query(model) as q:
@@ -102,27 +80,7 @@ def lm_task_setup(smoke: bool):
         model.zero_grad()
         return q
 
-    return "tiny GPT-2", n, masks, outcome, model, capture, query
-
-
-def write_log(path: Path, model, capture, rank, projection: str, budget: dict, draws: int) -> tuple[float, float]:
-    """A pass at the trained model, then its curvature pass (`draws` labels per example); returns
-    (seconds for the pass, seconds for the curvature pass and finalize)."""
-    run = aq.init_for(path, rank, projection, budget, ["kfac", "ekfac", "row"])
-    run.watch(model)
-    start = time.perf_counter()
-    if projection != "gaussian":
-        with run.fit_projections():
-            capture(run)
-    run.start_pass("train")
-    capture(run)
-    pass_s = time.perf_counter() - start
-    run.start_pass("train/curvature", curvature_for="train")
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(draws):
-        capture(run, generator)
-    run.finalize()
-    return pass_s, time.perf_counter() - start - pass_s
+    return "tiny GPT-2", recipe.n_train, masks, outcome, model, aq.lm_capture(model, data, recipe.batch), query
 
 
 def run_task(setup, ranks, draws: int, tmp: Path) -> None:
@@ -134,7 +92,7 @@ def run_task(setup, ranks, draws: int, tmp: Path) -> None:
                 continue
             path = tmp / f"{projection}-{rank}"
             try:
-                pass_s, curvature_s = write_log(path, model, capture, rank, projection, budget, draws)
+                pass_s, curvature_s = aq.log_recipe(path, model, capture, rank, projection, budget, draws)
             except logix.ConfigError as e:  # too wide for a dense Fisher over the row
                 print(f"{name}, {projection} at rank {rank}: {e}")
                 shutil.rmtree(path, ignore_errors=True)
