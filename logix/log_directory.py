@@ -86,7 +86,9 @@ class LogDirectory:
         if (self.path / MANIFEST).exists():
             manifest = read_manifest(self.path)
             logged = Config.from_json(manifest["config"])
-            if logged != self.config:
+            if logged != self.config and not manifest["modules"] and not manifest["passes"]:
+                manifest["config"] = self.config.to_json()  # nothing was logged under the old one (a refused watch)
+            elif logged != self.config:
                 raise ConfigError(
                     f"{self.path} was written with another config ({'; '.join(self.config.differences(logged))}); "
                     "open it with the same settings or write to a new path"

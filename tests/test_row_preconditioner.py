@@ -194,6 +194,12 @@ def test_rows_too_wide_for_a_dense_fisher_are_refused_before_anything_is_logged(
     with pytest.raises(ConfigError, match=f"at most {ROW_MAX_WIDTH} numbers.*10100"):
         run.watch(wide)
     run.close()
+    # nothing was logged under the refused config: the same path takes a new one
+    with logix.init(tmp_path / "wide", rank=16, statistics=["ekfac", "row"]) as again:
+        again.watch(wide)
+        with again.capture([0, 1]):
+            wide(torch.randn(2, 100)).sum().backward()
+    assert logix.open(tmp_path / "wide").config.rank == 16 and len(logix.open(tmp_path / "wide")) == 2
     with pytest.raises(ConfigError, match="row_bytes=40000 allows 10000"):
         logix.init(tmp_path / "auto", rank="auto", row_bytes=40000, projection="pca", statistics="row")
 
