@@ -725,7 +725,8 @@ def main_lm(args) -> None:
                     )
                     print(f"  lm {pre} {projection} {rank}: LDS {rows[-1][3]:.3f}", file=sys.stderr, flush=True)
                 shutil.rmtree(path)
-                if args.draws and log.width <= logix.config.ROW_MAX_WIDTH:
+                smoke_skip = args.smoke and projection != "gaussian"  # a smoke run checks the path once
+                if args.draws and log.width <= logix.config.ROW_MAX_WIDTH and not smoke_skip:
                     recipe = Path(tmp) / f"{projection}-{rank}-recipe"
                     capture = lm_capture(model, data, args.batch)
                     pass_s, draws_s = log_recipe(recipe, model, capture, rank, projection, budget, args.draws)

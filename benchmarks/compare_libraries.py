@@ -29,6 +29,9 @@ Rows:
   logix       EK-FAC on LoGra-projected gradients at each --ranks (16 and full by default), through
               the public API: logix.init(statistics="ekfac") / watch / capture / finalize, then
               log.query + log.influence("ekfac") and log.self_influence("ekfac"); lambda per module.
+              And the README's recipe for narrow rows at a rank-16 row's bytes: rank="auto" with PCA,
+              statistics ekfac + row, a curvature pass of 16 labels drawn from the model per
+              example, scored with nothing chosen (auto: row, its default damping).
   logix-ai    (LogIX 0.1.1, the earlier tool of the same name) from its own venv in a subprocess
               (its import name is also `logix`); EK-FAC in its two passes (covariances, then logged
               gradients + corrected eigenvalues), at rank 16 through its LoRA compression (add_lora,
@@ -90,6 +93,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LOGIXAI_PYTHON = HERE / ".venv-logixai" / "bin" / "python"
+RECIPE_DRAWS = 16  # labels drawn per example in the curvature pass of logix's narrow-row recipe
 LOGIXAI_WORKER = HERE / "compare_logixai_worker.py"
 sys.path.insert(0, str(HERE))
 from worker_inputs import load_inputs, reset_peak, rss_mib  # noqa: E402
@@ -102,20 +106,41 @@ def batches(x, y, size):
 
 
 def work_logix(t, clean, noisy, args, tmp: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    import torch
     import torch.nn.functional as F
 
     import logix
 
-    rank = args.rank if args.rank == "full" else int(args.rank)
+    recipe = args.rank == "recipe"  # the README's narrow-row recipe at a rank-16 row's bytes
+    rank = args.rank if args.rank == "full" else None if recipe else int(args.rank)
     n = len(t["xtr"])
 
-    def log_pass(path, model, y):
-        run = logix.init(path, rank=rank, seed=0, statistics="ekfac")
-        run.watch(model)
+    def capture(run, model, y, generator=None):
         for ids, xb, yb in batches(t["xtr"], y, args.batch):
             with run.capture(ids, reduction="sum"):
-                F.cross_entropy(model(xb), yb, reduction="sum").backward()
+                logits = model(xb)
+                labels = yb if generator is None else logix.sampled_labels(logits, generator)
+                F.cross_entropy(logits, labels, reduction="sum").backward()
             model.zero_grad()
+
+    def log_pass(path, model, y):
+        if not recipe:
+            run = logix.init(path, rank=rank, seed=0, statistics="ekfac")
+            run.watch(model)
+            capture(run, model, y)
+            run.finalize()
+            return logix.open(path)
+        row_bytes = 4 * sum(min(16, w.shape[1] + 1) * min(16, w.shape[0]) for w in linear_weights(model))
+        run = logix.init(path, rank="auto", row_bytes=row_bytes, projection="pca", seed=0, statistics=["ekfac", "row"])
+        run.watch(model)
+        with run.fit_projections():
+            capture(run, model, y)
+        run.start_pass("train")
+        capture(run, model, y)
+        run.start_pass("train/curvature", curvature_for="train")
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(RECIPE_DRAWS):
+            capture(run, model, y, generator)
         run.finalize()
         return logix.open(path)
 
@@ -125,14 +150,19 @@ def work_logix(t, clean, noisy, args, tmp: Path) -> tuple[np.ndarray, np.ndarray
         with q.capture(list(range(len(t["xq"]))), reduction="sum"):
             F.cross_entropy(clean(t["xq"]), t["yq"], reduction="sum").backward()
         clean.zero_grad()
-    s = log.influence(q, "ekfac", damping_factor=args.damping_factor, mode="dot", progress=False)
+    pre, factor = ("auto", None) if recipe else ("ekfac", args.damping_factor)  # the recipe: its defaults
+    s = log.influence(q, pre, damping_factor=factor, mode="dot", progress=False)
     scores = order(s.train_ids, s.values, n)
     log_n = log_pass(tmp / "noisy", noisy, t["noisy_y"])
-    si = log_n.self_influence("ekfac", damping_factor=args.damping_factor, progress=False)
+    si = log_n.self_influence(pre, damping_factor=factor, progress=False)
     self_inf = order(si.ids, si.values, n)
     seconds = time.perf_counter() - start
     width = sum(m.k_in * m.k_out for m in log.modules.values())
     return scores, self_inf, {"seconds": seconds, "version": logix.__version__, "width": width}
+
+
+def linear_weights(model) -> list:
+    return [m.weight for m in model.modules() if m.__class__.__name__ == "Linear"]
 
 
 def order(ids, values, n):
@@ -527,6 +557,13 @@ def main(argv=None) -> None:
                     me + ["--worker", "logix", "--rank", rank, "--out", str(tmp / f"logix-{rank}")],
                     f"logix-{rank}",
                 )
+            job(
+                "logix",
+                f"recipe: row K={RECIPE_DRAWS}",
+                '0.3 x trace / D; rank="auto" at rank 16\'s bytes',
+                me + ["--worker", "logix", "--rank", "recipe", "--out", str(tmp / "logix-recipe")],
+                "logix-recipe",
+            )
         if "logix-ai" in want:
             why = check_logixai(args.logixai_python)
             for rank in args.ranks:
