@@ -202,6 +202,8 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
+PRECONDITIONER = "ekfac"  # --preconditioner: "row" adds a curvature pass of DRAWS labels per example
+DRAWS = 16
 FACTORS = (0.01, 0.1, 1.0, 10.0)  # damping factors choose_temperature tries with its temperatures
 PRIOR_SCALES = tuple(4.0**p for p in range(-10, 11))  # the linearised Laplace baseline's variance scales
 
@@ -234,7 +236,7 @@ class Laplace:
 
     def variances(self, rows: torch.Tensor, factor: float) -> torch.Tensor:
         """(n, C) float64: J_c^T (F + lambda I)^-1 J_c / N for the rows of `logit_rows`."""
-        pre = Preconditioner(self.log, "ekfac", damping_factor=factor)
+        pre = Preconditioner(self.log, PRECONDITIONER, damping_factor=factor)
         return torch.stack([pre.self_products(r) for r in rows], dim=1).double() / len(self.log)
 
     @staticmethod
@@ -263,7 +265,7 @@ def complexity(log, model, x: torch.Tensor, settings: dict, labels=None, logits=
         (list(range(s, min(s + 256, len(x)))), x[s : s + 256]) + (() if labels is None else (labels[s : s + 256],))
         for s in range(0, len(x), 256)
     ]
-    return log.complexity(model, batches, preconditioner="ekfac", logits=logits, **settings)  # logix
+    return log.complexity(model, batches, preconditioner=PRECONDITIONER, logits=logits, **settings)  # logix
 
 
 def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
@@ -285,6 +287,25 @@ def ood_scores(log, model, x: torch.Tensor, settings: dict, classes: int) -> dic
     }
 
 
+def logged_training(path: str, x, y, classes: int, epochs: int, seed: int):
+    """(model, log): `train` logged at rank 16 with EK-FAC; with --preconditioner row also the whole
+    row's Fisher, from a curvature pass at the trained model of DRAWS labels drawn per example."""
+    row = PRECONDITIONER == "row"
+    with logix.init(path, rank=16, statistics=["ekfac", "row"] if row else "ekfac") as run:  # logix
+        model = train(x, y, classes, epochs, seed, run)
+        if row:
+            run.start_pass("curvature", curvature_for=f"epoch{epochs - 1}")  # logix
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(DRAWS):
+                for start in range(0, len(x), 256):
+                    ids = list(range(start, min(start + 256, len(x))))
+                    with run.capture(ids):  # logix
+                        logits = model(x[ids])
+                        F.cross_entropy(logits, logix.sampled_labels(logits, generator)).backward()
+                    model.zero_grad()
+    return model, logix.open(path)
+
+
 def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[list]]:
     order = np.random.default_rng(seed).permutation(len(task.x))
     held, kept = order[: len(task.x) // 5], order[len(task.x) // 5 :]  # held-out clean data choose temperatures
@@ -293,14 +314,12 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
     out: dict[str, list[list]] = {}
 
     # calibration under shift
-    with logix.init(f"{tmp}/clean", rank=16, statistics="ekfac") as run:  # logix
-        model = train(x, y, classes, epochs, seed, run)
-    log = logix.open(f"{tmp}/clean")
+    model, log = logged_training(f"{tmp}/clean", x, y, classes, epochs, seed)
     with torch.no_grad():
         val_logits = model(x_val)
     softmax_t = fit_temperature(val_logits, y_val)
     if_t, if_f, _ = log.choose_temperature(model, [(list(range(len(x_val))), x_val, y_val)], damping_factors=FACTORS,
-                                           preconditioner="ekfac")  # fmt: skip
+                                           preconditioner=PRECONDITIONER)  # fmt: skip
     settings = {"temperature": if_t, "damping_factor": if_f}
     laplace = Laplace(log, model).fit(x_val, y_val)
     print(f"  {task.name}, seed {seed}: IF-COMP temperature {if_t:g}, damping factor {if_f:g}; "
@@ -330,7 +349,7 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
     with log.query(model) as q:  # logix
         with q.capture(list(range(len(x_test)))):
             F.cross_entropy(model(x_test), y_test).backward()
-    log.influence(q, "ekfac", top_k=10)  # logix
+    log.influence(q, PRECONDITIONER, top_k=10)  # logix
     model.zero_grad(set_to_none=True)
     plain_seconds = time.perf_counter() - start
     out["cost"] = [["IF-COMP (log.complexity)", if_seconds, if_seconds / plain_seconds],
@@ -344,14 +363,12 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
         rows += [[f"{name}: {method}", auroc(inside[method], outside[method])] for method in inside]
     # near-OOD: a model that saw the first classes only, asked about the others
     few, seen = y < task.near_classes, y_test < task.near_classes
-    with logix.init(f"{tmp}/few", rank=16, statistics="ekfac") as run:  # logix
-        model_few = train(x[few], y[few], classes, epochs, seed, run)
-    log_few = logix.open(f"{tmp}/few")
+    model_few, log_few = logged_training(f"{tmp}/few", x[few], y[few], classes, epochs, seed)
     val_few = y_val < task.near_classes  # its own held-out data: the classes it was trained on
     few_logits = lambda m, inputs: m(inputs)[:, : task.near_classes]  # noqa: E731
     held_few = [(list(range(int(val_few.sum()))), x_val[val_few], y_val[val_few])]
-    few_t, few_f, _ = log_few.choose_temperature(model_few, held_few, damping_factors=FACTORS, preconditioner="ekfac",
-                                                 logits=few_logits)  # fmt: skip
+    few_t, few_f, _ = log_few.choose_temperature(model_few, held_few, damping_factors=FACTORS,
+                                                 preconditioner=PRECONDITIONER, logits=few_logits)  # fmt: skip
     few_settings = {"temperature": few_t, "damping_factor": few_f}
     print(f"  near-OOD model: IF-COMP temperature {few_t:g}, damping factor {few_f:g}", flush=True)
     inside = ood_scores(log_few, model_few, x_test[seen], few_settings, task.near_classes)
@@ -362,17 +379,15 @@ def experiment(task: Task, tmp: str, seed: int, epochs: int) -> dict[str, list[l
 
     # mislabels
     y_flipped, flipped = flip_labels(y, classes, 0.1, seed=seed + 1)
-    with logix.init(f"{tmp}/flipped", rank=16, statistics="ekfac") as run:  # logix
-        model_flipped = train(x, y_flipped, classes, epochs, seed, run)
-    log_flipped = logix.open(f"{tmp}/flipped")
+    model_flipped, log_flipped = logged_training(f"{tmp}/flipped", x, y_flipped, classes, epochs, seed)
     ids = log_flipped.ids
     code = complexity(log_flipped, model_flipped, x[ids], settings, labels=y_flipped[ids])
-    self_influence = log_flipped.self_influence("ekfac")  # logix
+    self_influence = log_flipped.self_influence(PRECONDITIONER)  # logix
     with torch.no_grad():
         losses = F.cross_entropy(model_flipped(x), y_flipped, reduction="none")
     by_method = {
         "IF-COMP code length": dict(zip(ids.tolist(), code.code_length.tolist())),
-        "self-influence (ekfac)": dict(zip(self_influence.ids.tolist(), self_influence.values.tolist())),
+        f"self-influence ({PRECONDITIONER})": dict(zip(self_influence.ids.tolist(), self_influence.values.tolist())),
         "training loss": dict(enumerate(losses.tolist())),
     }
     rows = []
@@ -405,7 +420,16 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="1 seed")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 3 epochs: checks the benchmark works")
+    parser.add_argument(
+        "--preconditioner",
+        choices=("ekfac", "row"),
+        default="ekfac",
+        help="IF-COMP's, Laplace's and self-influence's curvature: ekfac (default), or row from a curvature "
+        f"pass of {DRAWS} labels drawn from the model per example",
+    )
     args = parser.parse_args(argv)
+    global PRECONDITIONER
+    PRECONDITIONER = args.preconditioner
     if args.smoke:
         args.seeds, args.epochs = 1, 3
     elif args.quick:
