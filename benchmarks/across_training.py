@@ -76,6 +76,10 @@ METHODS = (  # label, arguments of influence_across_training; "EF": each pass's 
     ("source ekfac GGN", dict(method="source", preconditioner="ekfac", curvature="sampled")),
     ("source raw GGN", dict(method="source", preconditioner="raw", curvature="sampled")),
 )
+ROW_METHODS = (  # with --row-draws: the whole row's Fisher from curvature passes of that many draws
+    ("checkpoint row GGN", dict(method="checkpoint", preconditioner="row", curvature="sampled")),
+    ("source row GGN", dict(method="source", preconditioner="row", curvature="sampled")),
+)
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ def train_and_log(path, x, y, epochs: list, rank, sampled: bool = True) -> tuple
     total = sum(len(e) for e in epochs)
     ends, step = {}, 0
     draw = torch.Generator().manual_seed(1)
-    with logix.init(path, rank=rank, statistics=["ekfac", "raw"]) as run:
+    with logix.init(path, rank=rank, statistics=["ekfac", "raw"] + (["row"] if ROW_DRAWS else [])) as run:
         run.watch(model, optimizer=opt)
         for epoch, batches in enumerate(epochs):
             run.start_pass(f"epoch{epoch}")
@@ -147,11 +151,12 @@ def train_and_log(path, x, y, epochs: list, rank, sampled: bool = True) -> tuple
             ends[f"epoch{epoch}"] = _copy(model)
             if sampled:
                 run.start_pass(f"epoch{epoch}/curvature", curvature_for=f"epoch{epoch}")
-                for idx in torch.cat(batches).sort().values.split(250):
-                    with run.capture(idx):
-                        logits = model(x[idx])
-                        F.cross_entropy(logits, logix.sampled_labels(logits, draw)).backward()
-                    model.zero_grad()
+                for _ in range(max(1, ROW_DRAWS)):  # each example once per draw
+                    for idx in torch.cat(batches).sort().values.split(250):
+                        with run.capture(idx):
+                            logits = model(x[idx])
+                            F.cross_entropy(logits, logix.sampled_labels(logits, draw)).backward()
+                        model.zero_grad()
     return model, ends
 
 
@@ -229,7 +234,7 @@ def run_variant(variant: str, data, masks, ranks, tmp: Path, unrolled: bool) -> 
         model, ends = train_and_log(path, xtr, ytr, epochs, rank)
         log_s = time.perf_counter() - start
         log = logix.open(path)
-        for label, kw in METHODS:
+        for label, kw in METHODS + (ROW_METHODS if ROW_DRAWS else ()):
             kw = dict(kw, models=ends) if kw["method"] == "tracin" else kw
             start = time.perf_counter()
             scores = dense(log.influence_across_training(model, queries, **kw), n)
@@ -304,10 +309,11 @@ def mislabel_rows(data, ranks, tmp: Path, flip_seed: int = 7) -> list[tuple]:
 
 
 SMOKE = False
+ROW_DRAWS = 0  # --row-draws
 
 
 def main(argv=None) -> None:
-    global SMOKE
+    global SMOKE, ROW_DRAWS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="30 halves (about 5 minutes)")
     parser.add_argument("--smoke", action="store_true", help="seconds: 200 train / 20 queries, 3 epochs, 6 halves")
@@ -320,8 +326,15 @@ def main(argv=None) -> None:
         "--tasks", nargs="+", default=["digits", "lm"], choices=["digits", "lm"], help="digits, the tiny LM, or both"
     )
     parser.add_argument("--cache", default="benchmarks/.cache", help="the language model's retraining cache")
+    parser.add_argument(
+        "--row-draws",
+        type=int,
+        default=0,
+        help="digits: also the whole row's Fisher (statistics row), from curvature passes of this many labels "
+        "drawn per example, for checkpoint and Source rows (default 0: not measured)",
+    )
     args = parser.parse_args(argv)
-    SMOKE = args.smoke
+    SMOKE, ROW_DRAWS = args.smoke, args.row_draws
     torch.set_num_threads(args.threads)
     halves = args.halves or (6 if args.smoke else 30 if args.quick else 100)
     ranks = [r if r == "full" else int(r) for r in args.ranks]

@@ -48,11 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import Preconditioner, check_damping, load_curvature, self_influence_values
+from .disk.statistics import ROW_GROUP
 from .errors import ConfigError, LogFormatError, NotInLogError
 from .results import Scores, SelfInfluence, as_ids, check_top_k
 
 METHODS = ("source", "tracin", "checkpoint")
-CURVATURES = ("raw", "kfac", "ekfac")
+CURVATURES = ("raw", "kfac", "ekfac", "row")
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
         blocks = load_curvature(view, preconditioner, 0.0 if damping is None else damping, curvature=curvature)
         scored, theta, v = [], [], []
         for name, c in blocks.items():
-            columns = view.modules[name].columns
+            columns = slice(None) if name == ROW_GROUP else view.modules[name].columns  # row: one block, all of it
             a, b = c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns])
             power, total = segment_powers(c.values + c.damping, segment)
             mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b

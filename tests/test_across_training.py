@@ -176,19 +176,21 @@ def test_tracin_loads_each_pass_checkpoint_and_leaves_the_model_as_given(tmp_pat
     torch.testing.assert_close(by_load.values, by_models.values, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("preconditioner", ["raw", "row"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum):
+def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum, preconditioner):
     """Minibatch epochs (each row one use) and the raw projected Fisher F: logix's Source against
-    the unrolled linear dynamics written out densely, per module, from the rows in the log (float64).
+    the unrolled linear dynamics written out densely, per module (raw) or over the whole row (row),
+    from the rows in the log (float64).
 
     One SGD step with momentum m moves a perturbation (d theta, d v) by the 2w x 2w matrix
     [[I - eta F, -eta m I], [F, m I]]; over a segment of K steps the query side moves by its
     transpose to the power K, and a row, at a place in the segment averaged over the K places,
     counts (eta, -1) . (1/K) sum_{j<K} (M^T)^j (u_theta, u_v). Eigenvalues past eta lam = 1 + m
     are capped there (this run has some: learning rate 0.5)."""
-    model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=4, statistics="raw", momentum=momentum)
+    model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=4, statistics=preconditioner, momentum=momentum)
     log = logix.open(tmp_path / "log")
-    got = dense(log.influence_across_training(model, queries, method="source", preconditioner="raw"))
+    got = dense(log.influence_across_training(model, queries, method="source", preconditioner=preconditioner))
     u_theta = query_rows(log, model)
     u_v = torch.zeros_like(u_theta)
     want = torch.zeros(Q, N, dtype=torch.float64)
@@ -197,8 +199,9 @@ def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum):
         rows = view.rows().double()
         ids = torch.from_numpy(view.ids.astype(np.int64))
         scored, theta, v = [], [], []
-        for m in view.modules.values():
-            g = rows[:, m.columns]
+        blocks = [m.columns for m in view.modules.values()] if preconditioner == "raw" else [slice(None)]
+        for columns in blocks:
+            g = rows[:, columns]
             eta, w = segment.lr, g.shape[1]
             lam, vec = torch.linalg.eigh(g.T @ g / len(g))  # eta lam capped at 1 + m, as logix documents
             fisher = vec @ torch.diag(lam.clamp(0, (1 + momentum) / eta)) @ vec.T
@@ -207,7 +210,7 @@ def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum):
                 [torch.cat([eye - eta * fisher, fisher], 1), torch.cat([-eta * momentum * eye, momentum * eye], 1)]
             )
             total = sum(torch.linalg.matrix_power(step_t, j) for j in range(segment.steps))
-            adjoint = torch.cat([u_theta[:, m.columns], u_v[:, m.columns]], dim=1)
+            adjoint = torch.cat([u_theta[:, columns], u_v[:, columns]], dim=1)
             mean = adjoint @ total.T / segment.steps
             scored.append(eta * mean[:, :w] - mean[:, w:])
             moved = adjoint @ torch.linalg.matrix_power(step_t, segment.steps).T
