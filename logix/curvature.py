@@ -249,13 +249,17 @@ def _row_curvature(modules, names, statistics, damping, damping_factor) -> Modul
     values = group.array("fisher_eig", (width,), eigenvalues=True)
     vectors = group.array("fisher_vec", (width, width))
     if names != list(modules):
-        columns = torch.cat([torch.arange(modules[n].columns.start, modules[n].columns.stop) for n in names])
-        part = vectors[columns]
+        part = vectors[row_columns(modules, names)]
         values, vectors = torch.linalg.eigh((part * values) @ part.T)
         values = values.clamp_min(0.0)
     c = ModuleCurvature(ROW_GROUP, len(values), 1, "row", values=values, vec_f=vectors, modules=list(names))
     c.damping = _damping(ROW_GROUP, values, damping, damping_factor or ROW_DAMPING_FACTOR, len(values))
     return c
+
+
+def row_columns(modules, names) -> Tensor:
+    """The row positions of the modules `names`, side by side in that order."""
+    return torch.cat([torch.arange(modules[n].columns.start, modules[n].columns.stop) for n in names])
 
 
 def check_damping(damping, damping_factor, modules) -> tuple[float | dict[str, float] | None, float | None]:
@@ -342,8 +346,7 @@ class Preconditioner:
         if row is None:
             self.parts = [(modules[n].columns, blocks[n]) for n in names]
         else:  # one block over the selected modules' columns, side by side
-            ranges = [torch.arange(modules[n].columns.start, modules[n].columns.stop) for n in names]
-            self.parts = [(slice(None) if self._whole_row else torch.cat(ranges), row)]
+            self.parts = [(slice(None) if self._whole_row else row_columns(modules, names), row)]
 
     def columns(self, rows: Tensor) -> Tensor:
         """The selected modules' columns of full rows, side by side."""
