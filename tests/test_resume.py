@@ -293,11 +293,15 @@ def test_a_resumed_curvature_pass_keeps_each_draw_once(tmp_path):
             F.cross_entropy(net(X[list(ids)]), labels[list(ids)]).backward()
         net.zero_grad()
 
-    run = logix.init(tmp_path / "log", rank="full", statistics="kfac")
-    run.watch(net)
-    run.start_pass("train")
-    capture(run, net, range(40))
-    run.start_pass("train/fisher", curvature_for="train")
+    def in_curvature_pass(path):  # a run that logged "train" and is now in its curvature pass
+        run = logix.init(path, rank="full", statistics="kfac")
+        run.watch(net)
+        run.start_pass("train")
+        capture(run, net, range(40))
+        run.start_pass("train/fisher", curvature_for="train")
+        return run
+
+    run = in_curvature_pass(tmp_path / "log")
     for seed in (0, 1):
         draw(run, range(40), seed)
     draw(run, range(20), 2)
@@ -309,11 +313,7 @@ def test_a_resumed_curvature_pass_keeps_each_draw_once(tmp_path):
         draw(resumed, range(40), seed)
     resumed.finalize()
 
-    reference = logix.init(tmp_path / "ref", rank="full", statistics="kfac")
-    reference.watch(net)
-    reference.start_pass("train")
-    capture(reference, net, range(40))
-    reference.start_pass("train/fisher", curvature_for="train")
+    reference = in_curvature_pass(tmp_path / "ref")
     for seed in range(4):
         draw(reference, range(40), seed)
     reference.finalize()
