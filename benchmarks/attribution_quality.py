@@ -317,24 +317,8 @@ def init_for(path: Path, rank, projection: str, budget: dict, statistics: list):
 
 def log_model(path: Path, model, x, y, rank, projection: str, batch: int, budget: dict) -> float:
     """A logging pass at the model's final parameters; returns the seconds it took."""
-    start = time.perf_counter()
-    run = init_for(path, rank, projection, budget, ["kfac", "ekfac", "raw"])
-    run.watch(model)
-    batches = [
-        (list(range(i, min(i + batch, len(x)))), x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)
-    ]
-    if projection != "gaussian":
-        with run.fit_projections():
-            for ids, xb, yb in batches:
-                with run.capture(ids):
-                    F.cross_entropy(model(xb), yb).backward()
-                model.zero_grad()
-    for ids, xb, yb in batches:
-        with run.capture(ids):
-            F.cross_entropy(model(xb), yb).backward()
-        model.zero_grad()
-    run.finalize()
-    return time.perf_counter() - start
+    capture = digits_capture(model, x, y, batch)
+    return sum(log_captured(path, model, capture, rank, projection, budget, ["kfac", "ekfac", "raw"]))
 
 
 def digits_capture(model, x, y, batch: int):
@@ -371,30 +355,37 @@ def lm_capture(model, data, batch: int):
     return capture
 
 
-def log_recipe(path: Path, model, capture, rank, projection: str, budget: dict, draws: int) -> tuple[float, float]:
-    """The README's recipe for narrow rows: statistics kfac + ekfac + row, a pass at the trained model,
-    then its curvature pass capturing every example again at `draws` labels drawn from the model
-    (seed 1); `log.influence(q)` then takes row from it. Returns (seconds for the pass, seconds
-    for the draws and finalize). A row wider than logix.config.ROW_MAX_WIDTH raises ConfigError."""
-    run = init_for(path, rank, projection, budget, ["kfac", "ekfac", "row"])
+def log_captured(path: Path, model, capture, rank, projection: str, budget: dict, statistics: list, draws: int = 0):
+    """A log of `capture`d passes at the trained model: PCA fitting where the projection asks for
+    it, the pass, and with `draws` its curvature pass capturing every example again at that many
+    labels drawn from the model (seed 1). Returns (seconds up to the pass's end, seconds for the
+    draws and finalize). A refused watch (a row too wide for "row") closes the run and raises."""
+    start = time.perf_counter()
+    run = init_for(path, rank, projection, budget, statistics)
     try:
         run.watch(model)
     except logix.ConfigError:
         run.close()
         raise
-    start = time.perf_counter()
     if projection != "gaussian":
         with run.fit_projections():
             capture(run)
     run.start_pass("train")
     capture(run)
     pass_s = time.perf_counter() - start
-    run.start_pass("train/curvature", curvature_for="train")
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(draws):
-        capture(run, generator)
+    if draws:
+        run.start_pass("train/curvature", curvature_for="train")
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(draws):
+            capture(run, generator)
     run.finalize()
     return pass_s, time.perf_counter() - start - pass_s
+
+
+def log_recipe(path: Path, model, capture, rank, projection: str, budget: dict, draws: int) -> tuple[float, float]:
+    """The README's recipe for narrow rows: statistics kfac + ekfac + row and a curvature pass of
+    `draws` labels per example (`log.influence(q)` then takes row from it); as log_captured."""
+    return log_captured(path, model, capture, rank, projection, budget, ["kfac", "ekfac", "row"], draws)
 
 
 def recipe_method(draws: int) -> str:
@@ -658,23 +649,8 @@ def fmt(v, spec=".3f") -> str:
 
 def log_lm(path: Path, model, data, rank, projection: str, batch: int, budget: dict) -> float:
     """A logging pass of the language model's train sequences at its final parameters; seconds taken."""
-    start = time.perf_counter()
-    run = init_for(path, rank, projection, budget, ["kfac", "ekfac"])
-    run.watch(model)
-
-    def every_batch():
-        for first in range(0, len(data.train), batch):
-            tokens, mask = lm_task.pad(data.train[first : first + batch])
-            with run.capture(list(range(first, first + len(tokens))), mask=mask):
-                lm_task.sequence_losses(lm_task.logits(model, tokens, mask), tokens, mask).mean().backward()
-            model.zero_grad()
-
-    if projection != "gaussian":
-        with run.fit_projections():
-            every_batch()
-    every_batch()
-    run.finalize()
-    return time.perf_counter() - start
+    capture = lm_capture(model, data, batch)
+    return sum(log_captured(path, model, capture, rank, projection, budget, ["kfac", "ekfac"]))
 
 
 def main_lm(args) -> None:
