@@ -68,7 +68,7 @@ class PassIds:
             if len(batch) != len(ids):
                 dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:5]
                 raise DuplicateIdError(f"ids repeat within the batch: {dupes}")
-            seen = [i for i in ids if i in self.logged]
+            seen = [] if batch.isdisjoint(self.logged) else [i for i in ids if i in self.logged]
             if seen:
                 raise DuplicateIdError(
                     f"ids {seen[:5]} were already logged in this pass; start a new pass with run.start_pass(), "
@@ -93,12 +93,7 @@ class PassIds:
         resumed pass had committed."""
         if not self.committed:
             return None
-        keep = []
-        for i in ids:
-            keep.append(self.committed[i] <= 0)
-            if not keep[-1]:
-                self.committed[i] -= 1
-        self.committed = +self.committed  # drops the ids used up
+        keep = [not _take_one(self.committed, i) for i in ids]
         self.skipped += keep.count(False)
         return None if all(keep) else keep
 
@@ -110,12 +105,10 @@ class PassIds:
         counted = keep or [True] * len(ids)
         keep, recounted = [], []
         for i, k in zip(ids, counted):
-            again = k and self.rows_only[i] > 0
+            again = k and _take_one(self.rows_only, i)
             keep.append(k and not again)
             if again:
                 recounted.append(i)
-                self.rows_only[i] -= 1
-        self.rows_only = +self.rows_only
         self.skipped += len(recounted)
         return keep, recounted
 
@@ -139,3 +132,14 @@ class PassIds:
                 logged,
             )
         logger.info("logix: pass %r: skipped %d ids logged before", pass_name, self.skipped)
+
+
+def _take_one(counts: Counter, i) -> bool:
+    """Use up one of id i's counts, if it has any left (an id used up leaves the Counter, so an
+    empty one says at once that nothing is left to skip)."""
+    left = counts.get(i, 0)
+    if left > 1:
+        counts[i] = left - 1
+    elif left == 1:
+        del counts[i]
+    return left > 0
