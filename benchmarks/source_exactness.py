@@ -8,8 +8,9 @@ A tiny MLP (4 -> 3 -> tanh -> 2, 16 examples, 3 queries) trained for 2 epochs of
 unrolled influence -dL_q(theta_T)/d eps_i (float64 autograd through the whole optimisation), as
 the learning rate, the segment length K and the momentum grow:
 
-  source H      Source's formula (with logix's momentum dynamics) and the exact Hessian of the
-                training loss averaged over the segment's steps, dense: Source with exact curvature
+  source H      Source's formula (with logix's momentum dynamics, each example at the step that
+                used it) and the exact Hessian of the training loss averaged over the segment's
+                steps, dense: Source with exact curvature
   source GGN    the same with the Gauss-Newton matrix
   logix raw     logix's Source with its raw statistics (the projected empirical Fisher per module)
   logix ekfac   logix's Source with its EK-FAC statistics
@@ -121,7 +122,8 @@ def curvature_at(model, theta: dict, kind: str) -> torch.Tensor:
 
 def dense_source(model, thetas, segment: int, lr: float, momentum: float, kind: str) -> torch.Tensor:
     """Source's formula with dense curvature averaged over each segment's steps: the linear dynamics
-    of (d theta, d v) under SGD with momentum, [[I - eta H, -eta m I], [H, m I]] per step."""
+    of (d theta, d v) under SGD with momentum, [[I - eta H, -eta m I], [H, m I]] per step, each
+    example entering at the step that used it."""
     final = {k: v.detach() for k, v in model.named_parameters()}
     u_theta = per_example(model, final, XQ, YQ)
     u_v = torch.zeros_like(u_theta)
@@ -135,13 +137,12 @@ def dense_source(model, thetas, segment: int, lr: float, momentum: float, kind: 
         h = vec @ torch.diag(lam.clamp(0, (1 + momentum) / lr)) @ vec.T  # logix's cap on eta lam
         step_t = torch.cat([torch.cat([eye - lr * h, h], 1), torch.cat([-lr * momentum * eye, momentum * eye], 1)])
         adjoint = torch.cat([u_theta, u_v], dim=1)
-        mean = adjoint @ sum(torch.linalg.matrix_power(step_t, j) for j in range(segment)).T / segment
-        side = lr * mean[:, :size] - mean[:, size:]
-        for k in steps:
+        for k in reversed(steps):  # each step's examples at their own place in the segment
             ids = STEPS[k]
-            out[:, ids] += side @ per_example(model, thetas[k], X[ids], Y[ids]).T
-        moved = adjoint @ torch.linalg.matrix_power(step_t, segment).T
-        u_theta, u_v = moved[:, :size], moved[:, size:]
+            rows = per_example(model, thetas[k], X[ids], Y[ids])
+            out[:, ids] += (lr * adjoint[:, :size] - adjoint[:, size:]) @ rows.T
+            adjoint = adjoint @ step_t.T
+        u_theta, u_v = adjoint[:, :size], adjoint[:, size:]
     return out
 
 

@@ -8,10 +8,15 @@ once. These methods use all of them (positive = the training example helps, as e
     tracin   sum_p  eta_p  g_q(theta_p)^T  P_p  g_i^p
              eta_p the pass's effective learning rate per step, g_q(theta_p) the query gradient at
              the pass's checkpoint, P_p identity (TracIn-CP) or the pass's damped inverse curvature.
-    source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l  g_i^l * uses_l
-             E_l = (I - eta_l H_l)^K_l: the later segments' training, carried back to segment l
-             R_l = sum_{j<K_l} (I - eta_l H_l)^j eta_l / K_l: segment l's own steps, averaged over
-                   where in the segment the example came (K_l steps at mean learning rate eta_l)
+    source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l(k)  g_i^l
+             E_l = prod_k (I - eta_k H_l) over segment l's K_l steps: the later segments' training,
+                   carried back to segment l
+             R_l(k) = eta_k prod_{k' > k} (I - eta_k' H_l): the rest of segment l after the step k
+                   that used the row (its `step` column), at each step's own learning rate (the
+                   training record's `lrs`); where the log cannot place a row (no per-step rates,
+                   rows logged at a fixed checkpoint with `uses`, steps outside the pass) the
+                   segment's sum_{j<K_l} (I - eta_l H_l)^j eta_l / K_l * uses_l instead: averaged
+                   over where in the segment the example came, at the mean learning rate eta_l
              H_l the pass's curvature (raw, kfac or ekfac statistics; no damping needed, R_l <= eta_l
              as an eigenvalue goes to 0): from the pass's curvature pass where the log has one
              (labels drawn from the model: the true Fisher), else from its own rows (the empirical
@@ -29,9 +34,11 @@ how the final query loss moves with a weight eps on example i's loss at each ste
 
 TracIn drops the Hessian products and moves the query gradient to theta_k (exact when every pass
 is one step and its checkpoint the parameters that step started from). Source (Bae et al., 2024)
-holds H and eta constant within a segment and averages the product over the example's position in
-its segment (the paper writes (I - eta H)^K as exp(-eta K H); logix keeps the power, which is what
-SGD does, and follows momentum, which the paper leaves out). TracIn counts SGD momentum m as
+holds H constant within a segment and averages the product over the example's position in its
+segment (the paper writes (I - eta H)^K as exp(-eta K H)); logix keeps the power, which is what SGD
+does, follows momentum, which the paper leaves out, and places each row at its own step, which the
+log records (steps of a long pass in at most LR_ENTRIES runs, and fewer where the query sides of
+every run would pass SIDE_BYTES). TracIn counts SGD momentum m as
 learning rate eta / (1 - m). Adam(W)'s per-parameter scaling is not modelled (its passes are
 weighted by their learning rate like SGD's): prefer tracin there.
 """
@@ -53,6 +60,7 @@ from .errors import ConfigError, LogFormatError, NotInLogError
 from .results import Scores, SelfInfluence, as_ids, check_top_k
 
 METHODS = ("source", "tracin", "checkpoint")
+SIDE_BYTES = 256 << 20  # Source's query sides of one segment's runs of steps, at most (float32)
 CURVATURES = ("raw", "kfac", "ekfac", "row")
 
 
@@ -65,6 +73,9 @@ class Segment:
     lr_sum: float  # the learning rates of those steps, summed
     momentum: float = 0.0  # SGD heavy-ball momentum
     uses: int = 1  # how many of the K steps each of the pass's rows stands for
+    start: int | None = None  # the step the pass started at (rows record theirs)
+    lrs: tuple | None = None  # mean learning rate of each run of lr_bin steps (logix.training_record)
+    lr_bin: int = 1
 
     @property
     def rate(self) -> float:
@@ -107,8 +118,32 @@ def segments(log, passes: Sequence[str]) -> list[Segment]:
         uses = steps if uses == "all" else uses
         if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= steps:
             raise ConfigError(f"pass {name!r}: uses must be 'all' or an int in 1..{steps}, got {meta.get('uses')!r}")
-        out.append(Segment(name, int(steps), float(lr_sum), float(momentum), uses))
+        lrs, lr_bin = _step_lrs(name, record, int(steps))
+        start = meta.get("step")
+        start = start if isinstance(start, int) and not isinstance(start, bool) else None
+        out.append(Segment(name, int(steps), float(lr_sum), float(momentum), uses, start, lrs, lr_bin))
     return out
+
+
+def _step_lrs(name: str, record: dict, steps: int) -> tuple[tuple | None, int]:
+    """The pass's per-step learning rates (runs of lr_bin steps), or (None, 1) where it has none."""
+    lrs, lr_bin = record.get("lrs"), record.get("lr_bin", 1)
+    if lrs is None:
+        return None, 1
+    sound = (
+        isinstance(lrs, list)
+        and isinstance(lr_bin, int)
+        and not isinstance(lr_bin, bool)
+        and lr_bin >= 1
+        and len(lrs) == -(-steps // lr_bin)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in lrs)
+    )
+    if not sound:
+        raise LogFormatError(
+            f"pass {name!r}: its training record's per-step learning rates (lrs, lr_bin) do not fit its "
+            f"{steps} steps; the manifest is damaged"
+        )
+    return tuple(float(v) for v in lrs), lr_bin
 
 
 def training_passes(log, passes: Sequence[str] | None) -> list[str]:
@@ -157,10 +192,21 @@ class _Accumulator:
         return ids, values
 
 
-def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, scale: float = 1.0) -> None:
-    """Add scale * query_side @ rows^T over the pass's rows (one GEMM per block)."""
+def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, scale: float = 1.0, run_of_row=None):
+    """Add scale * query_side @ rows^T over the pass's rows (one GEMM per block). With `run_of_row`
+    (one index per valid row), query_side is (runs, Q, D) and each row meets its own run's side."""
+    at = 0
     for ids, rows in view.blocks(block_rows=block_rows, check_finite=False, recycle=True):
-        values = (query_side @ rows.T) * scale
+        if run_of_row is None:
+            values = query_side @ rows.T
+        else:
+            runs = torch.from_numpy(run_of_row[at : at + len(rows)])
+            at += len(rows)
+            values = rows.new_empty(query_side.shape[1], len(rows))
+            for r in torch.unique(runs).tolist():
+                chosen = runs == r
+                values[:, chosen] = query_side[r] @ rows[chosen].T
+        values = values * scale
         if not bool(torch.isfinite(values).all()):
             raise LogFormatError(f"{view.path}: pass {view.current.name!r} gives non-finite scores (damaged rows?)")
         accumulator.add(np.asarray(ids), values)
@@ -325,24 +371,61 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
         raise ConfigError(f"method 'source' needs curvature: a preconditioner of {CURVATURES}, got {preconditioner!r}")
     accumulator = _Accumulator(q_rows.shape[0])
     u_theta, u_v = q_rows.double(), torch.zeros_like(q_rows, dtype=torch.float64)
+    max_runs = max(1, SIDE_BYTES // (4 * q_rows.numel()))
     for segment in reversed(segments(log, names)):
         view = log.select(segment.name)
         blocks = load_curvature(view, preconditioner, 0.0 if damping is None else damping, curvature=curvature)
-        scored, theta, v = [], [], []
+        runs, run_of_row = step_runs(segment, view.steps, max_runs)
+        rotated = {}
         for name, c in blocks.items():
             columns = slice(None) if name == ROW_GROUP else view.modules[name].columns  # row: one block, all of it
-            a, b = c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns])
-            power, total = segment_powers(c.values + c.damping, segment)
-            mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b
-            mean_v = total[:, 1, 0] * a + total[:, 1, 1] * b
-            # a row's gradient moves (theta, v) by (-eta g, g); score = -dL_q/d eps, per use
-            scored.append(c.unrotate((segment.lr * mean_theta - mean_v) * (segment.uses / segment.steps)))
-            theta.append(c.unrotate(power[:, 0, 0] * a + power[:, 0, 1] * b))
-            v.append(c.unrotate(power[:, 1, 0] * a + power[:, 1, 1] * b))
-        _stream(view, torch.cat(scored, dim=1).float(), accumulator, block_rows)
-        u_theta, u_v = torch.cat(theta, dim=1), torch.cat(v, dim=1)
+            rotated[name] = (columns, c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns]))
+        sides = []
+        for run in reversed(runs):  # the query side carried back run by run through the segment
+            scored = []
+            for name, c in blocks.items():
+                columns, a, b = rotated[name]
+                power, total = segment_powers(c.values + c.damping, run)
+                mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b
+                mean_v = total[:, 1, 0] * a + total[:, 1, 1] * b
+                # a row's gradient moves (theta, v) by (-eta g, g); score = -dL_q/d eps, per use
+                scored.append(c.unrotate((run.lr * mean_theta - mean_v) * (run.uses / run.steps)))
+                a, b = power[:, 0, 0] * a + power[:, 0, 1] * b, power[:, 1, 0] * a + power[:, 1, 1] * b
+                rotated[name] = (columns, a, b)
+            sides.append(torch.cat(scored, dim=1).float())
+        sides.reverse()
+        if run_of_row is None:
+            _stream(view, sides[0], accumulator, block_rows)
+        else:
+            _stream(view, torch.stack(sides), accumulator, block_rows, run_of_row=run_of_row)
+        u_theta = torch.cat([c.unrotate(rotated[name][1]) for name, c in blocks.items()], dim=1)
+        u_v = torch.cat([c.unrotate(rotated[name][2]) for name, c in blocks.items()], dim=1)
     train_ids, values = accumulator.result(log.ids.dtype)
     return values, train_ids
+
+
+def step_runs(segment: Segment, steps: np.ndarray, max_runs: int) -> tuple[list[Segment], np.ndarray | None]:
+    """The segment as consecutive runs of steps, each with its own learning rate, and the run that
+    holds each row (from the row's step): at most max_runs runs, one per step where they fit.
+    ([segment], None) where rows cannot be placed: no per-step rates, `uses` other than 1, or a
+    row's step outside the pass's steps (rows given another `step=`)."""
+    if segment.lrs is None or segment.uses != 1 or segment.start is None or len(steps) == 0:
+        return [segment], None
+    position = steps.astype(np.int64) - segment.start
+    if position.min() < 0 or position.max() >= segment.steps:
+        return [segment], None
+    per_run = -(-len(segment.lrs) // max_runs)  # lrs entries per run
+    width = segment.lr_bin * per_run  # steps per run
+    runs = []
+    for first in range(0, segment.steps, width):
+        count = min(width, segment.steps - first)
+        entries = range(first // segment.lr_bin, -(-(first + count) // segment.lr_bin))
+        lr_sum = sum(
+            segment.lrs[e] * (min((e + 1) * segment.lr_bin, first + count) - max(e * segment.lr_bin, first))
+            for e in entries
+        )
+        runs.append(Segment(segment.name, count, lr_sum, segment.momentum))
+    return runs, position // width
 
 
 def self_influence_across_training(

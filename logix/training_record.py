@@ -1,8 +1,12 @@
-"""What each pass trained with: its optimizer steps and the sum of their learning rates.
+"""What each pass trained with: its optimizer steps, the sum of their learning rates, and the
+learning rate step by step.
 
-Attribution across training weighs a pass by these (logix.across_training). They are counted by a
-hook on the user's optimizer (`run.watch(model, optimizer=opt)`) into the open pass's
-`meta["training"]`, which the manifest keeps.
+Attribution across training weighs a pass by these (logix.across_training), and Source places each
+row at the step that used it, at that step's learning rate. They are counted by a hook on the
+user's optimizer (`run.watch(model, optimizer=opt)`) into the open pass's `meta["training"]`, which
+the manifest keeps. The per-step rates are kept at a bounded size: `lrs` holds the mean learning
+rate of each run of `lr_bin` consecutive steps, at most LR_ENTRIES of them (when a pass outgrows
+them, neighbouring runs merge and `lr_bin` doubles), so a long pass costs the manifest a few KB.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+
+LR_ENTRIES = 256  # per-step learning rates kept per pass, at most (even: runs merge in pairs)
 
 
 class TrainingRecord:
@@ -51,7 +57,8 @@ class TrainingRecord:
         record = self._meta.get("training")
         if record is None:
             record = self._meta["training"] = {
-                "steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": momentum(group)
+                "steps": 0, "lr_sum": 0.0, "optimizer": type(optimizer).__name__, "momentum": momentum(group),
+                "lrs": [], "lr_bin": 1,
             }  # fmt: skip
         record["steps"] += 1
         lr = group["lr"]
@@ -60,8 +67,24 @@ class TrainingRecord:
                 self._lr_on_device = lr.detach().clone()
             else:
                 self._lr_on_device.add_(lr.detach())  # in place: no new tensor per step
+            record["lrs"] = None  # reading each step's rate would wait for the device every step
         else:
             record["lr_sum"] += float(lr)
+            if record.get("lrs") is not None:
+                add_step_lr(record, float(lr))
+
+
+def add_step_lr(record: dict, lr: float) -> None:
+    """Count the learning rate of step record["steps"] (1-based) into the record's bounded `lrs`."""
+    lrs, position = record["lrs"], record["steps"] - 1
+    if position // record["lr_bin"] >= LR_ENTRIES:  # full: merge neighbouring runs, each twice as long
+        record["lrs"] = lrs = [(a + b) / 2 for a, b in zip(lrs[::2], lrs[1::2])]
+        record["lr_bin"] *= 2
+    index, within = divmod(position, record["lr_bin"])
+    if index == len(lrs):
+        lrs.append(lr)
+    else:  # a running mean over the run's steps so far
+        lrs[index] += (lr - lrs[index]) / (within + 1)
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

@@ -12,6 +12,7 @@ without logix). The references use the parameters each step started from, saved 
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -21,8 +22,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import logix
-from logix import ConfigError
-from logix.across_training import Segment, segments
+from logix import ConfigError, LogFormatError, across_training
+from logix.across_training import Segment, segments, step_runs
+from logix.training_record import LR_ENTRIES, add_step_lr
 
 N, B, D_IN, D_HID, CLASSES, Q = 16, 2, 4, 3, 2, 3
 STEPS_PER_EPOCH = N // B
@@ -54,11 +56,15 @@ def lr_at(step: int) -> float:
     return 0.5 * (1 - step / 40)  # a decaying schedule: passes differ in their learning rate
 
 
-def train_and_log(path, steps_per_pass: int, epochs: int = 2, single_layer=False, statistics=None, momentum=0.0):
+def train_and_log(
+    path, steps_per_pass: int, epochs: int = 2, single_layer=False, statistics=None, momentum=0.0, tensor_lr=False
+):
     """Train with SGD, one pass every `steps_per_pass` steps; returns the model, the parameters each
-    step started from, and {pass name: the model at the start of that pass}."""
+    step started from, and {pass name: the model at the start of that pass}. tensor_lr: the
+    optimizer holds its learning rate as a tensor (the log then has no per-step rates)."""
     model = make_model(single_layer)
-    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum)
+    lr = torch.tensor(lr_at(0), dtype=torch.float64) if tensor_lr else lr_at(0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     thetas, starts = [], {}
     run = logix.init(path, rank="full", statistics=statistics)
     run.watch(model, optimizer=opt)
@@ -68,7 +74,10 @@ def train_and_log(path, steps_per_pass: int, epochs: int = 2, single_layer=False
             run.start_pass(name)
             starts[name] = copy.deepcopy(model)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            if tensor_lr:
+                group["lr"].fill_(lr_at(step))
+            else:
+                group["lr"] = lr_at(step)
         thetas.append({k: v.detach().clone() for k, v in model.named_parameters()})
         with run.capture(ids):
             F.cross_entropy(model(X[ids]), Y[ids]).backward()
@@ -176,49 +185,68 @@ def test_tracin_loads_each_pass_checkpoint_and_leaves_the_model_as_given(tmp_pat
     torch.testing.assert_close(by_load.values, by_models.values, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("placed", [True, False], ids=["each-row-at-its-step", "averaged-over-the-segment"])
 @pytest.mark.parametrize("preconditioner", ["raw", "row"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum, preconditioner):
+def test_source_equals_its_formula_evaluated_densely(tmp_path, momentum, preconditioner, placed):
     """Minibatch epochs (each row one use) and the raw projected Fisher F: logix's Source against
     the unrolled linear dynamics written out densely, per module (raw) or over the whole row (row),
     from the rows in the log (float64).
 
-    One SGD step with momentum m moves a perturbation (d theta, d v) by the 2w x 2w matrix
-    [[I - eta F, -eta m I], [F, m I]]; over a segment of K steps the query side moves by its
-    transpose to the power K, and a row, at a place in the segment averaged over the K places,
-    counts (eta, -1) . (1/K) sum_{j<K} (M^T)^j (u_theta, u_v). Eigenvalues past eta lam = 1 + m
-    are capped there (this run has some: learning rate 0.5)."""
-    model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=4, statistics=preconditioner, momentum=momentum)
+    One SGD step k with momentum m moves a perturbation (d theta, d v) by the 2w x 2w matrix
+    M_k = [[I - eta_k F, -eta_k m I], [F, m I]]; the query side moves by its transpose. A row used
+    at step k counts (eta_k, -1) . (the query side carried back to just after step k). Where the
+    log has no per-step learning rates (a tensor learning rate: `placed` False), each row is
+    averaged over the K places of its segment at the mean rate eta: (eta, -1) . (1/K) sum_{j<K}
+    (M^T)^j (u_theta, u_v). Eigenvalues past eta lam = 1 + m are capped there (this run has some:
+    learning rate 0.5)."""
+    model, thetas, _ = train_and_log(
+        tmp_path / "log", steps_per_pass=4, statistics=preconditioner, momentum=momentum, tensor_lr=not placed
+    )
     log = logix.open(tmp_path / "log")
+    assert all((s.lrs is not None) == placed for s in segments(log, [p.name for p in log.passes]))
     got = dense(log.influence_across_training(model, queries, method="source", preconditioner=preconditioner))
-    u_theta = query_rows(log, model)
-    u_v = torch.zeros_like(u_theta)
+    u = query_rows(log, model)
+    adjoint = {"theta": u, "v": torch.zeros_like(u)}
     want = torch.zeros(Q, N, dtype=torch.float64)
     for segment in reversed(segments(log, [p.name for p in log.passes])):
         view = log.select(segment.name)
         rows = view.rows().double()
         ids = torch.from_numpy(view.ids.astype(np.int64))
-        scored, theta, v = [], [], []
+        steps = view.steps
         blocks = [m.columns for m in view.modules.values()] if preconditioner == "raw" else [slice(None)]
+        scored = torch.zeros(Q, len(rows), dtype=torch.float64)
+        moved = {"theta": [], "v": []}
         for columns in blocks:
             g = rows[:, columns]
-            eta, w = segment.lr, g.shape[1]
-            lam, vec = torch.linalg.eigh(g.T @ g / len(g))  # eta lam capped at 1 + m, as logix documents
-            fisher = vec @ torch.diag(lam.clamp(0, (1 + momentum) / eta)) @ vec.T
-            eye = torch.eye(w, dtype=torch.float64)
-            step_t = torch.cat(
-                [torch.cat([eye - eta * fisher, fisher], 1), torch.cat([-eta * momentum * eye, momentum * eye], 1)]
-            )
-            total = sum(torch.linalg.matrix_power(step_t, j) for j in range(segment.steps))
-            adjoint = torch.cat([u_theta[:, columns], u_v[:, columns]], dim=1)
-            mean = adjoint @ total.T / segment.steps
-            scored.append(eta * mean[:, :w] - mean[:, w:])
-            moved = adjoint @ torch.linalg.matrix_power(step_t, segment.steps).T
-            theta.append(moved[:, :w])
-            v.append(moved[:, w:])
-        want[:, ids] += torch.cat(scored, dim=1) @ rows.T
-        u_theta, u_v = torch.cat(theta, dim=1), torch.cat(v, dim=1)
+            w = g.shape[1]
+            lam, vec = torch.linalg.eigh(g.T @ g / len(g))
+            a = torch.cat([adjoint["theta"][:, columns], adjoint["v"][:, columns]], dim=1)
+            if placed:  # step by step from the segment's end, each row at its own step's learning rate
+                for k in reversed(range(segment.start, segment.start + segment.steps)):
+                    eta = lr_at(k)
+                    here = torch.from_numpy(steps == k)
+                    scored[:, here] += (eta * a[:, :w] - a[:, w:]) @ g[here].T
+                    a = a @ sgd_step(lam, vec, eta, momentum).T
+            else:
+                step_t = sgd_step(lam, vec, segment.lr, momentum)
+                total = sum(torch.linalg.matrix_power(step_t, j) for j in range(segment.steps))
+                mean = a @ total.T / segment.steps
+                scored += (segment.lr * mean[:, :w] - mean[:, w:]) @ g.T
+                a = a @ torch.linalg.matrix_power(step_t, segment.steps).T
+            moved["theta"].append(a[:, :w])
+            moved["v"].append(a[:, w:])
+        want[:, ids] += scored
+        adjoint = {key: torch.cat(parts, dim=1) for key, parts in moved.items()}
     assert relative(got, want) < 1e-6
+
+
+def sgd_step(lam: torch.Tensor, vec: torch.Tensor, eta: float, momentum: float) -> torch.Tensor:
+    """M^T = [[I - eta F, F], [-eta m I, m I]] for F = vec diag(lam) vec^T, eta lam capped at 1 + m."""
+    fisher = vec @ torch.diag(lam.clamp(0, (1 + momentum) / eta)) @ vec.T
+    eye = torch.eye(len(lam), dtype=torch.float64)
+    top = torch.cat([eye - eta * fisher, fisher], 1)
+    return torch.cat([top, torch.cat([-eta * momentum * eye, momentum * eye], 1)])
 
 
 def query_rows(log, model) -> torch.Tensor:
@@ -400,3 +428,49 @@ def test_a_tensor_learning_rate_is_summed_where_it_lives(tmp_path):
     records = [p.meta["training"] for p in logix.open(tmp_path / "log").passes]
     assert [r["steps"] for r in records] == [3, 3]
     assert [r["lr_sum"] for r in records] == pytest.approx([0.6, 1.2])
+
+
+def test_per_step_learning_rates_are_kept_in_bounded_runs():
+    """A long pass keeps the mean learning rate of runs of consecutive steps, at most LR_ENTRIES
+    of them: runs double in length as the pass outgrows them, each the mean of its own steps."""
+    lrs = np.random.default_rng(0).uniform(0.0, 1.0, 4 * LR_ENTRIES + 3)
+    record = {"steps": 0, "lrs": [], "lr_bin": 1}
+    for k, lr in enumerate(lrs):
+        record["steps"] += 1
+        add_step_lr(record, float(lr))
+        if k == LR_ENTRIES - 1:
+            assert record["lr_bin"] == 1 and record["lrs"] == pytest.approx(lrs[:LR_ENTRIES].tolist())
+    assert record["lr_bin"] == 8  # 1,027 steps in at most 256 runs
+    full = len(lrs) // 8 * 8
+    want = lrs[:full].reshape(-1, 8).mean(axis=1).tolist() + [lrs[full:].mean()]
+    assert record["lrs"] == pytest.approx(want, rel=1e-12)
+
+
+def test_source_with_runs_longer_than_a_step_averages_within_each_run(tmp_path, monkeypatch):
+    """Where one query side per step would not fit (SIDE_BYTES), steps share a run at their mean
+    learning rate, and a run of a whole segment is Source's average over the segment."""
+    model, _, _ = train_and_log(tmp_path / "log", steps_per_pass=4, statistics="raw", momentum=0.9)
+    log = logix.open(tmp_path / "log")
+    segment = segments(log, ["p0"])[0]
+    runs, run_of_row = step_runs(segment, log.select("p0").steps, max_runs=2)
+    assert [r.steps for r in runs] == [2, 2] and run_of_row.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [r.lr_sum for r in runs] == pytest.approx([lr_at(0) + lr_at(1), lr_at(2) + lr_at(3)])
+
+    def source():
+        return log.influence_across_training(model, queries, method="source", preconditioner="raw").values
+
+    placed = source()
+    monkeypatch.setattr(across_training, "SIDE_BYTES", 1)  # one run per segment
+    one_run = source()
+    monkeypatch.setattr(across_training, "step_runs", lambda segment, steps, max_runs: ([segment], None))
+    torch.testing.assert_close(one_run, source(), rtol=1e-6, atol=0)
+    assert relative(placed.double(), one_run.double()) > 1e-3  # placing rows changes the answer here
+
+
+def test_damaged_per_step_learning_rates_are_a_clear_error(tmp_path):
+    model, _, _ = train_and_log(tmp_path / "log", steps_per_pass=8, statistics="raw")
+    manifest = json.loads((tmp_path / "log" / "manifest.json").read_text())
+    manifest["passes"][1]["meta"]["training"]["lrs"].append(0.1)
+    (tmp_path / "log" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LogFormatError, match="pass 'p1'.*per-step learning rates"):
+        logix.open(tmp_path / "log").influence_across_training(model, queries, method="source", preconditioner="raw")

@@ -223,6 +223,7 @@ def test_steps_and_pass_metadata(tmp_path):
     assert [p.meta["training"]["steps"] for p in (e0, e1)] == [3, 3]
     assert e0.meta["training"]["lr_sum"] == pytest.approx(1e-3 * (6 + 5 + 4) / 6)
     assert e1.meta["training"]["lr_sum"] == pytest.approx(1e-3 * (3 + 2 + 1) / 6)
+    assert e0.meta["training"]["lrs"] == pytest.approx([1e-3 * 6 / 6, 1e-3 * 5 / 6, 1e-3 * 4 / 6])  # step by step
     assert e0.meta["training"]["optimizer"] == "AdamW"
     steps = log.select("epoch0").steps.tolist()
     assert sorted(steps) == [0] * 4 + [1] * 4 + [2] * 4  # rows record the step whose parameters they saw
