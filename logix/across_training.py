@@ -199,13 +199,13 @@ def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, sca
     for ids, rows in view.blocks(block_rows=block_rows, check_finite=False, recycle=True):
         if run_of_row is None:
             values = query_side @ rows.T
-        else:
-            runs = torch.from_numpy(run_of_row[at : at + len(rows)])
+        else:  # rows come in step order: each stretch of one run is a slice, scored without a copy
+            runs = run_of_row[at : at + len(rows)]
             at += len(rows)
             values = rows.new_empty(query_side.shape[1], len(rows))
-            for r in torch.unique(runs).tolist():
-                chosen = runs == r
-                values[:, chosen] = query_side[r] @ rows[chosen].T
+            edges = [0, *(np.flatnonzero(np.diff(runs)) + 1).tolist(), len(rows)]
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                values[:, lo:hi] = query_side[int(runs[lo])] @ rows[lo:hi].T
         values = values * scale
         if not bool(torch.isfinite(values).all()):
             raise LogFormatError(f"{view.path}: pass {view.current.name!r} gives non-finite scores (damaged rows?)")
@@ -344,7 +344,7 @@ def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
     would blow up) is taken as 1 + m: that direction is settled within a step or two either way.
     """
     eta, m = segment.lr, segment.momentum
-    lam = lam.reshape(-1).double().clamp(min=0.0, max=(1.0 + m) / eta)
+    lam = lam.reshape(-1).double().clamp(min=0.0, max=(1.0 + m) / eta if eta > 0 else None)  # eta 0: a warm-up's start
     step = torch.zeros(len(lam), 2, 2, dtype=torch.float64)
     step[:, 0, 0], step[:, 0, 1], step[:, 1, 0], step[:, 1, 1] = 1 - eta * lam, lam, -eta * m, m
     eye = torch.eye(2, dtype=torch.float64).expand(len(lam), 2, 2)
@@ -363,7 +363,8 @@ def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
 
 def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows, curvature):
     """Segments from the last to the first: score each pass's rows with the rest of its segment's
-    training averaged over their place in it, then carry the query side to the segment's start.
+    training after their step (or averaged over their place in it), then carry the query side to
+    the segment's start.
 
     The query side is the adjoint (u_theta, u_v) of (parameters, momentum buffer); without momentum
     u_v stays 0 and this is Source's (I - eta H)^K and sum_j (I - eta H)^j eta / K."""
@@ -376,32 +377,44 @@ def _source(log, names, q_rows: Tensor, preconditioner: str, damping, block_rows
         view = log.select(segment.name)
         blocks = load_curvature(view, preconditioner, 0.0 if damping is None else damping, curvature=curvature)
         runs, run_of_row = step_runs(segment, view.steps, max_runs)
-        rotated = {}
+        sides, theta, v = [], [], []
         for name, c in blocks.items():
             columns = slice(None) if name == ROW_GROUP else view.modules[name].columns  # row: one block, all of it
-            rotated[name] = (columns, c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns]))
-        sides = []
-        for run in reversed(runs):  # the query side carried back run by run through the segment
-            scored = []
-            for name, c in blocks.items():
-                columns, a, b = rotated[name]
-                power, total = segment_powers(c.values + c.damping, run)
-                mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b
-                mean_v = total[:, 1, 0] * a + total[:, 1, 1] * b
-                # a row's gradient moves (theta, v) by (-eta g, g); score = -dL_q/d eps, per use
-                scored.append(c.unrotate((run.lr * mean_theta - mean_v) * (run.uses / run.steps)))
-                a, b = power[:, 0, 0] * a + power[:, 0, 1] * b, power[:, 1, 0] * a + power[:, 1, 1] * b
-                rotated[name] = (columns, a, b)
-            sides.append(torch.cat(scored, dim=1).float())
-        sides.reverse()
+            a, b = c.rotate(u_theta[:, columns]), c.rotate(u_v[:, columns])
+            scored, a, b = _through_runs(c.values + c.damping, a, b, runs)
+            sides.append(c.unrotate(scored.reshape(-1, scored.shape[-1]).float()).reshape(len(runs), len(a), -1))
+            theta.append(c.unrotate(a))
+            v.append(c.unrotate(b))
+        side = torch.cat(sides, dim=2)  # (runs, Q, D)
         if run_of_row is None:
-            _stream(view, sides[0], accumulator, block_rows)
+            _stream(view, side[0], accumulator, block_rows)
         else:
-            _stream(view, torch.stack(sides), accumulator, block_rows, run_of_row=run_of_row)
-        u_theta = torch.cat([c.unrotate(rotated[name][1]) for name, c in blocks.items()], dim=1)
-        u_v = torch.cat([c.unrotate(rotated[name][2]) for name, c in blocks.items()], dim=1)
+            _stream(view, side, accumulator, block_rows, run_of_row=run_of_row)
+        u_theta, u_v = torch.cat(theta, dim=1), torch.cat(v, dim=1)
     train_ids, values = accumulator.result(log.ids.dtype)
     return values, train_ids
+
+
+def _through_runs(lam: Tensor, a: Tensor, b: Tensor, runs: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:
+    """Carry the query side (a, b), in a block's eigenbasis, back through the runs from the last:
+    (each run's score side (runs, Q, n) in that basis, a and b at the first run's start). A row's
+    gradient moves (theta, v) by (-eta g, g); its score is -dL_q/d eps per use."""
+    scored = a.new_empty(len(runs), *a.shape)
+    lam = lam.reshape(-1).double()
+    for r in range(len(runs) - 1, -1, -1):
+        run = runs[r]
+        if run.steps == 1 and run.uses == 1:  # one step: the side just after it, then the step's transpose
+            eta, m = run.lr, run.momentum
+            capped = lam.clamp(min=0.0, max=(1.0 + m) / eta if eta > 0 else None)
+            scored[r] = eta * a - b
+            a, b = a - eta * capped * a + capped * b, m * (b - eta * a)
+            continue
+        power, total = segment_powers(lam, run)
+        mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b
+        mean_v = total[:, 1, 0] * a + total[:, 1, 1] * b
+        scored[r] = (run.lr * mean_theta - mean_v) * (run.uses / run.steps)
+        a, b = power[:, 0, 0] * a + power[:, 0, 1] * b, power[:, 1, 0] * a + power[:, 1, 1] * b
+    return scored, a, b
 
 
 def step_runs(segment: Segment, steps: np.ndarray, max_runs: int) -> tuple[list[Segment], np.ndarray | None]:
