@@ -5,9 +5,11 @@ used it, pass after pass (an epoch, or any segment of training), and each pass's
 single-checkpoint influence uses one pass as if the model had been trained to convergence at
 once. These methods use all of them (positive = the training example helps, as everywhere):
 
-    tracin   sum_p  eta_p  g_q(theta_p)^T  P_p  g_i^p
-             eta_p the pass's effective learning rate per step, g_q(theta_p) the query gradient at
-             the pass's checkpoint, P_p identity (TracIn-CP) or the pass's damped inverse curvature.
+    tracin   sum_p  eta_k  g_q(theta_p)^T  P_p  g_i^p
+             eta_k the effective learning rate of the step k that used the row (the pass's mean
+             where the log cannot place it, as for source below), g_q(theta_p) the query gradient
+             at the pass's checkpoint, P_p identity (TracIn-CP) or the pass's damped inverse
+             curvature. Self-influence across training weighs each pass's g_i^T P_p g_i alike.
     source   sum_l  [E_{l+1} ... E_L g_q(theta_T)]^T  R_l(k)  g_i^l
              E_l = prod_k (I - eta_k H_l) over segment l's K_l steps: the later segments' training,
                    carried back to segment l
@@ -192,24 +194,36 @@ class _Accumulator:
         return ids, values
 
 
-def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, scale: float = 1.0, run_of_row=None):
+def _stream(view, query_side: Tensor, accumulator: _Accumulator, block_rows, scale=1.0, run_of_row=None):
     """Add scale * query_side @ rows^T over the pass's rows (one GEMM per block). With `run_of_row`
-    (one index per valid row), query_side is (runs, Q, D) and each row meets its own run's side."""
+    (one index per valid row), query_side is (runs, Q, D) and each row meets its own run's side;
+    `scale` is a number or one per valid row."""
     at = 0
     for ids, rows in view.blocks(block_rows=block_rows, check_finite=False, recycle=True):
+        here = slice(at, at + len(rows))
+        at += len(rows)
         if run_of_row is None:
             values = query_side @ rows.T
         else:  # rows come in step order: each stretch of one run is a slice, scored without a copy
-            runs = run_of_row[at : at + len(rows)]
-            at += len(rows)
+            runs = run_of_row[here]
             values = rows.new_empty(query_side.shape[1], len(rows))
             edges = [0, *(np.flatnonzero(np.diff(runs)) + 1).tolist(), len(rows)]
             for lo, hi in zip(edges[:-1], edges[1:]):
                 values[:, lo:hi] = query_side[int(runs[lo])] @ rows[lo:hi].T
-        values = values * scale
+        values = values * (torch.from_numpy(scale[here]).to(values.dtype) if isinstance(scale, np.ndarray) else scale)
         if not bool(torch.isfinite(values).all()):
             raise LogFormatError(f"{view.path}: pass {view.current.name!r} gives non-finite scores (damaged rows?)")
         accumulator.add(np.asarray(ids), values)
+
+
+def row_rates(segment: Segment, steps: np.ndarray) -> np.ndarray | float:
+    """TracIn's weight for each of the pass's valid rows: the learning rate of the step that used
+    it, over 1 - momentum, where the log can place the row (see step_runs); else the segment's
+    mean, `segment.rate`, for all."""
+    runs, run_of_row = step_runs(segment, steps, max_runs=len(segment.lrs or ()) or 1)
+    if run_of_row is None:
+        return segment.rate
+    return np.array([run.rate for run in runs])[run_of_row]
 
 
 def _capture(log, model: nn.Module, queries: Callable) -> tuple[Tensor, np.ndarray]:
@@ -297,7 +311,8 @@ def influence_across_training(
 
 
 def _tracin(log, names, model, queries, load, models, preconditioner, damping, damping_factor, block_rows, curvature):
-    """sum over passes of eta_p x (that pass's scores, query gradients at the pass's checkpoint)."""
+    """sum over passes of that pass's scores (query gradients at the pass's checkpoint), each row
+    weighted by its step's effective learning rate (row_rates)."""
     if models is not None and load is not None:
         raise ConfigError("pass load= or models=, not both")
     if models is not None:
@@ -326,7 +341,7 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
             elif not np.array_equal(ids, query_ids):
                 raise ConfigError(f"queries(q, model) captured other query ids at pass {segment.name!r}")
             side = Preconditioner(view, preconditioner, damping, damping_factor, curvature=curvature).apply(q_rows)
-            _stream(view, side.float(), accumulator, block_rows, scale=segment.rate)
+            _stream(view, side.float(), accumulator, block_rows, scale=row_rates(segment, view.steps))
     finally:
         if saved is not None:
             model.load_state_dict(saved)  # the model is left as the caller gave it
@@ -452,7 +467,8 @@ def self_influence_across_training(
     progress: bool | None = None,
     curvature: str = "auto",
 ) -> SelfInfluence:
-    """sum over passes of eta_p g_i^T P_p g_i for every train id (mislabeled examples rank high), as
+    """sum over passes of eta_k g_i^T P_p g_i for every train id, eta_k the rate of the step that
+    used the row (mislabeled examples rank high), as
     `log.self_influence_across_training(preconditioner)`."""
     names = training_passes(log, passes)
     accumulator = _Accumulator(1)
@@ -460,6 +476,8 @@ def self_influence_across_training(
         view = log.select(segment.name)
         pre = Preconditioner(view, preconditioner, damping, damping_factor, curvature=curvature)
         ids, values = self_influence_values(view, pre, block_rows, progress)
-        accumulator.add(np.asarray(ids), values[None] * segment.rate)
+        rates = row_rates(segment, view.steps)
+        rates = torch.from_numpy(rates) if isinstance(rates, np.ndarray) else rates
+        accumulator.add(np.asarray(ids), values[None] * rates)
     ids, values = accumulator.result(log.ids.dtype)
     return SelfInfluence(values[0], ids)

@@ -168,6 +168,22 @@ def test_tracin_cp_converges_to_tracin_ideal_as_checkpoints_get_denser(tmp_path)
     assert errors == sorted(errors, reverse=True) and errors[0] > 1e-3 and errors[-1] < 1e-6, errors
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_tracin_weighs_each_row_by_the_learning_rate_of_its_step(tmp_path, momentum):
+    """TracIn-CP from the log's rows, densely: sum over passes of g_q(theta_p) . g_i^p x
+    eta_k / (1 - m), eta_k the learning rate of the step k that used the row."""
+    model, _, starts = train_and_log(tmp_path / "log", steps_per_pass=4, momentum=momentum)
+    log = logix.open(tmp_path / "log")
+    got = dense(log.influence_across_training(model, queries, method="tracin", models=starts))
+    want = torch.zeros(Q, N, dtype=torch.float64)
+    for name, at in starts.items():
+        view = log.select(name)
+        rates = torch.tensor([lr_at(k) / (1 - momentum) for k in view.steps.tolist()], dtype=torch.float64)
+        ids = torch.from_numpy(view.ids.astype(np.int64))
+        want[:, ids] += query_rows(log, at) @ (view.rows().double() * rates[:, None]).T
+    assert relative(got, want) < 1e-6
+
+
 def test_tracin_loads_each_pass_checkpoint_and_leaves_the_model_as_given(tmp_path):
     model, thetas, starts = train_and_log(tmp_path / "log", steps_per_pass=4)
     log = logix.open(tmp_path / "log")
@@ -306,16 +322,18 @@ def test_sgd_momentum_counts_as_a_larger_learning_rate(tmp_path):
     assert segs[0].rate == pytest.approx(sum(lr_at(k) for k in range(8)) / 8 / 0.1)
 
 
-def test_self_influence_across_training_is_the_weighted_sum_of_each_pass(tmp_path):
+def test_self_influence_across_training_weighs_each_row_by_its_steps_learning_rate(tmp_path):
     model, thetas, _ = train_and_log(tmp_path / "log", steps_per_pass=8, statistics="ekfac")
     log = logix.open(tmp_path / "log")
     for pre in ("identity", "ekfac"):
         got = log.self_influence_across_training(pre)
         want = {}
         for segment in segments(log, [p.name for p in log.passes]):
-            si = log.select(segment.name).self_influence(pre)
-            for i, v in zip(si.ids.tolist(), si.values.tolist()):
-                want[i] = want.get(i, 0.0) + segment.rate * v
+            view = log.select(segment.name)
+            step_of = dict(zip(view.ids.tolist(), view.steps.tolist()))
+            si = view.self_influence(pre)
+            for i, v in zip(si.ids.tolist(), si.values.tolist()):  # each row at its own step's rate
+                want[i] = want.get(i, 0.0) + lr_at(step_of[i]) * v
         assert sorted(got.ids.tolist()) == list(range(N))
         np.testing.assert_allclose([want[i] for i in got.ids.tolist()], got.values.numpy(), rtol=1e-12)
 
