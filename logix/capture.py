@@ -204,16 +204,17 @@ class Capture:
             self._discard()
             return  # the user's error propagates; nothing from this batch is kept
         try:
-            rows = self.collector.rows()
-            if rows.shape[0] != len(self.ids):
+            batch = self.collector.batch()
+            if batch != len(self.ids):
                 raise CaptureError(
-                    f"{len(self.ids)} ids were given but the watched modules saw a batch of {rows.shape[0]} examples"
+                    f"{len(self.ids)} ids were given but the watched modules saw a batch of {batch} examples"
                 )
-            factor = self._loss_factor(rows.shape[0])
+            factor = self._loss_factor(batch)
+            rows = self.collector.rows(factor)
         except BaseException:
             self._discard()
             raise
-        self._accept(self.ids, rows.div_(factor), factor)  # rows is a fresh tensor: scale in place
+        self._accept(self.ids, rows, factor)
 
     def loss(self, loss: Tensor) -> Tensor:
         """Declare the loss that `reduction`/`scale` describe; returns it, for use inline.

@@ -215,7 +215,8 @@ class Collector:
     """Hooks installed for one capture; `rows()` gives the (B, D) float32 sum of per-module blocks.
 
     Rows are the raw gradients the backward pass delivered, that is c * grad(loss_i) where c comes
-    from the user's loss reduction; the caller divides c out. `observer`, if given, is called as
+    from the user's loss reduction; the caller passes c to `rows(c)`, which divides it out.
+    `observer`, if given, is called as
     observer(names, projected_activations, projected_output_grads, mask, examples) for each group
     of module calls (logix.call_groups; curvature statistics hook in there), with the first two
     stacked (E, B, T, k). `keep` (B,) bool leaves examples out of both: their rows come out zero
@@ -387,8 +388,18 @@ class Collector:
             self._masks[key] = self.keep.to(device=acts.device, dtype=acts.dtype)
         return self._masks[key].unsqueeze(1).expand(acts.shape[1], acts.shape[2])
 
-    def rows(self) -> Tensor:
-        """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset."""
+    def rows(self, divisor: float | Tensor = 1.0) -> Tensor:
+        """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset,
+        divided by `divisor` (the loss factor: folded into the products, cheaper than a pass over
+        the rows afterwards)."""
+        batch = self.batch()
+        if not self.keep_rows:
+            return torch.zeros(batch, 0, device=self._device)
+        return self._parts.assemble(batch, self._device, divisor)
+
+    def batch(self) -> int:
+        """The capture's batch size, once every call is processed; raises CaptureError where the
+        block did not capture what it should have."""
         self._process()
         if self.without_grad:
             raise CaptureError(
@@ -427,9 +438,7 @@ class Collector:
                 "position_ids are not passed) has no per-example gradient: exclude it from watch(), or give it "
                 "batched inputs; the batch must be the first dimension of every watched module's input"
             )
-        if not self.keep_rows:
-            return torch.zeros(batch, 0, device=self._device)
-        return self._parts.assemble(batch, self._device)
+        return batch
 
 
 def warn_if_compiled(model: nn.Module) -> None:

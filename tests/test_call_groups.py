@@ -94,6 +94,59 @@ def test_sequences_with_a_mask_in_groups(tmp_path, grouping):
         torch.testing.assert_close(log.gradients(w.name), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
+class Branchy(nn.Module):
+    """Watched modules that never run in a step: one between two that do, one after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(WIDTH, WIDTH)
+        self.skipped = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+        self.tail = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("positions", [None, 5])
+@pytest.mark.parametrize("reduction", ["mean", "scaled sum"])
+def test_rows_divide_out_the_loss_and_leave_modules_that_never_ran_zero(tmp_path, grouping, positions, reduction,
+                                                                         monkeypatch):  # fmt: skip
+    """The loss factor is folded into the products (one position) or divides them (several), and
+    a row is built in uninitialised memory: every column must be written. torch.empty here gives
+    NaN, as uninitialised memory may."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    torch.manual_seed(5)
+    model = Branchy()
+    shape = (8,) if positions is None else (8, positions)
+    x, y = torch.randn(*shape, WIDTH), torch.randint(0, 3, shape)
+    run = logix.init(tmp_path / "log", rank=RANK)
+    run.watch(model)
+    if reduction == "mean":
+        with run.capture(list(range(8))):
+            (example_loss(model(x), y) / 8).backward()
+    else:
+        with run.capture(list(range(8)), reduction="sum", scale=0.3):
+            (0.3 * example_loss(model(x), y)).backward()
+    run.finalize()
+    log = logix.open(tmp_path / "log")
+    assert bool(torch.isfinite(log.rows()).all())
+    exact = exact_gradients(model, example_loss, x, y)
+    for w in run.watched:
+        want = projected(exact[w.name], w.proj_in, w.proj_out)
+        if w.name in ("skipped", "tail"):
+            assert not want.any() and not log.gradients(w.name).any(), w.name
+        else:
+            assert want.abs().max() > 0.01
+            torch.testing.assert_close(log.gradients(w.name), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 def reference_factors(model, watched, x, y, mask=None):
     """K-FAC's A and S sums per module from plain hooks: every call's projected input and output
     gradient, each example's own loss backpropagated alone (reduction="sum", so no factor)."""
