@@ -6,20 +6,27 @@ cannot rule out keep probability, and the normaliser is the point's complexity. 
 Grosse, Ghassemi, ICML 2024) answers with an influence function instead of refitting. logix takes
 the refit to be the proximal Bregman one (the training outputs held where they are, damping
 lambda), adds the pair with weight w = 1 / (N T) (N the pass's training rows, each of weight 1/N in
-the mean objective whose curvature F the log holds; T the temperature), and keeps the first order
-in w:
+the mean objective whose curvature F the log holds; T the temperature), moves the parameters by
+the influence step theta_c = theta - w (F + lambda I)^{-1} g_c, and reads the new probability of c
+from the logits linearised in the parameters:
 
-    h_c(x)           = w g_c^T (F + lambda I)^{-1} g_c,   g_c = grad_theta [-log p(c | x)]  (a projected row)
-    p_pNML(c | x)    = p(c | x) exp(h_c) / sum_c' p(c' | x) exp(h_c')
-    complexity(x)    = log sum_c p(c | x) exp(h_c)          (nats, >= 0)
-    code length(x, y) = -log p_pNML(y | x)                   (labelled: high = the label is surprising)
+    K(x)             = J (F + lambda I)^{-1} J^T             (C x C; J the projected rows of the C logits)
+    z_c              = z + w K (e_c - p)                     (the logits after the step toward c)
+    gain_c(x)        = log softmax(z_c)_c - log p(c | x)     (first order: w g_c^T (F + lambda I)^{-1} g_c)
+    p_pNML(c | x)    = p(c | x) exp(gain_c) / sum_c' p(c' | x) exp(gain_c')
+    complexity(x)    = log sum_c p(c | x) exp(gain_c)          (nats, between 0 and log C)
+    code length(x, y) = -log p_pNML(y | x)                     (labelled: high = the label is surprising)
 
+since g_c = J^T (p - e_c). Reading the probability from the moved logits instead of keeping the
+gain to first order keeps every refit probability below 1, as a real refit's is: far from the
+training data, where w g^T (F + lambda I)^{-1} g is large, the first-order gain grows without bound
+(tests/test_complexity.py: at T = 1, up to 4 times a brute-force refit's gain), the moved logits'
+does not.
 A temperature below 1 weighs the added pair as more than one example. The paper's temperature
 enters through a Boltzmann output distribution instead; either way it is chosen on held-out data:
 `log.choose_temperature(model, labelled_batches)` returns the temperature (and, given several,
-the damping factor) of least pNML negative log-likelihood. The
-candidate labels' gradients take one forward and one backward pass per class and batch, captured
-like query rows (nothing is written).
+the damping factor) of least pNML negative log-likelihood. The logits' rows take one forward and
+one backward pass per class and batch, captured like query rows (nothing is written).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ TEMPERATURE_GRID = tuple(4.0**p for p in range(-1, 21))  # 0.25 ... 4^20 (about 
 @dataclass(eq=False)
 class Complexity(_Saved):
     """IF-COMP per input: `values` its complexity (nats), `probs` (n, C) the pNML distribution,
-    `softmax` (n, C) the model's own, `gains` (n, C) each label's hindsight gain h_c; with labels,
+    `softmax` (n, C) the model's own, `gains` (n, C) each label's hindsight gain gain_c; with labels,
     `labels` and `code_length` = -log p_pNML(label | x). ids as given (numpy, as `Log.ids`)."""
 
     values: Tensor
@@ -102,8 +109,8 @@ def complexity(
     """
     t = _positive(temperature, "temperature")
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
-    ids, log_probs, gains, labels = _gains(log, model, batches, logits, [pre])
-    gains = gains[0] / t
+    ids, log_probs, kernels, labels = _kernels(log, model, batches, logits, [pre])
+    gains = hindsight_gains(log_probs, kernels[0], t)
     probs, values = pnml(log_probs, gains)
     result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids))
     if labels is not None:
@@ -111,6 +118,15 @@ def complexity(
         joint = (log_probs + gains).gather(1, labels[:, None]).squeeze(1)
         result.code_length = values - joint  # -log p_pNML(label | x), finite where the probability underflows
     return result
+
+
+def hindsight_gains(log_probs: Tensor, kernels: Tensor, temperature: float) -> Tensor:
+    """(n, C) gain_c = log softmax(z + K (e_c - p) / T)_c - log p(c | x), from the log-softmax
+    (n, C) and the kernels w J (F + lambda I)^{-1} J^T at T = 1 (n, C, C)."""
+    p = log_probs.exp()
+    moves = (kernels - (kernels @ p[:, :, None])) / temperature  # (n, C logits, C candidates): K e_c - K p
+    moved = torch.log_softmax(log_probs[:, :, None] + moves, dim=1)
+    return moved.diagonal(dim1=1, dim2=2) - log_probs
 
 
 def choose_temperature(
@@ -127,23 +143,22 @@ def choose_temperature(
 ) -> tuple[float, float, dict[tuple[float, float], float]]:
     """(temperature, damping_factor, {(temperature, damping_factor): NLL}): the pair whose pNML
     gives the least negative log-likelihood on held-out labelled `batches` ((ids, inputs, labels)
-    each), over the grids given. The candidate labels' gradients are taken once (the gains scale
-    as 1/T; each damping factor preconditions the same rows), so the held-out rows stay in memory:
-    a few hundred examples are enough. Other options: as `complexity`."""
+    each), over the grids given. The logits' rows are taken once (the kernels scale as 1/T; each
+    damping factor preconditions the same rows) and each input keeps a C x C kernel per damping
+    factor: a few hundred examples are enough. Other options: as `complexity`."""
     grid = [_positive(t, "temperatures") for t in temperatures]
     factors = [_positive(f, "damping_factors") for f in damping_factors]
     if not grid or not factors:
         raise ConfigError("temperatures and damping_factors each need at least one value")
     pres = [Preconditioner(log, preconditioner, None, f, modules, curvature) for f in factors]
-    _, log_probs, gains, labels = _gains(log, model, batches, logits, pres)
+    _, log_probs, kernels, labels = _kernels(log, model, batches, logits, pres)
     if labels is None:
         raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
-    rows = torch.arange(len(labels))
     nll = {}
-    for factor, factor_gains in zip(factors, gains):
+    for factor, factor_kernels in zip(factors, kernels):
         for t in grid:
-            joint = log_probs + factor_gains / t
-            nll[(t, factor)] = float((torch.logsumexp(joint, dim=1) - joint[rows, labels]).mean())
+            joint = log_probs + hindsight_gains(log_probs, factor_kernels, t)
+            nll[(t, factor)] = float((torch.logsumexp(joint, dim=1) - joint.gather(1, labels[:, None])[:, 0]).mean())
     best_t, best_f = min(nll, key=nll.get)
     if len(grid) > 1 and best_t in (min(grid), max(grid)):
         logger.warning(
@@ -163,22 +178,24 @@ def _positive(value, name: str) -> float:
     return number
 
 
-def _gains(log, model, batches, logits, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
-    """(ids, log-softmax (n, C), per preconditioner the gains at T = 1 (n, C), labels or None);
-    logits(model, inputs), or model(inputs) when None."""
+def _kernels(log, model, batches, logits, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
+    """(ids, log-softmax (n, C), per preconditioner the kernels w J (F + lambda I)^{-1} J^T at T = 1
+    (n, C, C), labels or None); logits(model, inputs), or model(inputs) when None."""
     forward = logits if logits is not None else (lambda m, x: m(x))
     if len(log) == 0:
         raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
     weight = 1.0 / len(log)
     ids, log_probs, labels = [], [], []
-    gains: list[list[Tensor]] = [[] for _ in pres]
+    kernels: list[list[Tensor]] = [[] for _ in pres]
     with Frozen(model):
         for batch in batches:
             batch_ids, inputs, batch_labels = _unpack(batch)
             out = _log_softmax(forward, model, inputs)
-            rows = _label_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
-            for pre, kept in zip(pres, gains):
-                kept.append(weight * torch.stack([pre.self_products(r) for r in rows], dim=1))
+            rows = _logit_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
+            flat = rows.reshape(-1, rows.shape[-1])
+            for pre, kept in zip(pres, kernels):
+                solved = pre.apply(flat).view(*rows.shape[:2], -1)  # float64
+                kept.append(weight * torch.einsum("kbd,lbd->bkl", pre.columns(flat).double().view_as(solved), solved))
             ids.extend(_batch_ids(batch_ids, len(out)))
             log_probs.append(out)
             if batch_labels is not None:
@@ -187,7 +204,7 @@ def _gains(log, model, batches, logits, pres: list) -> tuple[list, Tensor, list[
         raise ConfigError("batches held no inputs")
     if labels and len(labels) != len(log_probs):
         raise ConfigError("give labels with every batch or with none")
-    return ids, torch.cat(log_probs), [torch.cat(g) for g in gains], torch.cat(labels) if labels else None
+    return ids, torch.cat(log_probs), [torch.cat(k) for k in kernels], torch.cat(labels) if labels else None
 
 
 def _unpack(batch) -> tuple:
@@ -204,13 +221,12 @@ def _log_softmax(forward, model, inputs) -> Tensor:
     return F.log_softmax(out.double(), dim=1)
 
 
-def _label_rows(log, model, forward, inputs, batch: int, classes: int) -> Tensor:
-    """(C, B, D): each example's row for each candidate label, one forward and backward per label."""
+def _logit_rows(log, model, forward, inputs, batch: int, classes: int) -> Tensor:
+    """(C, B, D): each example's row for each logit, one forward and backward per class."""
     with log.query(model) as q:
         for c in range(classes):
             with q.capture(list(range(batch)), reduction="sum"):
-                out = forward(model, inputs)
-                F.cross_entropy(out, torch.full((batch,), c, device=out.device), reduction="sum").backward()
+                forward(model, inputs)[:, c].sum().backward()
             model.zero_grad(set_to_none=True)
         all_rows = q.rows
     return all_rows.view(classes, -1, all_rows.shape[1])

@@ -1,9 +1,11 @@
 """IF-COMP (logix.complexity) against its dense definition, and its linearisation against the
 brute-force proximal pNML it approximates.
 
-Dense definition (float64): h_c(x) = w g_c^T (F + lambda I)^{-1} g_c with w = 1/(N T), g_c the
-exact per-example gradient of -log p(c | x) (torch.func), F the log's curvature built densely from
-exact training gradients (raw: mean_i g_i g_i^T per module, block-diagonal over modules).
+Dense definition (float64): with w = 1/(N T), J the exact per-example gradients of the C logits
+(torch.func) and F the log's curvature built densely from exact training gradients (raw:
+mean_i g_i g_i^T per module, block-diagonal over modules), K = w J (F + lambda I)^{-1} J^T, and
+label c's gain is log softmax(z + K (e_c - p))_c - log p(c | x): the log-probability of c after the
+influence step toward it, read from the logits linearised in the parameters.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from conftest import exact_gradients
 from torch import nn
 
 import logix
-from logix.complexity import pnml
+from logix.complexity import hindsight_gains, pnml
 
 N_TRAIN, N_TEST, CLASSES = 60, 7, 3
 
@@ -59,18 +61,25 @@ def logged(path, model, x, y, rank="full", statistics=("raw", "kfac", "ekfac")):
 
 
 def dense_gains(model, x, y, x_test, damping: float, temperature: float) -> torch.Tensor:
-    """(n, C) h_c from exact gradients, raw curvature per module, float64."""
+    """(n, C) gains from exact logit gradients, raw curvature per module, float64, one label at a time."""
     train = exact_gradients(model, ce, x, y)
+    logit_rows = [exact_gradients(model, lambda out, _, k=k: out[0, k], x_test, x_test[:, 0]) for k in range(CLASSES)]
+    kernel = torch.zeros(len(x_test), CLASSES, CLASSES, dtype=torch.float64)
+    for name, g in train.items():
+        g = g.reshape(len(x), -1).double()
+        inverse = torch.linalg.inv(g.T @ g / len(x) + damping * torch.eye(g.shape[1], dtype=torch.float64))
+        j = torch.stack([rows[name].reshape(len(x_test), -1).double() for rows in logit_rows], dim=1)  # (n, C, d)
+        kernel += j @ inverse @ j.transpose(1, 2)
+    kernel /= len(x) * temperature
+    with torch.no_grad():
+        z = model(x_test).double()
+    p = torch.softmax(z, dim=1)
     gains = torch.zeros(len(x_test), CLASSES, dtype=torch.float64)
-    for c in range(CLASSES):
-        test = exact_gradients(model, ce, x_test, torch.full((len(x_test),), c))
-        for name, g in train.items():
-            g = g.reshape(len(x), -1).double()
-            fisher = g.T @ g / len(x)
-            q = test[name].reshape(len(x_test), -1).double()
-            solved = torch.linalg.solve(fisher + damping * torch.eye(len(fisher), dtype=torch.float64), q.T)
-            gains[:, c] += (q * solved.T).sum(dim=1)
-    return gains / (len(x) * temperature)
+    for i in range(len(x_test)):
+        for c in range(CLASSES):
+            moved = z[i] + kernel[i] @ (torch.eye(CLASSES, dtype=torch.float64)[c] - p[i])
+            gains[i, c] = torch.log_softmax(moved, dim=0)[c] - torch.log(p[i, c])
+    return gains
 
 
 @pytest.fixture(scope="module", params=["logistic", "mlp"])
@@ -159,14 +168,19 @@ def test_linearised_gains_track_the_brute_force_proximal_pnml():
 
         (1/N) sum_i KL(p_i(theta_hat) || p_i(theta)) + lambda/2 |theta - theta_hat|^2 + w CE(x, c; theta),
 
-    by Newton's method to convergence; the rise in log p(c | x) is the brute-force gain. Its first order is
-    h_c = w g_c^T (G + lambda I)^{-1} g_c with G the exact GGN of the mean training loss. Stated
-    tolerance, on test inputs drawn wider than the training data: at T = 100 (the pair weighs a
-    hundredth of an example) every gain and complexity within 2.5% of the brute force; the error
-    falls in proportion to the weight (T = 10: about 10 times the T = 100 error); the refit
-    saturates, so the linear gain is never below the brute-force one. At T = 1 the linear gains
-    overshoot by up to 75% on these inputs and the pNML's label can differ: the linearisation does
-    not hold there."""
+    by Newton's method to convergence; the rise in log p(c | x) is the brute-force gain. logix's
+    gain is the first Newton step's (theta_hat - w (G + lambda I)^{-1} g_c, G the exact GGN of the
+    mean training loss; the logits are linear in theta here, so reading them there is exact); its
+    first order is h_c = w g_c^T (G + lambda I)^{-1} g_c. Stated tolerance, on test inputs drawn
+    wider than the training data: the brute force <= logix's step <= the first order everywhere
+    (the refit saturates, the step part of the way); at T = 100 (the pair weighs a hundredth of an
+    example) every gain within 2% and every complexity within 2% for the step, 2.5% for the first
+    order; the error falls in proportion to the weight (T = 10: about 10 times the T = 100 error).
+    At T = 1 the brute-force gains fall up to 75% below the first-order ones and 40% below logix's,
+    and the pNML's label can differ: the linearisation does not hold there. Measured, relative to
+    each approximate gain: logix's step 1.4%, 13%, 40% at T = 100, 10, 1; the first order 2.0%,
+    19%, 75%; the step's complexity is the closer of the two at every temperature (1.4% against
+    2.0% at T = 100, 15% against 25% at T = 10)."""
     torch.manual_seed(5)
     x, y, x_test = data(4, seed=6)
     x, x_test = x.double(), x_test.double()
@@ -210,24 +224,42 @@ def test_linearised_gains_track_the_brute_force_proximal_pnml():
         g = theta.grad
         return float(weight * g @ inverse @ g)
 
-    errors = {}
+    def logix_gains(weight):  # logix's formula with the exact GGN: the logits are linear in theta here
+        jac_test = torch.func.vmap(torch.func.jacrev(lambda t, xi: logits(t, xi[None])[0]), in_dims=(None, 0))(
+            theta_hat, x_test
+        )
+        kernels = weight * jac_test @ inverse @ jac_test.transpose(1, 2)
+        return hindsight_gains(F.log_softmax(logits(theta_hat, x_test), dim=1), kernels, 1.0)
+
+    errors, step_errors = {}, {}
     for temperature in (100.0, 10.0, 1.0):
         weight = 1 / (len(x) * temperature)
         brute = torch.tensor([[brute_gain(xq, c, weight) for c in range(CLASSES)] for xq in x_test])
         linear = torch.tensor([[linear_gain(xq, c, weight) for c in range(CLASSES)] for xq in x_test])
+        step = logix_gains(weight)
         assert bool((brute > 0).all()) and bool((brute <= linear * (1 + 1e-6)).all()), (brute, linear)  # saturates
+        # logix's step saturates too, part of the way: between the brute force and the first order
+        assert bool((brute <= step + 1e-9).all()) and bool((step <= linear + 1e-9).all()), (brute, step, linear)
         seen = linear > 1e-8  # gains below that are round-off in the refit
         errors[temperature] = float(((linear - brute).abs() / linear)[seen].max())
+        step_errors[temperature] = float(((step - brute).abs() / step)[seen].max())
         log_softmax = F.log_softmax(logits(theta_hat, x_test), dim=1)
         brute_probs, brute_complexity = pnml(log_softmax, brute)
         linear_probs, linear_complexity = pnml(log_softmax, linear)
+        step_probs, step_complexity = pnml(log_softmax, step)
         if temperature >= 10:  # where the linearisation holds, the pNML picks the same label
+            assert torch.equal(brute_probs.argmax(dim=1), step_probs.argmax(dim=1)), temperature
             assert torch.equal(brute_probs.argmax(dim=1), linear_probs.argmax(dim=1)), temperature
         if temperature == 100:
+            assert bool(((step_complexity - brute_complexity).abs() <= 0.02 * brute_complexity).all())
             assert bool(((linear_complexity - brute_complexity).abs() <= 0.025 * brute_complexity).all())
-    # the first order: the error shrinks in proportion to the added weight (measured: 2.0%, 19%, 75%)
-    assert errors[100.0] <= 0.025, errors
+        # the step's complexity is never further from the brute force than the first order's
+        assert bool(((step_complexity - brute_complexity).abs() <= (linear_complexity - brute_complexity).abs()).all())
+    # the error shrinks in proportion to the added weight (measured, first order: 2.0%, 19%, 75%;
+    # logix's step: 1.4%, 13%, 40%)
+    assert step_errors[100.0] <= 0.02 and errors[100.0] <= 0.025, (step_errors, errors)
     assert 5 < errors[10.0] / errors[100.0] < 15 and errors[1.0] > errors[10.0], errors
+    assert all(step_errors[t] < errors[t] for t in errors), (step_errors, errors)
 
 
 @pytest.mark.parametrize(
@@ -271,14 +303,17 @@ def test_bad_batches_are_refused(setup, batches, message):
 
 def test_the_logs_approximations_against_the_dense_curvature(setup, tmp_path):
     """K-FAC and EK-FAC (the log's factored curvature) and a rank-3 Gaussian projection, against
-    the exact raw curvature at full rank, default damping, temperature 1, on 7 test inputs drawn wider than the
-    training data. Measured, logistic / MLP: the complexities' largest relative error K-FAC 76% /
-    82%, EK-FAC 44% / 73%, rank 3 EK-FAC 103% / 88%; Spearman correlation of the inputs' order by
-    complexity 0.93 / 0.93 (K-FAC), 0.93 / 0.96 (EK-FAC), 0.46 / 0.64 (rank 3). The bounds below
-    hold those with a margin: the factored curvature keeps the ranking, the projection loses much
-    of it at a rank this small."""
+    the exact raw curvature at full rank, default damping, on 7 test inputs drawn wider than the
+    training data, at a temperature where the exact complexities spread out (logistic T = 100:
+    0.02 to 0.59 nats; MLP T = 1000: 0.02 to 0.69; with 60 training examples lower temperatures
+    saturate every input near log 3). Measured, logistic / MLP: the complexities' largest relative
+    error K-FAC 92% / 84%, EK-FAC 68% / 75%, rank 3 EK-FAC 95% / 85%; Spearman correlation of the
+    inputs' order by complexity 0.75 / 0.71 (K-FAC), 0.89 / 0.75 (EK-FAC), 0.82 / 0.96 (rank 3).
+    The bounds below hold those with a margin: the approximations keep much of the ranking and
+    get single complexities wrong by up to about their size on these tiny models."""
     model, log, x, y, x_test = setup
-    batches, t = [(list(range(N_TEST)), x_test)], {"temperature": 1.0}
+    t = {"temperature": 100.0 if isinstance(model, nn.Linear) else 1000.0}
+    batches = [(list(range(N_TEST)), x_test)]
     exact = log.complexity(model, batches, preconditioner="raw", **t).values
     projected_log = logged(tmp_path / "rank3", model, x, y, rank=3, statistics=["ekfac"])
     approximations = {
@@ -286,10 +321,9 @@ def test_the_logs_approximations_against_the_dense_curvature(setup, tmp_path):
         "ekfac": log.complexity(model, batches, preconditioner="ekfac", **t).values,
         "rank 3, ekfac": projected_log.complexity(model, batches, preconditioner="ekfac", **t).values,
     }
-    bounds = {"kfac": (1.0, 0.85), "ekfac": (0.9, 0.85), "rank 3, ekfac": (1.3, 0.35)}  # (error, Spearman)
+    exact_order = torch.argsort(torch.argsort(exact)).double()
     for name, values in approximations.items():
         error = float(((values - exact).abs() / exact).max())
-        assert error <= bounds[name][0], (name, error)
+        assert 0.05 < error <= 1.1, (name, error)  # approximations, not the exact curvature
         order = torch.argsort(torch.argsort(values)).double()
-        exact_order = torch.argsort(torch.argsort(exact)).double()
-        assert float(torch.corrcoef(torch.stack([order, exact_order]))[0, 1]) >= bounds[name][1], name
+        assert float(torch.corrcoef(torch.stack([order, exact_order]))[0, 1]) >= 0.6, name
