@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,12 +109,20 @@ def complexity(
     """
     t = _positive(temperature, "temperature")
     pre = Preconditioner(log, preconditioner, damping, damping_factor, modules, curvature)
-    ids, log_probs, kernels, labels = _kernels(log, model, batches, logits, [pre])
-    gains = hindsight_gains(log_probs, kernels[0], t)
+    ids, log_probs, gains, labels = [], [], [], []
+    for batch_ids, out, (kernels,), batch_labels in _batch_kernels(log, model, batches, logits, [pre]):
+        ids.extend(batch_ids)
+        log_probs.append(out)
+        gains.append(hindsight_gains(out, kernels, t))  # a batch's C x C kernels at a time: memory stays bounded
+        if batch_labels is not None:
+            labels.append(batch_labels)
+    if labels and len(labels) != len(log_probs):
+        raise ConfigError("give labels with every batch or with none")
+    log_probs, gains = torch.cat(log_probs), torch.cat(gains)
     probs, values = pnml(log_probs, gains)
     result = Complexity(values, probs, log_probs.exp(), gains, np.asarray(ids))
-    if labels is not None:
-        result.labels = labels
+    if labels:
+        result.labels = labels = torch.cat(labels)
         joint = (log_probs + gains).gather(1, labels[:, None]).squeeze(1)
         result.code_length = values - joint  # -log p_pNML(label | x), finite where the probability underflows
     return result
@@ -143,22 +151,27 @@ def choose_temperature(
 ) -> tuple[float, float, dict[tuple[float, float], float]]:
     """(temperature, damping_factor, {(temperature, damping_factor): NLL}): the pair whose pNML
     gives the least negative log-likelihood on held-out labelled `batches` ((ids, inputs, labels)
-    each), over the grids given. The logits' rows are taken once (the kernels scale as 1/T; each
-    damping factor preconditions the same rows) and each input keeps a C x C kernel per damping
-    factor: a few hundred examples are enough. Other options: as `complexity`."""
+    each), over the grids given. Each batch's logit rows are taken once for the whole grid (the
+    kernels scale as 1/T; each damping factor preconditions the same rows): a few hundred examples
+    are enough. Other options: as `complexity`."""
     grid = [_positive(t, "temperatures") for t in temperatures]
     factors = [_positive(f, "damping_factors") for f in damping_factors]
     if not grid or not factors:
         raise ConfigError("temperatures and damping_factors each need at least one value")
     pres = [Preconditioner(log, preconditioner, None, f, modules, curvature) for f in factors]
-    _, log_probs, kernels, labels = _kernels(log, model, batches, logits, pres)
-    if labels is None:
-        raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
-    nll = {}
-    for factor, factor_kernels in zip(factors, kernels):
-        for t in grid:
-            joint = log_probs + hindsight_gains(log_probs, factor_kernels, t)
-            nll[(t, factor)] = float((torch.logsumexp(joint, dim=1) - joint.gather(1, labels[:, None])[:, 0]).mean())
+    totals = dict.fromkeys(((t, f) for f in factors for t in grid), 0.0)
+    count = 0
+    for _, out, kernels, labels in _batch_kernels(log, model, batches, logits, pres):
+        if labels is None:
+            raise ConfigError("choose_temperature needs labelled batches: (ids, inputs, labels)")
+        count += len(labels)
+        for factor, factor_kernels in zip(factors, kernels):
+            for t in grid:
+                joint = out + hindsight_gains(out, factor_kernels, t)
+                totals[(t, factor)] += float(
+                    (torch.logsumexp(joint, dim=1) - joint.gather(1, labels[:, None])[:, 0]).sum()
+                )
+    nll = {key: total / count for key, total in totals.items()}
     best_t, best_f = min(nll, key=nll.get)
     if len(grid) > 1 and best_t in (min(grid), max(grid)):
         logger.warning(
@@ -178,33 +191,34 @@ def _positive(value, name: str) -> float:
     return number
 
 
-def _kernels(log, model, batches, logits, pres: list) -> tuple[list, Tensor, list[Tensor], Tensor | None]:
-    """(ids, log-softmax (n, C), per preconditioner the kernels w J (F + lambda I)^{-1} J^T at T = 1
-    (n, C, C), labels or None); logits(model, inputs), or model(inputs) when None."""
+def _batch_kernels(
+    log, model, batches, logits, pres: list
+) -> Iterator[tuple[list, Tensor, list[Tensor], Tensor | None]]:
+    """Per batch: (ids, log-softmax (B, C), per preconditioner the kernels w J (F + lambda I)^{-1} J^T
+    at T = 1 (B, C, C), labels or None); logits(model, inputs), or model(inputs) when None."""
     forward = logits if logits is not None else (lambda m, x: m(x))
     if len(log) == 0:
         raise ConfigError("the log's pass has no rows: IF-COMP weighs the added pair against them")
     weight = 1.0 / len(log)
-    ids, log_probs, labels = [], [], []
-    kernels: list[list[Tensor]] = [[] for _ in pres]
+    seen = 0
     with Frozen(model):
         for batch in batches:
             batch_ids, inputs, batch_labels = _unpack(batch)
             out = _log_softmax(forward, model, inputs)
+            ids = _batch_ids(batch_ids, len(out))
+            labels = None if batch_labels is None else _labels(batch_labels, out.shape)
             rows = _logit_rows(log, model, forward, inputs, *out.shape)  # (C, B, D)
             flat = rows.reshape(-1, rows.shape[-1])
-            for pre, kept in zip(pres, kernels):
+            kernels = []
+            for pre in pres:
                 solved = pre.apply(flat).view(*rows.shape[:2], -1)  # float64
-                kept.append(weight * torch.einsum("kbd,lbd->bkl", pre.columns(flat).double().view_as(solved), solved))
-            ids.extend(_batch_ids(batch_ids, len(out)))
-            log_probs.append(out)
-            if batch_labels is not None:
-                labels.append(_labels(batch_labels, out.shape))
-    if not ids:
+                kernels.append(
+                    weight * torch.einsum("kbd,lbd->bkl", pre.columns(flat).double().view_as(solved), solved)
+                )
+            seen += len(ids)
+            yield ids, out, kernels, labels
+    if not seen:
         raise ConfigError("batches held no inputs")
-    if labels and len(labels) != len(log_probs):
-        raise ConfigError("give labels with every batch or with none")
-    return ids, torch.cat(log_probs), [torch.cat(k) for k in kernels], torch.cat(labels) if labels else None
 
 
 def _unpack(batch) -> tuple:

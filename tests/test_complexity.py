@@ -327,3 +327,11 @@ def test_the_logs_approximations_against_the_dense_curvature(setup, tmp_path):
         assert 0.05 < error <= 1.1, (name, error)  # approximations, not the exact curvature
         order = torch.argsort(torch.argsort(values)).double()
         assert float(torch.corrcoef(torch.stack([order, exact_order]))[0, 1]) >= 0.6, name
+
+
+def test_labels_with_some_batches_only_are_refused(setup):
+    model, log, _, _, x_test = setup
+    mixed = [([0, 1], x_test[:2], torch.tensor([0, 1])), ([2, 3], x_test[2:4])]
+    for batches in (mixed, mixed[::-1]):
+        with pytest.raises(logix.ConfigError, match="give labels with every batch or with none"):
+            log.complexity(model, batches)
