@@ -4,8 +4,9 @@ brute-force proximal pNML it approximates.
 Dense definition (float64): with w = 1/(N T), J the exact per-example gradients of the C logits
 (torch.func) and F the log's curvature built densely from exact training gradients (raw:
 mean_i g_i g_i^T per module, block-diagonal over modules), K = w J (F + lambda I)^{-1} J^T, and
-label c's gain is log softmax(z + K (e_c - p))_c - log p(c | x): the log-probability of c after the
-influence step toward it, read from the logits linearised in the parameters.
+label c's gain is the rise in log p(c | x) when the model linearised in its parameters is refit
+toward (x, c) with the quadratic proximal term: logits z - K r at the minimum over r of
+1/2 r^T K r + CE_c(z - K r) (found here by scipy's BFGS).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 import torch.nn.functional as F
 from conftest import exact_gradients
@@ -77,9 +79,25 @@ def dense_gains(model, x, y, x_test, damping: float, temperature: float) -> torc
     gains = torch.zeros(len(x_test), CLASSES, dtype=torch.float64)
     for i in range(len(x_test)):
         for c in range(CLASSES):
-            moved = z[i] + kernel[i] @ (torch.eye(CLASSES, dtype=torch.float64)[c] - p[i])
-            gains[i, c] = torch.log_softmax(moved, dim=0)[c] - torch.log(p[i, c])
+            logits = refit_logits(z[i].numpy(), kernel[i].numpy(), c)
+            gains[i, c] = torch.log_softmax(torch.from_numpy(logits), dim=0)[c] - torch.log(p[i, c])
     return gains
+
+
+def refit_logits(z: np.ndarray, kernel: np.ndarray, c: int) -> np.ndarray:
+    """The logits z + u after the refit toward label c of the model linearised in its parameters
+    with the quadratic proximal term: u = -K r minimises 1/2 r^T K r + CE_c(z - K r) (scipy's
+    BFGS, independent of logix's Newton steps)."""
+
+    def objective(r):
+        logits = z - kernel @ r
+        q = np.exp(logits - logits.max())
+        q /= q.sum()
+        value = 0.5 * r @ kernel @ r + np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[c]
+        return value, kernel @ (r - q + np.eye(len(z))[c])
+
+    found = scipy.optimize.minimize(objective, np.zeros(len(z)), jac=True, method="BFGS", options={"gtol": 1e-13})
+    return z - kernel @ found.x
 
 
 @pytest.fixture(scope="module", params=["logistic", "mlp"])
@@ -168,19 +186,16 @@ def test_linearised_gains_track_the_brute_force_proximal_pnml():
 
         (1/N) sum_i KL(p_i(theta_hat) || p_i(theta)) + lambda/2 |theta - theta_hat|^2 + w CE(x, c; theta),
 
-    by Newton's method to convergence; the rise in log p(c | x) is the brute-force gain. logix's
-    gain is the first Newton step's (theta_hat - w (G + lambda I)^{-1} g_c, G the exact GGN of the
-    mean training loss; the logits are linear in theta here, so reading them there is exact); its
-    first order is h_c = w g_c^T (G + lambda I)^{-1} g_c. Stated tolerance, on test inputs drawn
-    wider than the training data: the brute force <= logix's step <= the first order everywhere
-    (the refit saturates, the step part of the way); at T = 100 (the pair weighs a hundredth of an
-    example) every gain within 2% and every complexity within 2% for the step, 2.5% for the first
-    order; the error falls in proportion to the weight (T = 10: about 10 times the T = 100 error).
-    At T = 1 the brute-force gains fall up to 75% below the first-order ones and 40% below logix's,
-    and the pNML's label can differ: the linearisation does not hold there. Measured, relative to
-    each approximate gain: logix's step 1.4%, 13%, 40% at T = 100, 10, 1; the first order 2.0%,
-    19%, 75%; the step's complexity is the closer of the two at every temperature (1.4% against
-    2.0% at T = 100, 15% against 25% at T = 10)."""
+    by Newton's method to convergence; the rise in log p(c | x) is the brute-force gain. logix
+    refits the same objective with the KL term replaced by its second order at theta_hat (the
+    exact GGN G; the logits are linear in theta here, so nothing else is approximated); the first
+    order of both is h_c = w g_c^T (G + lambda I)^{-1} g_c. Stated tolerance, on test inputs drawn
+    wider than the training data: every gain, brute-force or logix's, is positive and below the
+    first order (both refits saturate); at T = 100 (the pair weighs a hundredth of an example)
+    logix's gains and complexities are within 1% of the brute force, the first order's within
+    2.5%; the error falls in proportion to the weight; at every temperature logix's complexity is
+    the closer of the two and its largest gain error under half the first order's. At T = 1 the
+    pNML's label can differ: the quadratic no longer stands for the KL there."""
     torch.manual_seed(5)
     x, y, x_test = data(4, seed=6)
     x, x_test = x.double(), x_test.double()
@@ -231,35 +246,34 @@ def test_linearised_gains_track_the_brute_force_proximal_pnml():
         kernels = weight * jac_test @ inverse @ jac_test.transpose(1, 2)
         return hindsight_gains(F.log_softmax(logits(theta_hat, x_test), dim=1), kernels, 1.0)
 
-    errors, step_errors = {}, {}
+    errors, refit_errors = {}, {}
     for temperature in (100.0, 10.0, 1.0):
         weight = 1 / (len(x) * temperature)
         brute = torch.tensor([[brute_gain(xq, c, weight) for c in range(CLASSES)] for xq in x_test])
         linear = torch.tensor([[linear_gain(xq, c, weight) for c in range(CLASSES)] for xq in x_test])
-        step = logix_gains(weight)
+        refit = logix_gains(weight)
         assert bool((brute > 0).all()) and bool((brute <= linear * (1 + 1e-6)).all()), (brute, linear)  # saturates
-        # logix's step saturates too, part of the way: between the brute force and the first order
-        assert bool((brute <= step + 1e-9).all()) and bool((step <= linear + 1e-9).all()), (brute, step, linear)
+        assert bool((refit >= 0).all()) and bool((refit <= linear + 1e-9).all()), (refit, linear)  # saturates too
         seen = linear > 1e-8  # gains below that are round-off in the refit
-        errors[temperature] = float(((linear - brute).abs() / linear)[seen].max())
-        step_errors[temperature] = float(((step - brute).abs() / step)[seen].max())
+        errors[temperature] = float(((linear - brute).abs() / brute)[seen].max())
+        refit_errors[temperature] = float(((refit - brute).abs() / brute)[seen].max())
         log_softmax = F.log_softmax(logits(theta_hat, x_test), dim=1)
         brute_probs, brute_complexity = pnml(log_softmax, brute)
         linear_probs, linear_complexity = pnml(log_softmax, linear)
-        step_probs, step_complexity = pnml(log_softmax, step)
+        refit_probs, refit_complexity = pnml(log_softmax, refit)
         if temperature >= 10:  # where the linearisation holds, the pNML picks the same label
-            assert torch.equal(brute_probs.argmax(dim=1), step_probs.argmax(dim=1)), temperature
+            assert torch.equal(brute_probs.argmax(dim=1), refit_probs.argmax(dim=1)), temperature
             assert torch.equal(brute_probs.argmax(dim=1), linear_probs.argmax(dim=1)), temperature
         if temperature == 100:
-            assert bool(((step_complexity - brute_complexity).abs() <= 0.02 * brute_complexity).all())
+            assert bool(((refit_complexity - brute_complexity).abs() <= 0.01 * brute_complexity).all())
             assert bool(((linear_complexity - brute_complexity).abs() <= 0.025 * brute_complexity).all())
-        # the step's complexity is never further from the brute force than the first order's
-        assert bool(((step_complexity - brute_complexity).abs() <= (linear_complexity - brute_complexity).abs()).all())
-    # the error shrinks in proportion to the added weight (measured, first order: 2.0%, 19%, 75%;
-    # logix's step: 1.4%, 13%, 40%)
-    assert step_errors[100.0] <= 0.02 and errors[100.0] <= 0.025, (step_errors, errors)
+        # logix's complexity is never further from the brute force than the first order's
+        assert bool(((refit_complexity - brute_complexity).abs() <= (linear_complexity - brute_complexity).abs()).all())
+    # the errors shrink in proportion to the added weight (measured, relative to the brute force:
+    # logix 0.74%, 7.7%, 50% at T = 100, 10, 1; the first order 2.1%, 23%, 290%)
+    assert refit_errors[100.0] <= 0.01 and errors[100.0] <= 0.025, (refit_errors, errors)
     assert 5 < errors[10.0] / errors[100.0] < 15 and errors[1.0] > errors[10.0], errors
-    assert all(step_errors[t] < errors[t] for t in errors), (step_errors, errors)
+    assert all(refit_errors[t] < errors[t] / 2 for t in errors), (refit_errors, errors)
 
 
 @pytest.mark.parametrize(
@@ -305,11 +319,11 @@ def test_the_logs_approximations_against_the_dense_curvature(setup, tmp_path):
     """K-FAC and EK-FAC (the log's factored curvature) and a rank-3 Gaussian projection, against
     the exact raw curvature at full rank, default damping, on 7 test inputs drawn wider than the
     training data, at a temperature where the exact complexities spread out (logistic T = 100:
-    0.02 to 0.59 nats; MLP T = 1000: 0.02 to 0.69; with 60 training examples lower temperatures
-    saturate every input near log 3). Measured, logistic / MLP: the complexities' largest relative
-    error K-FAC 92% / 84%, EK-FAC 68% / 75%, rank 3 EK-FAC 95% / 85%; Spearman correlation of the
-    inputs' order by complexity 0.75 / 0.71 (K-FAC), 0.89 / 0.75 (EK-FAC), 0.82 / 0.96 (rank 3).
-    The bounds below hold those with a margin: the approximations keep much of the ranking and
+    0.02 to 0.34 nats; MLP T = 1000: 0.02 to 0.54; with 60 training examples lower temperatures
+    bring every input near log 3). Measured, logistic / MLP: the complexities' largest relative
+    error K-FAC 89% / 81%, EK-FAC 64% / 71%, rank 3 EK-FAC 94% / 82%; Spearman correlation of the
+    inputs' order by complexity 0.86 / 0.64 (K-FAC), 0.96 / 0.71 (EK-FAC), 0.50 / 0.96 (rank 3).
+    The bounds below hold those with a margin: the approximations keep part of the ranking and
     get single complexities wrong by up to about their size on these tiny models."""
     model, log, x, y, x_test = setup
     t = {"temperature": 100.0 if isinstance(model, nn.Linear) else 1000.0}
@@ -326,7 +340,7 @@ def test_the_logs_approximations_against_the_dense_curvature(setup, tmp_path):
         error = float(((values - exact).abs() / exact).max())
         assert 0.05 < error <= 1.1, (name, error)  # approximations, not the exact curvature
         order = torch.argsort(torch.argsort(values)).double()
-        assert float(torch.corrcoef(torch.stack([order, exact_order]))[0, 1]) >= 0.6, name
+        assert float(torch.corrcoef(torch.stack([order, exact_order]))[0, 1]) >= 0.4, name
 
 
 def test_labels_with_some_batches_only_are_refused(setup):
