@@ -349,3 +349,27 @@ def test_labels_with_some_batches_only_are_refused(setup):
     for batches in (mixed, mixed[::-1]):
         with pytest.raises(logix.ConfigError, match="give labels with every batch or with none"):
             log.complexity(model, batches)
+
+
+def test_the_refit_stays_between_zero_and_the_first_order_and_solves_its_problem():
+    """Random kernels, singular ones and ones that move the logits far (T = 0.01), where a
+    single step would overshoot and Newton's method needs its halving steps: every gain lies in
+    [0, first order], and matches scipy's refit of the same problem."""
+    from logix.complexity import hindsight_gains
+
+    generator = torch.Generator().manual_seed(11)
+    for trial in range(12):
+        classes, width = 2 + trial % 4, 1 + trial % 5  # width < classes: a singular kernel
+        jac = torch.randn(6, classes, width, generator=generator, dtype=torch.float64) * 2
+        kernels = jac @ jac.transpose(1, 2)
+        z = torch.log_softmax(torch.randn(6, classes, generator=generator, dtype=torch.float64) * 3, dim=1)
+        for temperature in (0.01, 1.0, 100.0):
+            gains = hindsight_gains(z, kernels, temperature)
+            moves = torch.eye(classes, dtype=torch.float64)[None] - z.exp()[:, None, :]  # (n, c, C): e_c - p
+            first = torch.einsum("ncd,nde,nce->nc", moves, kernels / temperature, moves)
+            assert bool((gains >= 0).all()) and bool((gains <= first + 1e-9).all()), (trial, temperature)
+            for i in range(2):
+                for c in range(classes):
+                    logits = refit_logits(z[i].numpy(), (kernels[i] / temperature).numpy(), c)
+                    want = float(torch.log_softmax(torch.from_numpy(logits), dim=0)[c] - z[i, c])
+                    assert gains[i, c].item() == pytest.approx(want, rel=1e-5, abs=1e-8), (trial, temperature, i, c)
