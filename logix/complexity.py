@@ -157,8 +157,9 @@ def _refit_gains(z: Tensor, kernels: Tensor) -> Tensor:
     for _ in range(NEWTON_STEPS):
         q = torch.softmax(z - (k @ r[..., None])[..., 0], dim=-1)
         residual = r - q + e
-        hess = torch.diag_embed(q) - q[..., :, None] * q[..., None, :]
-        step = torch.linalg.solve(eye + hess @ k, residual[..., None])[..., 0]
+        kq = (k @ q[..., None])[..., 0]  # K q (K is symmetric: also q^T K)
+        hess_k = q[..., :, None] * (k - kq[..., None, :])  # (diag q - q q^T) K without a C^3 product
+        step = torch.linalg.solve(eye + hess_k, residual[..., None])[..., 0]
         size = torch.ones(n, classes, 1, dtype=z.dtype, device=z.device)
         for _ in range(30):  # halve where the objective did not go down (convex: a step always exists)
             trial = r - size * step
