@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--commit", type=float, default=0.01, help="seconds between the writer's commits")
     parser.add_argument("--max-delay", type=float, default=4.0, help="longest wait between a start and its kill")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the logs (their folder is printed) to inspect them")
     args = parser.parse_args(argv)
     kills_wanted = 2 if args.smoke else 10 if args.quick else args.kills
     if args.smoke:
@@ -63,6 +65,15 @@ def main(argv=None) -> None:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="logix-kill-loop-"))
+    try:
+        _loop(args, kills_wanted, seed, rng, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _loop(args, kills_wanted: int, seed: int, rng: random.Random, work: Path) -> None:
+    """Kill the job again and again; check the committed rows after each kill; print the table."""
     print(f"seed {seed}; {kills_wanted} kills of a job logging {args.ids} ids in batches of {args.batch}; {work}")
 
     subprocess.run(job(work / "reference", args), check=True, capture_output=True)
