@@ -349,6 +349,11 @@ def _tracin(log, names, model, queries, load, models, preconditioner, damping, d
     return values, query_ids, train_ids
 
 
+def _capped(lam: Tensor, eta: float, m: float) -> Tensor:
+    """Eigenvalues clamped to [0, (1 + m) / eta] (see segment_powers); uncapped above for eta = 0, a warm-up's start."""
+    return lam.clamp(min=0.0, max=(1.0 + m) / eta if eta > 0 else None)
+
+
 def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
     """(P, S), each (n, 2, 2): P = (M^T)^K and S = sum_{j<K} (M^T)^j for each eigenvalue lam of H.
 
@@ -359,7 +364,7 @@ def segment_powers(lam: Tensor, segment: Segment) -> tuple[Tensor, Tensor]:
     would blow up) is taken as 1 + m: that direction is settled within a step or two either way.
     """
     eta, m = segment.lr, segment.momentum
-    lam = lam.reshape(-1).double().clamp(min=0.0, max=(1.0 + m) / eta if eta > 0 else None)  # eta 0: a warm-up's start
+    lam = _capped(lam.reshape(-1).double(), eta, m)
     step = torch.zeros(len(lam), 2, 2, dtype=torch.float64)
     step[:, 0, 0], step[:, 0, 1], step[:, 1, 0], step[:, 1, 1] = 1 - eta * lam, lam, -eta * m, m
     eye = torch.eye(2, dtype=torch.float64).expand(len(lam), 2, 2)
@@ -420,9 +425,9 @@ def _through_runs(lam: Tensor, a: Tensor, b: Tensor, runs: list[Segment]) -> tup
         run = runs[r]
         if run.steps == 1 and run.uses == 1:  # one step: the side just after it, then the step's transpose
             eta, m = run.lr, run.momentum
-            capped = lam.clamp(min=0.0, max=(1.0 + m) / eta if eta > 0 else None)
+            step_lam = _capped(lam, eta, m)
             scored[r] = eta * a - b
-            a, b = a - eta * capped * a + capped * b, m * (b - eta * a)
+            a, b = a - eta * step_lam * a + step_lam * b, m * (b - eta * a)
             continue
         power, total = segment_powers(lam, run)
         mean_theta = total[:, 0, 0] * a + total[:, 0, 1] * b

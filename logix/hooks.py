@@ -249,6 +249,7 @@ class Collector:
         self._parts = RowParts(sum(w.width for w in watched))
         self._device = None  # where the first group was processed
         self._handles: list = []
+        self._checked_batch: int | None = None  # batch() after its checks, until more calls are processed
         self._active = False
 
     def __enter__(self) -> Collector:
@@ -342,6 +343,7 @@ class Collector:
         finished, self._finished, self._finished_elements = self._finished, [], 0
         if not finished:
             return
+        self._checked_batch = None
         device_type = finished[0].acts.device.type
         with torch.no_grad(), _explicit_dtypes(_autocast_dtype(device_type), device_type):
             for calls in group_calls(finished):
@@ -401,6 +403,8 @@ class Collector:
         """The capture's batch size, once every call is processed; raises CaptureError where the
         block did not capture what it should have."""
         self._process()
+        if self._checked_batch is not None:  # Capture asks, then rows() asks again: check once
+            return self._checked_batch
         if self.without_grad:
             raise CaptureError(
                 f"watched modules {sorted(self.without_grad)} ran with gradients enabled but their outputs need no "
@@ -438,6 +442,7 @@ class Collector:
                 "position_ids are not passed) has no per-example gradient: exclude it from watch(), or give it "
                 "batched inputs; the batch must be the first dimension of every watched module's input"
             )
+        self._checked_batch = batch
         return batch
 
 
