@@ -19,8 +19,13 @@ For each workload and rank, on one freshly built model and optimizer (AdamW), al
      captured steps back to back, alternating which arm goes first. A captured round is timed
      until its rows are written and committed (run.flush(); run.finalize() after the last
      round), so the background writer overlaps training as it would in a real run and the time
-     to drain it is counted. "total ratio" = all captured time / all plain time. The log is then
-     read back with logix.open to check that every row was committed and to get the row width D.
+     to drain it is counted. A round lasts at least --round-seconds of plain training (default
+     1 s, the writer's commit interval), so the commit that ends each round comes about as often
+     as in a real run, which commits at most once a second (shorter rounds count a commit, about
+     7 ms on a CPU, many times a second); rounds stop short of that once they would write
+     ROUND_BYTES of rows (the large ranks are bound by the disk, and a second of them is GBs).
+     "total ratio" = all captured time / all plain time. The log is then read back with
+     logix.open to check that every row was committed and to get the row width D.
      Peak extra memory = median over captured rounds of the peak during the round minus the same
      over plain rounds (CPU: resident set size, VmHWM from /proc/self/status, reset through
      malloc_trim and /proc/self/clear_refs before each round, i.e. growth of the process's resident
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import shlex
@@ -284,6 +290,7 @@ class Result:
     drained: list[float] = field(default_factory=list)
     block_plain: float = 0.0
     block_capt: float = 0.0  # captured rounds, each until its rows are committed
+    block_rounds: int = 0
     block_steps: int = 0
     finalize: float = 0.0
     rows: int = 0
@@ -335,6 +342,9 @@ class Bench:
         return time.perf_counter() - t
 
 
+ROUND_BYTES = 256 << 20  # rows one block-phase round may write, at most (unless --steps asks for more)
+
+
 def write_rate(tmp: Path, width: int, dtype: str, batch: int, total: int = 128 << 20) -> float:
     """Bytes/s at which logix's segment writer stores batches of such rows here, with nothing else
     running (checksums included, one commit at the end): the disk side of the physical bound."""
@@ -370,8 +380,7 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     pool = wl.batches
     memory = PeakMemory(device)
 
-    for i in range(args.warmup):
-        bench.plain(pool[i % len(pool)])
+    warm_times = [bench.timed(bench.plain, pool[i % len(pool)]) for i in range(args.warmup)]
     if args.compile:  # graphs are compiled for captured steps too (hooks break them): not timed
         warm = bench.new_run(rank, args.dtype, args.statistics)
         for i in range(args.warmup):
@@ -382,6 +391,9 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
     #    each captured round ends with the writer drained (flush; finalize after the last one).
     run = bench.new_run(rank, args.dtype, args.statistics)
     rounds, m = args.rounds, max(1, steps // args.rounds)
+    if warm_times:  # each round about as long as a commit interval of plain training, at least
+        step_bytes = batch * sum(w.width for w in run.watched) * getattr(torch, args.dtype).itemsize
+        m = max(m, min(math.ceil(args.round_seconds / min(warm_times)), ROUND_BYTES // step_bytes))
     peaks = {"plain": [], "capt": []}
     for k in range(rounds):
         for arm in ("plain", "capt") if k % 2 == 0 else ("capt", "plain"):
@@ -408,7 +420,7 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
             res.finalize = time.perf_counter() - t_fin
             peaks["capt"].append(memory.peak())
     res.peak_extra = statistics.median(peaks["capt"]) - statistics.median(peaks["plain"])
-    res.block_steps = rounds * m
+    res.block_steps, res.block_rounds = rounds * m, rounds
     log = logix.open(run.path)
     res.width = log.width
     res.bytes_per_row = log.width * getattr(torch, log.config.dtype).itemsize
@@ -527,7 +539,8 @@ def details(results: list[Result]) -> str:
             f"{r.model} b{r.batch} r{r.rank}: {len(r.plain)} interleaved reps, ratio of medians capt/plain "
             f"{med_ms(r.capt) / med_ms(r.plain):.3f} (+drain {med_ms(r.drained) / med_ms(r.plain):.3f}); "
             f"IQR ms plain {iqr_ms(r.plain)}, "
-            f"capt {iqr_ms(r.capt)}, +drain {iqr_ms(r.drained)}; block phase {r.block_steps} steps per arm: "
+            f"capt {iqr_ms(r.capt)}, +drain {iqr_ms(r.drained)}; block phase {r.block_steps} steps per arm "
+            f"in {r.block_rounds} rounds: "
             f"plain {r.block_plain:.2f} s, captured+drain {r.block_capt:.2f} s "
             f"(finalize {r.finalize * 1e3:.1f} ms), {r.rows} rows committed; "
             f"segment writer alone {r.write_rate / 1e6:.0f} MB/s"
@@ -599,6 +612,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds in the block phase")
     parser.add_argument(
+        "--round-seconds",
+        type=float,
+        default=None,
+        help="least plain-training time per block-phase round, each ending with a commit (default 1, the writer's "
+        "commit interval; --quick 0.5, --smoke 0)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; --smoke: 1)"
     )
     parser.add_argument(
@@ -623,6 +643,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup is None:
         args.warmup = 1 if args.smoke else 2 if args.quick else 3
     args.rounds = args.rounds or (2 if args.smoke else 3 if args.quick else 10)
+    if args.round_seconds is None:
+        args.round_seconds = 0.0 if args.smoke else 0.5 if args.quick else 1.0
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
