@@ -54,12 +54,14 @@ import argparse
 import contextlib
 import math
 import os
+import queue
 import random
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +292,7 @@ class Result:
     drained: list[float] = field(default_factory=list)
     block_plain: float = 0.0
     block_capt: float = 0.0  # captured rounds, each until its rows are committed
+    block_floor: float = 0.0  # plain rounds with a raw writer of the same bytes (RawWriter)
     block_rounds: int = 0
     block_steps: int = 0
     finalize: float = 0.0
@@ -342,6 +345,53 @@ class Bench:
         return time.perf_counter() - t
 
 
+class RawWriter:
+    """The least a logger that stores every row costs training here, measured: a thread that wakes
+    every 20 ms (as logix's writer does) and appends the bytes of the steps queued since, raw, to
+    one file: no HDF5, no checksums, ids or commits, no copy (one host buffer, as if the rows were
+    already there). On 2 cores it takes CPU from training as any writer does (its write calls
+    release the GIL; the kernel's page-cache work is charged to it). The rows' device-to-host copy
+    is left out on a GPU."""
+
+    def __init__(self, path: Path, step_bytes: int):
+        self.path = path
+        self.buffer = np.zeros(step_bytes, dtype=np.uint8)
+        self.queue: queue.Queue = queue.Queue()
+        self.wake = threading.Event()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def put(self) -> None:
+        self.queue.put(self.buffer)
+
+    def drain(self) -> None:
+        self.wake.set()
+        self.queue.join()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.wake.set()
+        self.thread.join()
+        os.close(self.fd)
+        self.path.unlink()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(0.02)
+            self.wake.clear()
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    os.write(self.fd, item)
+                self.queue.task_done()
+                if item is None:
+                    return
+
+
 ROUND_BYTES = 256 << 20  # rows one block-phase round may write, at most (unless --steps asks for more)
 
 
@@ -387,38 +437,46 @@ def bench_config(name, batch, seq, rank, args, tmp: Path) -> Result:
             bench.captured(warm, pool[i % len(pool)])
         warm.finalize()
 
-    # 1. block phase: rounds of m plain steps and m captured steps, alternating which goes first;
+    # 1. block phase: rounds of m plain, m captured and m floor steps, in an order that rotates;
     #    each captured round ends with the writer drained (flush; finalize after the last one).
     run = bench.new_run(rank, args.dtype, args.statistics)
+    step_bytes = batch * sum(w.width for w in run.watched) * getattr(torch, args.dtype).itemsize
     rounds, m = args.rounds, max(1, steps // args.rounds)
     if warm_times:  # each round about as long as a commit interval of plain training, at least
-        step_bytes = batch * sum(w.width for w in run.watched) * getattr(torch, args.dtype).itemsize
         m = max(m, min(math.ceil(args.round_seconds / min(warm_times)), ROUND_BYTES // step_bytes))
+    floor = RawWriter(tmp / f"floor-{name}-{batch}-{rank}.bin", step_bytes)
     peaks = {"plain": [], "capt": []}
     for k in range(rounds):
-        for arm in ("plain", "capt") if k % 2 == 0 else ("capt", "plain"):
+        arms = ("plain", "capt", "floor")
+        for arm in arms[k % 3 :] + arms[: k % 3]:
             memory.reset()
             sync(device)
             t = time.perf_counter()
             for i in range(m):
                 b = pool[(k * m + i) % len(pool)]
-                if arm == "plain":
-                    bench.plain(b)
-                else:
+                if arm == "capt":
                     bench.captured(run, b)
+                else:
+                    bench.plain(b)
+                    if arm == "floor":
+                        floor.put()
             sync(device)
-            if arm == "plain":
+            if arm == "floor":
+                floor.drain()
+                res.block_floor += time.perf_counter() - t
+            elif arm == "plain":
                 res.block_plain += time.perf_counter() - t
                 peaks["plain"].append(memory.peak())
-                continue
-            t_fin = time.perf_counter()
-            if k == rounds - 1:
-                run.finalize()
             else:
-                run.flush()
-            res.block_capt += time.perf_counter() - t
-            res.finalize = time.perf_counter() - t_fin
-            peaks["capt"].append(memory.peak())
+                t_fin = time.perf_counter()
+                if k == rounds - 1:
+                    run.finalize()
+                else:
+                    run.flush()
+                res.block_capt += time.perf_counter() - t
+                res.finalize = time.perf_counter() - t_fin
+                peaks["capt"].append(memory.peak())
+    floor.close()
     res.peak_extra = statistics.median(peaks["capt"]) - statistics.median(peaks["plain"])
     res.block_steps, res.block_rounds = rounds * m, rounds
     log = logix.open(run.path)
@@ -495,6 +553,7 @@ def table(results: list[Result]) -> str:
         "ratio",
         "ratio+drain",
         "total ratio",
+        "write floor",
         "disk bound",
         "rows/s",
         "peak extra MB",
@@ -518,6 +577,7 @@ def table(results: list[Result]) -> str:
                 f"{paired(r.capt, r.plain):.3f}",
                 f"{paired(r.drained, r.plain):.3f}",
                 f"{r.block_capt / r.block_plain:.3f}",
+                f"{r.block_floor / r.block_plain:.3f}",
                 f"{disk_bound(r):.2f}",
                 f"{r.rows / r.block_capt:.0f}",
                 f"{r.peak_extra / 2**20:.1f}",
@@ -682,7 +742,9 @@ def main(argv: list[str] | None = None) -> None:
         "batch is written and committed; ms columns: medians per arm (interleaved phase); ratio(s): median over\n"
         "repetitions of capt / plain in the same repetition; total ratio: captured rounds (until committed, finalize\n"
         "included) / plain rounds (block phase); rows/s: rows committed per second of captured training in the block\n"
-        "phase; disk bound: the least total ratio a logger that stores every row could reach here, max(1, time to\n"
+        "phase; write floor: plain rounds beside a thread appending the same bytes raw to a file (RawWriter) /\n"
+        "plain rounds, the least a writer of these rows costs training on this machine; disk bound: the least total\n"
+        "ratio a logger that stores every row could reach here if writing took no CPU from training, max(1, time to\n"
         "write one step's rows at the rate logix's segment writer alone reaches on this disk / plain step);\n"
         "peak extra MB: see the line at the top."
     )
