@@ -358,6 +358,7 @@ class RawWriter:
         self.buffer = np.zeros(step_bytes, dtype=np.uint8)
         self.queue: queue.Queue = queue.Queue()
         self.wake = threading.Event()
+        self.error: OSError | None = None
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -368,6 +369,8 @@ class RawWriter:
     def drain(self) -> None:
         self.wake.set()
         self.queue.join()
+        if self.error is not None:
+            raise SystemExit(f"the write-floor arm could not write {self.path}: {self.error}")
 
     def close(self) -> None:
         self.queue.put(None)
@@ -385,8 +388,11 @@ class RawWriter:
                     item = self.queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
-                    os.write(self.fd, item)
+                if item is not None and self.error is None:  # after a failure: drained, not written
+                    try:
+                        os.write(self.fd, item)
+                    except OSError as e:  # a full disk, say: reported at the next drain
+                        self.error = e
                 self.queue.task_done()
                 if item is None:
                     return
