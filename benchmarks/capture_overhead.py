@@ -15,8 +15,9 @@ Two workloads, both built from code with random weights (nothing is downloaded):
         scale=1/num_label_tokens.
 
 For each workload and rank, on one freshly built model and optimizer (AdamW), all in one process:
-  1. block phase ("total ratio", rows/s, memory): rounds of m plain steps back to back and m
-     captured steps back to back, alternating which arm goes first. A captured round is timed
+  1. block phase ("total ratio", "write floor", rows/s, memory): rounds of m plain steps back to
+     back, m captured steps back to back and m plain steps beside a thread writing the same bytes
+     raw (RawWriter, the write floor), the order rotating between rounds. A captured round is timed
      until its rows are written and committed (run.flush(); run.finalize() after the last
      round), so the background writer overlaps training as it would in a real run and the time
      to drain it is counted. A round lasts at least --round-seconds of plain training (default
