@@ -199,7 +199,10 @@ class RowParts:
                 torch.mul(grads.transpose(-1, -2), first, out=out)
             else:  # (E, B, k_out, k_in) products
                 out = rows[:, start:stop].view(batch, *first.shape[:1], *first.shape[2:]).transpose(0, 1)
-                out.copy_(first) if _is_one(divisor) else torch.div(first, divisor, out=out)
+                if _is_one(divisor):
+                    out.copy_(first)
+                else:
+                    torch.div(first, divisor, out=out)
             at = stop
         if at < self.width:
             rows[:, at:].zero_()
