@@ -113,8 +113,8 @@ def _project(xs: list[Tensor], weight, bias, weight_2d, bias_2d, dtype, append_o
     x = xs[0]
     e, b, d = len(xs), x.shape[0], x.shape[-1]
     flat = x.reshape(-1, d) if e == 1 else torch.stack(xs).reshape(e, -1, d)
-    if weight is None:  # full rank
-        out = flat.float()
+    if weight is None:  # full rank; a copy, never the caller's tensor, which PendingRows may outlive
+        out = flat.float() if e > 1 or append_one else flat.to(FLOAT32, copy=True)
         if append_one:
             out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
     else:
@@ -175,18 +175,19 @@ class RowParts:
             self.parts.append((plan, products(acts, grads), None))
 
     @torch.no_grad()
-    def assemble(self, batch: int, device, divisor: float | Tensor = 1.0) -> Tensor:
-        """(B, width) float32 rows divided by `divisor` (a number or a 0-d tensor)."""
+    def assemble(self, batch: int, device, divisor: float | Tensor = 1.0, out: Tensor | None = None) -> Tensor:
+        """(B, width) float32 rows divided by `divisor` (a number or a 0-d tensor), written into `out`
+        when given (a float32 (B, width) tensor, such as a view of the writer's staging block)."""
         runs = [(plan.run.start, plan.run.stop, i) for i, (plan, _, _) in enumerate(self.parts) if plan.run is not None]
         runs.sort()
         tiled = len(runs) == len(self.parts) and all(a[1] <= b[0] for a, b in zip(runs, runs[1:]))
         if not tiled:
-            rows = torch.zeros(batch, self.width, device=device)
+            rows = torch.zeros(batch, self.width, device=device) if out is None else out.zero_()
             for plan, first, second in self.parts:
                 blocks = products(first, second) if second is not None else first
                 rows.index_add_(1, plan.index.to(device), blocks.transpose(0, 1).reshape(batch, -1).to(device))
             return rows if _is_one(divisor) else rows.div_(divisor)
-        rows = torch.empty(batch, self.width, device=device)
+        rows = torch.empty(batch, self.width, device=device) if out is None else out
         at = 0
         for start, stop, i in runs:
             if start > at:
@@ -207,6 +208,49 @@ class RowParts:
         if at < self.width:
             rows[:, at:].zero_()
         return rows
+
+
+class PendingRows:
+    """A captured batch's rows before they are formed: its RowParts, batch, device and loss factor.
+
+    Forming the rows is the one part of a capture whose cost grows with the row width on the
+    training thread (on a CPU, an MLP's products took 8% of its plain step, the rows having left
+    the cache by then); a CPU writer thread forms them instead, straight into the block it writes
+    (`fill`), so the training thread only projects. What it holds is the capture's own tensors
+    (projections, products and copies; at full rank also the backward's output gradients, which
+    nothing changes afterwards), never a tensor of the model's or the user's, so they cannot change
+    before the rows are formed. `select` leaves examples out; `assemble` forms the rows here and now."""
+
+    def __init__(self, parts: RowParts, batch: int, device, divisor: float | Tensor, keep: Tensor | None = None):
+        self.parts, self.batch, self.device, self.divisor, self.keep = parts, batch, device, divisor, keep
+        self.dtype = FLOAT32  # what `fill` writes; the writer stores rows in its own dtype
+        self.shape = (batch if keep is None else len(keep), parts.width)
+        self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def select(self, keep: list[bool]) -> PendingRows:
+        """These rows with only the examples whose `keep` is True."""
+        index = torch.tensor(keep, dtype=torch.bool).nonzero().flatten()
+        if self.keep is not None:
+            index = self.keep[index]
+        return PendingRows(self.parts, self.batch, self.device, self.divisor, index)
+
+    def stored_as(self, dtype: torch.dtype) -> PendingRows:
+        """The same rows, to be filled in `dtype` (the log's storage dtype)."""
+        rows = PendingRows(self.parts, self.batch, self.device, self.divisor, self.keep)
+        rows.dtype, rows.nbytes = dtype, rows.shape[0] * rows.shape[1] * dtype.itemsize
+        return rows
+
+    def assemble(self, out: Tensor | None = None) -> Tensor:
+        """(B, width) float32 rows on the capture's device, formed now (into `out`, if given)."""
+        if self.keep is None and (out is None or out.dtype is FLOAT32):
+            return self.parts.assemble(self.batch, self.device, self.divisor, out)
+        rows = self.parts.assemble(self.batch, self.device, self.divisor)
+        rows = rows if self.keep is None else rows[self.keep.to(rows.device)]
+        return rows if out is None else out.copy_(rows)
+
+    def fill(self, out) -> None:
+        """Form the rows into `out`, a host array of shape `shape` (numpy, float32 or float16)."""
+        self.assemble(torch.from_numpy(out))
 
 
 def _is_one(divisor) -> bool:

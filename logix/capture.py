@@ -153,9 +153,10 @@ class Capture:
 
     check(ids) runs before the forward: it raises to refuse the batch, or returns None or a list of
     booleans, one per example, False for examples to leave out of the rows and the statistics (ids
-    already logged). accept(ids, rows, factor) gets the (B, D) float32 rows of own-loss gradients
-    after a clean exit (rows of left-out examples are zero); discard() is called when the block
-    raised or the batch was refused after the backward.
+    already logged). accept(ids, rows, factor) gets the (B, D) rows of own-loss gradients after a
+    clean exit, as PendingRows (logix.call_groups: formed when the owner asks, so a writer thread
+    can form them off the training thread; rows of left-out examples are zero); discard() is called
+    when the block raised or the batch was refused after the backward.
     """
 
     def __init__(
@@ -210,7 +211,7 @@ class Capture:
                     f"{len(self.ids)} ids were given but the watched modules saw a batch of {batch} examples"
                 )
             factor = self._loss_factor(batch)
-            rows = self.collector.rows(factor)
+            rows = self.collector.pending_rows(factor)
         except BaseException:
             self._discard()
             raise

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .call_groups import DEFER_NUMEL, FLUSH_ELEMENTS, Call, RowParts, group_calls, plan_for, stacked_sides
+from .call_groups import (
+    DEFER_NUMEL,
+    FLUSH_ELEMENTS,
+    Call,
+    PendingRows,
+    RowParts,
+    group_calls,
+    plan_for,
+    stacked_sides,
+)
 from .errors import CaptureError, ConfigError
 from .kinds import Kind, kind_of
 
@@ -394,10 +403,14 @@ class Collector:
         """(B, D) float32 rows: each module's block flattened row-major (k_out, k_in), at its offset,
         divided by `divisor` (the loss factor: folded into the products, cheaper than a pass over
         the rows afterwards)."""
+        return self.pending_rows(divisor).assemble()
+
+    def pending_rows(self, divisor: float | Tensor = 1.0) -> PendingRows:
+        """The rows of `rows(divisor)`, to be formed later (by the writer thread, on a CPU)."""
         batch = self.batch()
-        if not self.keep_rows:
-            return torch.zeros(batch, 0, device=self._device)
-        return self._parts.assemble(batch, self._device, divisor)
+        parts = self._parts if self.keep_rows else RowParts(0)
+        self._parts = RowParts(self._parts.width)  # handed over: this collector no longer adds to them
+        return PendingRows(parts, batch, self._device, divisor)
 
     def batch(self) -> int:
         """The capture's batch size, once every call is processed; raises CaptureError where the
@@ -424,9 +437,7 @@ class Collector:
         if self._mixed:
             name, (a, b) = next(iter(self._mixed.items()))
             a, b = sorted((a, b))
-            raise CaptureError(
-                f"module {name!r} was called on batches of different sizes ({a} and {b}) in one capture"
-            )
+            raise CaptureError(f"module {name!r} was called on batches of different sizes ({a} and {b}) in one capture")
         if self.mask is not None and self.masked_calls == 0:
             raise CaptureError(
                 f"the mask of shape {tuple(self.mask.shape)} matches no watched module's (batch, positions); "

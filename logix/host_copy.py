@@ -1,5 +1,6 @@
-"""Rows on their way to the writer: cast to the stored dtype and, on CUDA, flagged where not finite
-and copied into pinned host memory on a side stream so the copy overlaps the next step's kernels."""
+"""Rows on their way to the writer: on a CPU, still to be formed (by the writer thread); on CUDA,
+formed, cast to the stored dtype, flagged where not finite and copied into pinned host memory on a
+side stream so the copy overlaps the next step's kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .call_groups import PendingRows
 from .disk.writer import Batch, nonfinite_flags
 
 
@@ -18,13 +20,17 @@ class HostCopies:
         self.dtype = torch.float16 if dtype == "float16" else torch.float32
         self.streams: dict = {}  # CUDA device -> the side stream that copies rows to the host
 
-    def batch(self, ids: list, rows: Tensor, step: int) -> Batch:
-        """Rows on the host, in the stored dtype. On a CPU, the writer thread flags the non-finite
-        rows (off the training thread); on an accelerator they are flagged there, before the copy."""
+    def batch(self, ids: list, pending: PendingRows, step: int) -> Batch:
+        """Rows for the writer, in the stored dtype. On a CPU, the writer thread forms them and flags
+        the non-finite ones (off the training thread); on an accelerator they are formed and flagged
+        there, then copied."""
+        if pending.device is None or pending.device.type == "cpu":
+            return Batch(ids=ids, grads=pending.stored_as(self.dtype), flags=None, step=step)
+        rows = pending.assemble()
         if rows.dtype is not self.dtype:
             rows = rows.to(self.dtype)
-        if rows.device.type != "cuda":
-            return Batch(ids=ids, grads=rows, flags=None, step=step)
+        if rows.device.type != "cuda":  # another accelerator: a plain copy, flagged by the writer
+            return Batch(ids=ids, grads=rows.cpu(), flags=None, step=step)
         flags = nonfinite_flags(rows)  # after the cast: overflow too
         rows, flags, ready = self._copy(rows, flags)
         return Batch(ids=ids, grads=rows, flags=flags, step=step, ready=ready)

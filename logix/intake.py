@@ -8,9 +8,9 @@ Capture (logix.capture) calls `check` and `accept`; the Run only says which pass
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from .call_groups import PendingRows
 from .distributed import World
 from .errors import CaptureError, ConfigError
 from .log_directory import LogDirectory
@@ -66,14 +66,14 @@ class PassIntake:
         self._keep = self.ids.check(ids, self.world.gather(ids))
         return self._keep
 
-    def accept(self, ids: list, rows: Tensor, factor: float | Tensor, step: int | None) -> None:
-        """Queue a captured batch's rows, leaving out the examples `check` skipped; `step` was
-        checked (check_step) before the capture began."""
+    def accept(self, ids: list, rows: PendingRows, factor: float | Tensor, step: int | None) -> None:
+        """Queue a captured batch's rows (formed by the writer, on a CPU), leaving out the examples
+        `check` skipped; `step` was checked (check_step) before the capture began."""
         self.sums.close_batch(factor)
         (keep, recounted), self._keep = self.ids.rows_to_write(ids, self._keep), None
         self.sums.recounted(recounted)
         if keep is not None and not all(keep):
-            rows = rows[torch.tensor(keep, device=rows.device)]
+            rows = rows.select(keep)
             ids = [i for i, k in zip(ids, keep) if k]
         if ids:
             self._write(ids, rows, self.step if step is None else step)
@@ -87,7 +87,7 @@ class PassIntake:
         """One more training step (a capture without an optimizer hook, or an optimizer step)."""
         self._step += 1  # an int already: no check on the hot path
 
-    def _write(self, ids: list, rows: Tensor, step: int) -> None:
+    def _write(self, ids: list, rows: PendingRows, step: int) -> None:
         """The batch's rows to the pass's segment, listed in the manifest first."""
         manifest = self.directory.manifest
         manifest["id_kind"] = self.check_id_kind(ids)

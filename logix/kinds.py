@@ -55,8 +55,8 @@ class Kind:
         """
         a = self.activations(module, x)
         bias = self.has_bias(module)
-        if proj_t is None:
-            a = a.float()
+        if proj_t is None:  # a copy, never the caller's input: the rows are formed later (PendingRows)
+            a = a.float() if bias else a.to(torch.float32, copy=True)
             if bias:
                 a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
             return a

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor
-
+from .call_groups import PendingRows
 from .disk.files import SCHEMA_VERSION
 from .disk.segments import segment_name
 from .disk.writer import QUEUE_BYTES, BackgroundWriter, SegmentWriter
@@ -60,7 +59,7 @@ class PassWriter:
         self.writer = BackgroundWriter(segment, o.queue_size, o.commit_interval, o.queue_bytes)
         return {"file": file, "rank": self.process_index, "session": self.session}
 
-    def put(self, ids: list, rows: Tensor, step: int) -> None:
+    def put(self, ids: list, rows: PendingRows, step: int) -> None:
         self.writer.put(self.host.batch(ids, rows, step))
 
     def flush(self) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .call_groups import PendingRows
 from .capture import Capture, LossSpec, refuse_unentered, running
 from .disk.writer import nonfinite_rows
 from .errors import CaptureError, ModelMismatchError
@@ -90,7 +91,8 @@ class Query:
         """The capture whose block is running now, if any (framework adapters hook its loss)."""
         return running(self._last_capture)
 
-    def _accept(self, ids: list, rows: Tensor, factor: float) -> None:
+    def _accept(self, ids: list, pending: PendingRows, factor: float) -> None:
+        rows = pending.assemble()
         nonfinite = nonfinite_rows(rows)
         if bool(nonfinite.any()):
             bad = [i for i, no in zip(ids, nonfinite.tolist()) if no]

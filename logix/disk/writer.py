@@ -57,6 +57,7 @@ class SegmentWriter:
         self.nonfinite = 0
         self._staged: list[tuple] = []
         self._staged_bytes = 0
+        self._block: np.ndarray | None = None  # the staged rows joined, reused from write to write
 
     def _build(self, width: int, dtype: str, id_kind: str, attrs: dict) -> None:
         self.file.attrs.update(attrs)
@@ -79,13 +80,16 @@ class SegmentWriter:
         self.file.swmr_mode = True
         self.file.flush()
 
-    def append(self, ids, grads: np.ndarray, step: int, flags: np.ndarray | None) -> None:
-        """Take a batch of rows, all at training step `step`; `flags` uint8 per row, or None for
-        rows to be flagged when written (CPU rows). They are staged and written with those staged
-        before them at `write_staged`, at the latest when STAGE_BYTES are staged or at the next
-        commit: rows are readable only once committed, so holding them until then loses nothing a
-        crash would not, and one HDF5 write per column for several batches keeps h5py's per-call
-        work (done under the GIL, so taken from the training thread) off most steps."""
+    def append(self, ids, grads, step: int, flags: np.ndarray | None) -> None:
+        """Take a batch of rows, all at training step `step`: a host array, or rows still to be
+        formed (anything with `shape`, `nbytes` and `fill(out)`, such as PendingRows: formed at the
+        write); `flags` uint8 per row, or None for rows to be flagged when written (CPU rows).
+
+        They are staged and written with those staged before them at `write_staged`, at the
+        latest when STAGE_BYTES are staged or at the next commit: rows are readable only once
+        committed, so holding them until then loses nothing a crash would not, and one HDF5 write
+        per column for several batches keeps h5py's per-call work (done under the GIL, so taken
+        from the training thread) off most steps."""
         n = grads.shape[0]
         if n == 0:
             return
@@ -105,8 +109,8 @@ class SegmentWriter:
             ids: list | np.ndarray = [i for batch in staged for i in batch[0]]
         else:
             ids = np.concatenate([np.asarray(batch[0], dtype="i8") for batch in staged])
-        grads = staged[0][1] if len(staged) == 1 else np.concatenate([batch[1] for batch in staged])
-        steps = np.repeat([batch[2] for batch in staged], [len(batch[1]) for batch in staged]).astype("i8")
+        grads = self._joined([batch[1] for batch in staged])
+        steps = np.repeat([batch[2] for batch in staged], [batch[1].shape[0] for batch in staged]).astype("i8")
         flags = self._flags(staged, grads)
         bad = int(np.count_nonzero(flags))
         if bad:
@@ -118,6 +122,25 @@ class SegmentWriter:
             append_rows(ds, start, values)
         self.written = end
 
+    def _joined(self, parts: list) -> np.ndarray:
+        """The staged batches' rows as one block: host arrays copied in, rows still to be formed
+        (logix.call_groups.PendingRows) formed straight into it. The block is kept for the next
+        write (HDF5 has copied it by then): a new one per write would be new pages to fault in."""
+        if len(parts) == 1 and isinstance(parts[0], np.ndarray):
+            return parts[0]
+        n = sum(part.shape[0] for part in parts)
+        if self._block is None or len(self._block) < n:
+            self._block = np.empty((n, self.grads.shape[1]), dtype=self.grads.dtype)
+        block, at = self._block[:n], 0
+        for part in parts:
+            end = at + part.shape[0]
+            if isinstance(part, np.ndarray):
+                block[at:end] = part
+            else:
+                part.fill(block[at:end])
+            at = end
+        return block
+
     @staticmethod
     def _flags(staged: list[tuple], grads: np.ndarray) -> np.ndarray:
         """(rows,) uint8 flags of the joined block: those a batch came with, else computed here."""
@@ -125,7 +148,7 @@ class SegmentWriter:
             return nonfinite_flags_np(grads)
         parts, at = [], 0
         for batch in staged:
-            n = len(batch[1])
+            n = batch[1].shape[0]
             parts.append(batch[3] if batch[3] is not None else nonfinite_flags_np(grads[at : at + n]))
             at += n
         return np.concatenate(parts)
@@ -252,7 +275,7 @@ def nonfinite_flags_np(rows: np.ndarray) -> np.ndarray:
 @dataclass
 class Batch:
     ids: list | np.ndarray
-    grads: torch.Tensor  # on the host, possibly pinned and still being filled by a CUDA copy
+    grads: object  # a host tensor (pinned, maybe still being filled by a CUDA copy) or CPU rows still to be formed
     flags: torch.Tensor | None  # uint8 per row, FLAG_NONFINITE where not finite; None: the writer flags them
     step: int
     ready: object | None = None  # a torch.cuda.Event recorded after the copy, or None
@@ -336,10 +359,7 @@ class BackgroundWriter:
 
     def _should_wake(self) -> bool:
         """Half the queue's batches or bytes, or WAKE_BYTES of rows, are waiting (memory stays small)."""
-        return (
-            2 * self.queue.qsize() >= self.queue.maxsize
-            or self.held >= min(WAKE_BYTES, self.queue_bytes // 2)
-        )
+        return 2 * self.queue.qsize() >= self.queue.maxsize or self.held >= min(WAKE_BYTES, self.queue_bytes // 2)
 
     def flush(self) -> None:
         """Block until every queued batch is written and committed."""
@@ -402,7 +422,8 @@ class BackgroundWriter:
                 if batch.ready is not None:
                     batch.ready.synchronize()
                 flags = None if batch.flags is None else batch.flags.numpy()  # None: CPU rows, flagged when written
-                self.segment.append(batch.ids, batch.grads.numpy(), batch.step, flags)
+                grads = batch.grads.numpy() if isinstance(batch.grads, Tensor) else batch.grads  # else: formed later
+                self.segment.append(batch.ids, grads, batch.step, flags)
             if batch is _COMMIT or time.monotonic() - last_commit >= self.commit_interval:
                 self.segment.commit()
                 return time.monotonic()
