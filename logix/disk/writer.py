@@ -82,8 +82,9 @@ class SegmentWriter:
 
     def append(self, ids, grads, step: int, flags: np.ndarray | None) -> None:
         """Take a batch of rows, all at training step `step`: a host array, or rows still to be
-        formed (anything with `shape`, `nbytes` and `fill(out)`, such as PendingRows: formed at the
-        write); `flags` uint8 per row, or None for rows to be flagged when written (CPU rows).
+        formed (anything with `shape`, `nbytes` and a static `fill_many(items, out)`, such as
+        PendingRows: formed at the write, the staged ones of a kind together); `flags` uint8 per
+        row, or None for rows to be flagged when written (CPU rows).
 
         They are staged and written with those staged before them at `write_staged`, at the
         latest when STAGE_BYTES are staged or at the next commit: rows are readable only once
@@ -131,14 +132,18 @@ class SegmentWriter:
         n = sum(part.shape[0] for part in parts)
         if self._block is None or len(self._block) < n:
             self._block = np.empty((n, self.grads.shape[1]), dtype=self.grads.dtype)
-        block, at = self._block[:n], 0
-        for part in parts:
-            end = at + part.shape[0]
-            if isinstance(part, np.ndarray):
-                block[at:end] = part
+        block, at, i = self._block[:n], 0, 0
+        while i < len(parts):  # arrays one by one; rows to be formed a run of one type at a time
+            j = i + 1
+            if not isinstance(parts[i], np.ndarray):
+                while j < len(parts) and type(parts[j]) is type(parts[i]):
+                    j += 1
+            end = at + sum(part.shape[0] for part in parts[i:j])
+            if isinstance(parts[i], np.ndarray):
+                block[at:end] = parts[i]
             else:
-                part.fill(block[at:end])
-            at = end
+                type(parts[i]).fill_many(parts[i:j], block[at:end])
+            at, i = end, j
         return block
 
     @staticmethod
