@@ -20,17 +20,16 @@ class HostCopies:
         self.dtype = torch.float16 if dtype == "float16" else torch.float32
         self.streams: dict = {}  # CUDA device -> the side stream that copies rows to the host
 
-    def batch(self, ids: list, pending: PendingRows, step: int, form_now: bool = False) -> Batch:
-        """Rows for the writer, in the stored dtype. On a CPU, the writer thread forms them (unless
-        `form_now`) and flags the non-finite ones, off the training thread; on an accelerator they
-        are formed and flagged there, then copied."""
-        on_cpu = pending.device is None or pending.device.type == "cpu"
-        if on_cpu and not form_now:
+    def batch(self, ids: list, pending: PendingRows, step: int) -> Batch:
+        """Rows for the writer, in the stored dtype. On a CPU, the writer thread forms them and flags
+        the non-finite ones (off the training thread); on an accelerator they are formed and flagged
+        there, then copied."""
+        if pending.device is None or pending.device.type == "cpu":
             return Batch(ids=ids, grads=pending.stored_as(self.dtype), flags=None, step=step)
         rows = pending.assemble()
         if rows.dtype is not self.dtype:
             rows = rows.to(self.dtype)
-        if rows.device.type != "cuda":  # formed here on a CPU, or another accelerator's: flagged by the writer
+        if rows.device.type != "cuda":  # another accelerator: a plain copy, flagged by the writer
             return Batch(ids=ids, grads=rows.cpu(), flags=None, step=step)
         flags = nonfinite_flags(rows)  # after the cast: overflow too
         rows, flags, ready = self._copy(rows, flags)

@@ -60,10 +60,7 @@ class PassWriter:
         return {"file": file, "rank": self.process_index, "session": self.session}
 
     def put(self, ids: list, rows: PendingRows, step: int) -> None:
-        """Hand a batch to the writer. Its rows are formed by the writer thread, unless the writer
-        is behind (the disk is the bottleneck): then this thread forms them, as it would otherwise
-        wait for room in the queue, and the writer only writes."""
-        self.writer.put(self.host.batch(ids, rows, step, form_now=self.writer.behind))
+        self.writer.put(self.host.batch(ids, rows, step))
 
     def flush(self) -> None:
         """Every queued row written and committed."""

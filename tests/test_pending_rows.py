@@ -13,11 +13,9 @@ from conftest import exact_gradients, projected
 from torch import nn
 
 import logix
-import logix.disk.writer
 import logix.hooks
 from logix.call_groups import PendingRows
 from logix.hooks import Collector
-from logix.host_copy import HostCopies
 
 
 class Net(nn.Module):
@@ -76,21 +74,9 @@ def test_batches_formed_together_equal_each_formed_alone(tmp_path, positions, dt
     run.finalize()
 
 
-@pytest.mark.parametrize("writer_behind", [False, True])
-def test_the_rows_are_the_exact_gradients_of_each_batch_when_formed_later(tmp_path, writer_behind, monkeypatch):
+def test_the_rows_are_the_exact_gradients_of_each_batch_when_formed_later(tmp_path):
     """Five batches held by the writer until the end (no commit before), formed together: each
-    example's row is its own exact projected gradient, divided by its own batch's loss factor.
-    A writer that is behind leaves the forming to the training thread: the same rows."""
-    formed_now = []
-    batch = HostCopies.batch
-
-    def spy(self, ids, pending, step, form_now=False):
-        formed_now.append(form_now)
-        return batch(self, ids, pending, step, form_now)
-
-    monkeypatch.setattr(HostCopies, "batch", spy)
-    if writer_behind:
-        monkeypatch.setattr(logix.disk.writer, "BEHIND_BYTES", 0)
+    example's row is its own exact projected gradient, divided by its own batch's loss factor."""
     torch.manual_seed(1)
     model = Net()
     run = logix.init(tmp_path / "log", rank=4, commit_interval=60.0)
@@ -103,7 +89,6 @@ def test_the_rows_are_the_exact_gradients_of_each_batch_when_formed_later(tmp_pa
         xs.append(x)
         ys.append(y)
     run.finalize()
-    assert formed_now == [writer_behind] * 5
     log = logix.open(tmp_path / "log")
     exact = exact_gradients(model, example_loss, torch.cat(xs), torch.cat(ys))
     for w in run.watched:

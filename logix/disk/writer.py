@@ -27,7 +27,6 @@ logger = logging.getLogger("logix")
 RESERVE_SLACK = 64 << 10  # bytes reserved past a batch's chunks, for the metadata that grows with them
 RESERVE_STEP = 16 << 20  # the file grows ahead by at least this much (sparse; given back at close)
 WAKE_BYTES = 4 << 20  # rows queued before the writer is woken early
-BEHIND_BYTES = 4 * WAKE_BYTES  # rows queued beyond which the writer is behind (BackgroundWriter.behind)
 QUEUE_BYTES = 256 << 20  # rows that may wait for the writer, by default (pinned host memory on a GPU)
 STAGE_BYTES = 4 << 20  # rows staged in memory before they are written, if no commit comes first
 
@@ -362,12 +361,6 @@ class BackgroundWriter:
         with self._room:
             self.held -= size
             self._room.notify_all()
-
-    @property
-    def behind(self) -> bool:
-        """More rows wait than the writer takes at one wake: it is the bottleneck (the disk, or
-        its CPU), and training will wait for it anyway."""
-        return self.held >= min(BEHIND_BYTES, self.queue_bytes // 2)
 
     def _should_wake(self) -> bool:
         """Half the queue's batches or bytes, or WAKE_BYTES of rows, are waiting (memory stays small)."""
