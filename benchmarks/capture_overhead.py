@@ -35,14 +35,15 @@ For each workload and rank, on one freshly built model and optimizer (AdamW), al
   2. interleaved phase (per-step medians): after warm-up, repetitions of three arms in a random
      order per repetition, all on the same batch: plain (forward + backward + optimizer step),
      hooks (the same inside logix's Collector: hooks, projections, per-example products, rows
-     assembled but not written, no --statistics) and captured (the same inside run.capture:
-     hooks + rows + scaling + hand-off to the writer). The captured arm's clock stops when the training thread is free
-     again ("capt"); then run.flush() waits for the writer to write and commit that batch ("+drain"
-     includes that wait), so no writer work spills into the next timed step. The ms columns are
-     medians per arm; "ratio" is the median over repetitions of capt / plain within the same
-     repetition (paired, so a burst of load from another process moves both sides of a pair),
-     "ratio+drain" the same with the drain included. The details below the table also give the
-     ratio of the medians.
+     formed on the training thread, as a query forms them, not written; no --statistics) and
+     captured (the same inside run.capture: hooks and projections, then the batch handed to the
+     writer, whose thread forms the rows on a CPU). The captured arm's clock
+     stops when the training thread is free again ("capt"); then run.flush() waits for the
+     writer to form, write and commit that batch ("+drain" includes that wait), so no writer work
+     spills into the next timed step. The ms columns are medians per arm; "ratio" is the median
+     over repetitions of capt / plain within the same repetition (paired, so a burst of load from
+     another process moves both sides of a pair), "ratio+drain" the same with the drain included.
+     The details below the table also give the ratio of the medians.
 
 The machine's load average is printed before and after: other processes competing for the cores
 make every number noisier (the interleaving keeps the ratios fair, not the absolute times); on a
@@ -744,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     print()
     print(
-        "plain: forward+backward+AdamW step; hooks: the same inside logix's Collector (rows built, not written);\n"
+        "plain: forward+backward+AdamW step; hooks: the same inside logix's Collector (rows formed, not written);\n"
         "capt: the same inside run.capture (training thread free again); +drain: capt plus run.flush() until the\n"
         "batch is written and committed; ms columns: medians per arm (interleaved phase); ratio(s): median over\n"
         "repetitions of capt / plain in the same repetition; total ratio: captured rounds (until committed, finalize\n"
