@@ -5,9 +5,10 @@ size, so a small model's capture cost is the number of operations, not the arith
 (logix.hooks) therefore only hold each call's input and output gradient (`Call`); when the capture
 ends, the Collector groups the calls that share a shape (`group_calls`) and, per group, projects
 both sides with one batched matmul each (`stacked_sides`, with the group's `GroupPlan`), applies
-the mask, feeds the statistics, and forms the per-example products that become the rows
-(`RowParts`). The operations per step then grow with the number of distinct module shapes, not of
-modules.
+the mask, feeds the statistics, and keeps what the rows are made of (`RowParts`): the rows
+themselves are formed later, per group, by whoever takes the batch (`PendingRows`: on a CPU the
+writer thread, several batches at once). The operations per step then grow with the number of
+distinct module shapes, not of modules.
 
 Large tensors are projected in the hook itself (the input as soon as the forward has it, so it is
 not held to the backward, e.g. in float32 under autocast), and finished calls are processed early
