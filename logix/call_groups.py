@@ -217,16 +217,19 @@ class PendingRows:
     Forming the rows is the one part of a capture whose cost grows with the row width on the
     training thread (on a CPU, an MLP's products took 8% of its plain step, the rows having left
     the cache by then); a CPU writer thread forms them instead, straight into the block it writes
-    (`fill`), so the training thread only projects. What it holds is the capture's own tensors
+    (`fill_many`), so the training thread only projects. What it holds is the capture's own tensors
     (projections, products and copies; at full rank also the backward's output gradients, which
     nothing changes afterwards), never a tensor of the model's or the user's, so they cannot change
     before the rows are formed. `select` leaves examples out; `assemble` forms the rows here and now."""
 
     def __init__(self, parts: RowParts, batch: int, device, divisor: float | Tensor, keep: Tensor | None = None):
         self.parts, self.batch, self.device, self.divisor, self.keep = parts, batch, device, divisor, keep
-        self.dtype = FLOAT32  # what `fill` writes; the writer stores rows in its own dtype
+        self.dtype = FLOAT32  # what `fill_many` writes; the writer stores rows in its own dtype
         self.shape = (batch if keep is None else len(keep), parts.width)
-        self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
     def select(self, keep: list[bool]) -> PendingRows:
         """These rows with only the examples whose `keep` is True."""
@@ -238,7 +241,7 @@ class PendingRows:
     def stored_as(self, dtype: torch.dtype) -> PendingRows:
         """The same rows, to be filled in `dtype` (the log's storage dtype)."""
         rows = PendingRows(self.parts, self.batch, self.device, self.divisor, self.keep)
-        rows.dtype, rows.nbytes = dtype, rows.shape[0] * rows.shape[1] * dtype.itemsize
+        rows.dtype = dtype
         return rows
 
     def assemble(self, out: Tensor | None = None) -> Tensor:
@@ -249,13 +252,10 @@ class PendingRows:
         rows = rows if self.keep is None else rows[self.keep.to(rows.device)]
         return rows if out is None else out.copy_(rows)
 
-    def fill(self, out) -> None:
-        """Form the rows into `out`, a host array of shape `shape` (numpy, float32 or float16)."""
-        self.assemble(torch.from_numpy(out))
-
     @staticmethod
     def fill_many(pending: list[PendingRows], out) -> None:
-        """Form several batches' rows into consecutive rows of `out` (a host array). Batches alike
+        """Form several batches' rows into consecutive rows of `out` (a host array, float32 or
+        float16). Batches alike
         (same groups, same loss factor, no examples left out: the usual run of a training loop)
         are joined first and formed with one product per group, not one per group and batch: the
         writer thread then takes the GIL a few times per write, not a few times per batch, and the
@@ -263,14 +263,14 @@ class PendingRows:
         at = 0
         for run in _alike_runs(pending):
             rows = run[0] if len(run) == 1 else _joined(run)
-            rows.fill(out[at : at + rows.shape[0]])
+            rows.assemble(torch.from_numpy(out[at : at + rows.shape[0]]))
             at += rows.shape[0]
 
     def _signature(self) -> tuple | None:
         """Equal for batches that can be formed as one; None for one that cannot be joined."""
         if self.keep is not None or isinstance(self.divisor, Tensor):
             return None
-        return self.device, self.divisor, tuple((id(plan), second is None) for plan, _, second in self.parts.parts)
+        return self.device, self.divisor, tuple((plan, second is None) for plan, _, second in self.parts.parts)
 
 
 def _alike_runs(pending: list[PendingRows]) -> list[list[PendingRows]]:

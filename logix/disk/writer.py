@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -132,18 +133,15 @@ class SegmentWriter:
         n = sum(part.shape[0] for part in parts)
         if self._block is None or len(self._block) < n:
             self._block = np.empty((n, self.grads.shape[1]), dtype=self.grads.dtype)
-        block, at, i = self._block[:n], 0, 0
-        while i < len(parts):  # arrays one by one; rows to be formed a run of one type at a time
-            j = i + 1
-            if not isinstance(parts[i], np.ndarray):
-                while j < len(parts) and type(parts[j]) is type(parts[i]):
-                    j += 1
-            end = at + sum(part.shape[0] for part in parts[i:j])
-            if isinstance(parts[i], np.ndarray):
-                block[at:end] = parts[i]
+        block, at = self._block[:n], 0
+        for kind, run in itertools.groupby(parts, key=type):
+            run = list(run)
+            end = at + sum(part.shape[0] for part in run)
+            if kind is np.ndarray:
+                np.concatenate(run, out=block[at:end])
             else:
-                type(parts[i]).fill_many(parts[i:j], block[at:end])
-            at, i = end, j
+                kind.fill_many(run, block[at:end])
+            at = end
         return block
 
     @staticmethod
